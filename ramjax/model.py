@@ -1,0 +1,399 @@
+"""The decoder-only transformer shared by the proposal P_M and the aligner Q_θ (Llama and Qwen2 families).
+
+One Flax Linen module, used purely functionally: ``init_params`` gives a plain pytree of arrays and ``forward``
+is a pure function of ``(params, tokens, positions, segment_ids, cache)``. Layers are stacked on a leading
+``layers`` axis and run under ``nn.scan`` so compile time does not grow with depth; the KV cache is stacked the
+same way. Every weight is declared once with its logical axes, from which shardings derive (see ``sharding.py``).
+
+Attention masking uses segment ids only: a query attends to a key iff both carry the same segment id and the key's
+slot is not after the query's. Packed sequences therefore get block-diagonal causal attention, and padding (segment
+id 0) only ever attends to padding, so it never leaks into real tokens and never produces an all-masked row.
+Rotary embeddings use Hugging Face's half-split layout, so checkpoint conversion is transpose/reshape only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ramjax import sharding as shd
+
+Rules = Sequence[tuple[str, Any]]
+ARCHITECTURES = ("llama", "qwen2")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling. ``rope_type`` is ``"llama3"`` (Llama-3.1 style) or ``"linear"``."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder. Frozen and hashable so it can be a static argument of ``jax.jit``.
+
+    ``vocab_size`` is the number of embedding rows, which may exceed the tokenizer's vocabulary (padded rows).
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype; logits and softmax are always float32.
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    architecture: str = "llama"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; supported: {ARCHITECTURES}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Key/value cache for both prefill and single-token decode.
+
+    k, v:        ``[layers, batch, max_len, kv_heads, head_dim]``
+    segment_ids: ``[batch, max_len]`` segment of each written slot (0 = padding or not yet written)
+    index:       scalar int32, the next slot to write (all rows advance in lockstep; prompts are left-padded)
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_LOGICAL_AXES = KVCache(
+    k=("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim"),
+    v=("cache_layers", "cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim"),
+    segment_ids=("cache_batch", "cache_seq"),
+    index=(),
+)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated)."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def cache_shardings(mesh: Mesh, cfg: ModelConfig, batch: int, max_len: int, rules: Rules = shd.DEFAULT_RULES):
+    """Shardings of a ``KVCache`` (batch over data/fsdp, kv heads over tensor)."""
+    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len))
+    return shd.tree_shardings(mesh, CACHE_LOGICAL_AXES, shapes, rules)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse rotary frequencies ``[head_dim // 2]``, with Llama-3 or linear scaling when configured."""
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    if rs.rope_type == "linear":
+        return (inv / rs.factor).astype(np.float32)
+    if rs.rope_type != "llama3":
+        raise ValueError(f"rope_scaling type {rs.rope_type!r} is not supported (supported: llama3, linear)")
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_sin_cos(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sin, cos tables ``[batch, seq, head_dim]`` for integer ``positions`` ``[batch, seq]`` (HF half-split)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.sin(emb), jnp.cos(emb)
+
+
+def apply_rope(x_bthd: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotates ``[batch, seq, heads, head_dim]`` by the half-split rule ``x*cos + rotate_half(x)*sin``."""
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    x32 = x_bthd.astype(jnp.float32)
+    out = x32 * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x_bthd.dtype)
+
+
+def attention_mask(q_seg: jax.Array, kv_seg: jax.Array, q_slot: jax.Array, kv_slot: jax.Array) -> jax.Array:
+    """Boolean ``[batch, q_len, kv_len]``: same segment and key slot not after the query slot."""
+    same = q_seg[:, :, None] == kv_seg[:, None, :]
+    causal = kv_slot[None, None, :] <= q_slot[None, :, None]
+    return same & causal
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init=None, dtype=None):
+    init = init or nn.initializers.normal(0.02)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: GQA attention with rotary embeddings, then a SwiGLU MLP."""
+
+    cfg: ModelConfig
+    mesh: Mesh | None = None
+    rules: Rules = shd.DEFAULT_RULES
+
+    def _c(self, x, axes):
+        return shd.constrain(x, axes, self.mesh, self.rules)
+
+    @nn.compact
+    def __call__(self, x_btd, kv, sin, cos, mask_bts, cache_index):
+        cfg, pd, cd = self.cfg, self.cfg.weight_dtype, self.cfg.compute_dtype
+        D, H, K, Dh, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        zeros = nn.initializers.zeros
+
+        h = RMSNorm(cfg.rms_norm_eps, pd, name="attn_norm")(x_btd)
+        wq = _param(self, "wq", (D, H, Dh), ("embed", "heads", "head_dim"), dtype=pd)
+        wk = _param(self, "wk", (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype=pd)
+        wv = _param(self, "wv", (D, K, Dh), ("embed", "kv_heads", "head_dim"), dtype=pd)
+        wo = _param(self, "wo", (H, Dh, D), ("heads", "head_dim", "embed"), dtype=pd)
+        q = jnp.einsum("btd,dhk->bthk", h, wq.astype(cd))
+        k = jnp.einsum("btd,dhk->bthk", h, wk.astype(cd))
+        v = jnp.einsum("btd,dhk->bthk", h, wv.astype(cd))
+        if cfg.qkv_bias:
+            q = q + _param(self, "bq", (H, Dh), ("heads", "head_dim"), zeros, pd).astype(cd)
+            k = k + _param(self, "bk", (K, Dh), ("kv_heads", "head_dim"), zeros, pd).astype(cd)
+            v = v + _param(self, "bv", (K, Dh), ("kv_heads", "head_dim"), zeros, pd).astype(cd)
+        q = self._c(apply_rope(q, sin, cos), ("act_batch", "act_seq", "act_heads", None))
+        k = self._c(apply_rope(k, sin, cos), ("act_batch", "act_seq", "act_kv_heads", None))
+        v = self._c(v, ("act_batch", "act_seq", "act_kv_heads", None))
+
+        if kv is not None:  # write this chunk into the cache at [index, index + T) and attend over the cache
+            k_cache, v_cache = kv
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            k_all, v_all, new_kv = k_cache.astype(cd), v_cache.astype(cd), (k_cache, v_cache)
+        else:
+            k_all, v_all, new_kv = k, v, None
+
+        B, T = q.shape[:2]
+        qg = q.reshape(B, T, K, H // K, Dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(Dh)
+        scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, H, Dh)
+        out = jnp.einsum("bthk,hkd->btd", attn, wo.astype(cd))
+        if cfg.o_bias:
+            out = out + _param(self, "bo", (D,), ("embed",), zeros, pd).astype(cd)
+        x_btd = self._c(x_btd + out, ("act_batch", "act_seq", "act_embed"))
+
+        h = RMSNorm(cfg.rms_norm_eps, pd, name="mlp_norm")(x_btd)
+        w_gate = _param(self, "w_gate", (D, F), ("embed", "mlp"), dtype=pd)
+        w_up = _param(self, "w_up", (D, F), ("embed", "mlp"), dtype=pd)
+        w_down = _param(self, "w_down", (F, D), ("mlp", "embed"), dtype=pd)
+        gate = jnp.einsum("btd,df->btf", h, w_gate.astype(cd))
+        up = jnp.einsum("btd,df->btf", h, w_up.astype(cd))
+        if cfg.mlp_bias:
+            gate = gate + _param(self, "b_gate", (F,), ("mlp",), zeros, pd).astype(cd)
+            up = up + _param(self, "b_up", (F,), ("mlp",), zeros, pd).astype(cd)
+        act = self._c(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
+        down = jnp.einsum("btf,fd->btd", act, w_down.astype(cd))
+        if cfg.mlp_bias:
+            down = down + _param(self, "b_down", (D,), ("embed",), zeros, pd).astype(cd)
+        x_btd = self._c(x_btd + down, ("act_batch", "act_seq", "act_embed"))
+        return x_btd, new_kv
+
+
+class Decoder(nn.Module):
+    """Embedding, ``num_layers`` scanned ``Block``s, final norm and LM head."""
+
+    cfg: ModelConfig
+    mesh: Mesh | None = None
+    rules: Rules = shd.DEFAULT_RULES
+
+    def setup(self):
+        cfg, pd = self.cfg, self.cfg.weight_dtype
+        self.embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+                                (cfg.vocab_size, cfg.hidden_size), pd)
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        self.layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.mesh, self.rules)
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                               ("embed", "vocab")),
+                                      (cfg.hidden_size, cfg.vocab_size), pd)
+
+    def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed, tokens_bt, axis=0).astype(self.cfg.compute_dtype)
+        return shd.constrain(x, ("act_batch", "act_seq", "act_embed"), self.mesh, self.rules)
+
+    def run_layers(self, x_btd, positions, segment_ids, cache: KVCache | None):
+        """Runs the stacked layers; returns ``(hidden [batch, seq, embed], updated cache or None)``."""
+        sin, cos = rope_sin_cos(self.cfg, positions)
+        T = x_btd.shape[1]
+        if cache is None:
+            slots = jnp.arange(T)
+            mask = attention_mask(segment_ids, segment_ids, slots, slots)
+            x_btd, _ = self.layers(x_btd, None, sin, cos, mask, 0)
+            return x_btd, None
+        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                     cache.index, axis=1)
+        mask = attention_mask(segment_ids, kv_seg, cache.index + jnp.arange(T), jnp.arange(cache.max_len))
+        x_btd, (k, v) = self.layers(x_btd, (cache.k, cache.v), sin, cos, mask, cache.index)
+        return x_btd, KVCache(k=k, v=v, segment_ids=kv_seg, index=cache.index + T)
+
+    def head(self, x_btd: jax.Array) -> jax.Array:
+        """Final norm and LM head: float32 logits ``[batch, seq, vocab_size]``."""
+        h = self.final_norm(x_btd)
+        cd = self.cfg.compute_dtype
+        if self.cfg.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", h, self.embed.astype(cd), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", h, self.lm_head.astype(cd), preferred_element_type=jnp.float32)
+        return shd.constrain(logits, ("act_batch", "act_seq", "act_vocab"), self.mesh, self.rules)
+
+    def __call__(self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None = None,
+                 last_only: bool = False):
+        x = self.embed_tokens(tokens_bt)
+        x, cache = self.run_layers(x, positions_bt, segment_ids_bt, cache)
+        if last_only:
+            x = x[:, -1:, :]
+        return self.head(x), cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure functional API
+
+
+def _dummy_inputs():
+    t = jnp.zeros((1, 1), jnp.int32)
+    return t, t, jnp.ones((1, 1), jnp.int32)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Random parameters (plain pytree of arrays, no logical-axis boxes)."""
+    return nn.unbox(Decoder(cfg).init(key, *_dummy_inputs())["params"])
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """``ShapeDtypeStruct`` pytree of the parameters, without allocating them."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+    """Pytree (same structure as the params) of logical-axis tuples, e.g. ``("layers", "embed", "heads", ...)``."""
+    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), *_dummy_inputs())["params"])
+    return jax.tree_util.tree_map(lambda b: tuple(b.names), boxed,
+                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = shd.DEFAULT_RULES) -> dict:
+    """``NamedSharding`` pytree of the parameters on ``mesh``; errors name any parameter that does not divide."""
+    return shd.tree_shardings(mesh, param_logical_axes(cfg), param_shapes(cfg), rules)
+
+
+def init_params_sharded(cfg: ModelConfig, key: jax.Array, mesh: Mesh, rules: Rules = shd.DEFAULT_RULES) -> dict:
+    """Random parameters created directly in their shards (no host ever holds the full tree)."""
+    return jax.jit(lambda k: init_params(cfg, k), out_shardings=param_shardings(cfg, mesh, rules))(key)
+
+
+def count_params(params_or_shapes: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params_or_shapes)))
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, cache: KVCache | None = None, *, last_only: bool = False,
+            mesh: Mesh | None = None, rules: Rules = shd.DEFAULT_RULES) -> tuple[jax.Array, KVCache | None]:
+    """Logits for ``tokens`` ``[batch, seq]``.
+
+    positions:   ``[batch, seq]`` rotary positions (default ``0..seq-1``; reset per segment when packing).
+    segment_ids: ``[batch, seq]`` int, 0 for padding (default all ones).
+    cache:       if given, the tokens are written at ``cache.index`` and attend to everything cached before them.
+    Returns float32 logits ``[batch, seq (1 if last_only), vocab_size]`` and the updated cache (or None).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    return Decoder(cfg, mesh, rules).apply({"params": params}, tokens, positions, segment_ids, cache,
+                                           last_only=last_only)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Rotary positions ``[batch, seq]`` that restart at 0 at the start of each segment (padding gets 0)."""
+    seg = jnp.asarray(segment_ids)
+    idx = jnp.arange(seg.shape[1])
+    start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(start, idx[None, :], 0), axis=1)
+    return jnp.where(seg > 0, idx[None, :] - start_idx, 0).astype(jnp.int32)
