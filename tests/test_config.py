@@ -1,0 +1,256 @@
+"""Typed configs: YAML + dotted overrides, strict keys and types, validation hooks, save/load round trip."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Literal
+
+import pytest
+import yaml
+
+from ramjax import config as C
+from ramjax.config import ConfigError, SampleConfig, TrainConfig, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRATCH = ["tokenizer=tok"]  # model.init=scratch needs a tokenizer path to validate
+
+
+# A small schema exercising every supported annotation, with plain (non-frozen) and frozen dataclasses.
+@dataclasses.dataclass
+class Inner:
+    x: int = 1
+    ratio: float = 0.5
+    name: str | None = None
+
+    def validate(self):
+        if self.x > 100:
+            raise ConfigError(f"inner.x={self.x} must be <= 100")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    mode: Literal["a", "b"] = "a"
+    flag: bool = False
+    files: tuple[str, ...] = ()
+    sizes: list[int] = dataclasses.field(default_factory=list)
+    pair: tuple[int, float] = (1, 2.0)
+    table: dict[str, int] = dataclasses.field(default_factory=dict)
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    maybe: Inner | None = None
+    validated: list[str] = dataclasses.field(default_factory=list, compare=False)
+
+    def validate(self):
+        # children are validated before their parent
+        self.validated.append("outer")
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_and_every_shipped_config_load():
+    assert load_config(TrainConfig, None, SCRATCH).ram.alpha == 1e-4
+    files = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+    names = {os.path.basename(f) for f in files}
+    assert {"pretrain.yaml", "sft.yaml", "dpo.yaml", "ram.yaml", "sample.yaml"} <= names
+    for f in files:
+        cls = SampleConfig if os.path.basename(f).startswith("sample") else TrainConfig
+        cfg = load_config(cls, f)
+        if cls is TrainConfig:
+            assert cfg.stage == os.path.basename(f)[:-5]
+    ram = load_config(TrainConfig, os.path.join(REPO, "configs", "ram.yaml"))
+    assert (ram.optimizer.name, ram.ram.alpha, ram.optimizer.clip_norm) == ("rmsprop", 1e-4, 10.0)
+
+
+def test_overrides_of_nested_and_list_fields(tmp_path):
+    cfg = load_config(TrainConfig, None, SCRATCH + [
+        "optimizer.lr=1e-6", "ram.alpha=1e-3", "mesh.fsdp=8", "data.train_files=[a.jsonl,b.jsonl]",
+        "model.arch.num_layers=6", "mesh.rules.vocab=null", "run_dir=2024", "steps=1e3", "epochs=2",
+        "data.eval_files=only.jsonl", "model.arch.rope_scaling={factor: 4.0}"])
+    assert cfg.optimizer.lr == 1e-6 and isinstance(cfg.optimizer.lr, float)  # YAML reads '1e-6' as a string
+    assert cfg.ram.alpha == 1e-3
+    assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, 8, 1)
+    assert cfg.data.train_files == ("a.jsonl", "b.jsonl")
+    assert cfg.data.eval_files == ("only.jsonl",)  # a bare scalar for a list field
+    assert cfg.model.arch.num_layers == 6
+    assert cfg.mesh.rules == {"vocab": None} and dict(cfg.mesh.sharding_rules())["vocab"] is None
+    assert cfg.run_dir == "2024"  # the text, not the int YAML would make of it
+    assert cfg.steps == 1000 and cfg.epochs == 2.0 and isinstance(cfg.epochs, float)
+    assert cfg.model.arch.rope_scaling.factor == 4.0 and cfg.model.arch.rope_scaling.rope_type == "llama3"
+    # later overrides win; a mapping for a section merges into it
+    cfg2 = load_config(TrainConfig, None, SCRATCH + ["mesh.fsdp=8", "mesh={tensor: 2}", "seed=1", "seed=7"])
+    assert (cfg2.mesh.fsdp, cfg2.mesh.tensor, cfg2.seed) == (8, 2, 7)
+    # overrides apply on top of the file
+    path = write(tmp_path, "x.yaml", {"stage": "ram", "tokenizer": "t", "optimizer": {"lr": 1e-3, "name": "rmsprop"}})
+    cfg3 = load_config(TrainConfig, path, ["optimizer.lr=5e-7"])
+    assert (cfg3.stage, cfg3.optimizer.name, cfg3.optimizer.lr) == ("ram", "rmsprop", 5e-7)
+
+
+def test_unknown_key_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optimzer'.*did you mean 'optimizer'\?.*Valid keys of TrainConfig:.*stage"):
+        load_config(TrainConfig, None, ["optimzer.lr=1"])
+    with pytest.raises(ConfigError, match=r"'model.arch.hidden_sise'.*did you mean 'model.arch.hidden_size'\?"
+                                          r".*Valid keys of section 'model.arch':.*num_layers"):
+        load_config(TrainConfig, None, ["model.arch.hidden_sise=32"])
+    # a key of another section is suggested with its full path
+    with pytest.raises(ConfigError, match=r"'lr'.*did you mean 'optimizer.lr'\?"):
+        load_config(TrainConfig, None, ["lr=1e-6"])
+    # unknown keys in a YAML file, nested
+    path = write(tmp_path, "bad.yaml", {"tokenizer": "t", "ram": {"alhpa": 0.1}})
+    with pytest.raises(ConfigError, match=r"'ram.alhpa'.*did you mean 'ram.alpha'\?.*Valid keys of section 'ram': "
+                                          r"alpha, negatives"):
+        load_config(TrainConfig, path)
+    with pytest.raises(ConfigError, match=r"'mesh.rules.vocb'|unknown logical axis 'vocb'; did you mean 'vocab'"):
+        load_config(TrainConfig, None, SCRATCH + ["mesh.rules.vocb=tensor"])
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(TrainConfig, None, ["seed.x=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TrainConfig, None, ["seed"])
+
+
+@pytest.mark.parametrize("override, expected, given", [
+    ("data.max_len=abc", "int", "str 'abc'"),
+    ("data.batch_size=2.5", "int", "float 2.5"),
+    ("data.packing=1", "bool", "int 1"),
+    ("optimizer.lr=fast", "float", "str 'fast'"),
+    ("optimizer.lr=true", "float", "bool True"),
+    ("data.train_files={a: 1}", "list of str", "dict"),
+    ("data.train_files=[1, 2]", "str", "int 1"),
+    ("proposal=[a]", "str | null", "list"),
+    ("checkpoint.keep=null", "int", "NoneType None"),
+])
+def test_wrong_type_names_key_expected_and_given(override, expected, given):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, SCRATCH + [override])
+    msg = str(e.value)
+    assert repr(key) in msg or repr(key + "[0]") in msg, msg
+    assert f"expected {expected}" in msg and f"got {given}" in msg, msg
+
+
+def test_literal_choice_error():
+    with pytest.raises(ConfigError, match=r"'stage': expected one of 'pretrain', 'sft', 'dpo', 'ram', 'trra', got "
+                                          r"str 'rma'; did you mean 'ram'\?"):
+        load_config(TrainConfig, None, SCRATCH + ["stage=rma"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("ram.alpha=-1e-4", r"ram.alpha=-0.0001 must be >= 0"),
+    ("ram.alpha=.nan", r"ram.alpha=nan must be >= 0"),
+    ("data.max_prompt_len=512", r"max_prompt_len=512 must be in \[1, data.max_len=512\)"),
+    ("optimizer.grad_accum=3", r"batch_size=64 must be divisible by optimizer.grad_accum=3"),
+    ("mesh.fsdp=-1 mesh.data=-1", r"at most one axis may be -1"),
+    ("model.arch.num_kv_heads=3", r"multiple of arch.num_kv_heads=3"),
+    ("stage=dpo data.format=sft", r"stage=dpo cannot train on data.format='sft'"),
+    ("stage=ram data.format=preference", r"set ram.negatives=rejected"),
+    ("stage=trra", r"trra.reference and trra.aligned"),
+    ("tokenizer=null", r"set tokenizer=PATH"),
+])
+def test_validation_hooks(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainConfig, None, SCRATCH + override.split())
+
+
+def test_valid_cross_field_combinations():
+    load_config(TrainConfig, None, SCRATCH + ["stage=ram", "ram.negatives=rejected", "data.format=preference"])
+    load_config(TrainConfig, None, SCRATCH + ["stage=ram", "data.format=proposal_samples", "ram.alpha=0"])
+    load_config(TrainConfig, None, ["model.init=some/hf/dir"])  # a checkpoint brings its own tokenizer
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(TrainConfig, None, SCRATCH + [
+        "stage=ram", "optimizer.lr=3e-7", "data.train_files=[a.jsonl, b c.jsonl]", "mesh.rules={act_batch: [data, "
+        "fsdp], vocab: null}", "model.arch.rope_scaling={factor: 2.0}", "data.field_map={instruction: prompt}",
+        "distributed.num_processes=2", "epochs=0.5", "run_dir=007"])
+    path = tmp_path / "run" / "config.yaml"
+    C.save_config(cfg, path)
+    assert load_config(TrainConfig, str(path)) == cfg
+    assert os.listdir(tmp_path / "run") == ["config.yaml"]  # no temp file left behind
+    text = C.format_config(cfg)
+    assert text.startswith("# TrainConfig\n") and "alpha: 0.0001" in text
+    assert C.config_to_dict(cfg)["data"]["train_files"] == ["a.jsonl", "b c.jsonl"]
+    s = load_config(SampleConfig, os.path.join(REPO, "configs", "sample.yaml"), ['stop=["\\n\\nHuman:", "###"]',
+                                                                                  "kl_threshold=null"])
+    C.save_config(s, tmp_path / "s.yaml")
+    assert load_config(SampleConfig, str(tmp_path / "s.yaml")) == s
+    assert s.stop == ("\n\nHuman:", "###") and s.kl_threshold is None
+
+
+def test_include_files_merge(tmp_path):
+    write(tmp_path, "base.yaml", {"tokenizer": "t", "seed": 3, "optimizer": {"name": "rmsprop", "lr": 1e-3}})
+    write(tmp_path, "mid.yaml", {"include": "base.yaml", "optimizer": {"lr": 1e-4}, "ram": {"alpha": 0.01}})
+    path = write(tmp_path, "top.yaml", {"include": ["mid.yaml"], "stage": "ram", "ram": {"negatives": "rejected"}})
+    cfg = load_config(TrainConfig, path)
+    assert (cfg.seed, cfg.optimizer.name, cfg.optimizer.lr) == (3, "rmsprop", 1e-4)
+    assert (cfg.ram.alpha, cfg.ram.negatives, cfg.stage) == (0.01, "rejected", "ram")
+    write(tmp_path, "loop.yaml", {"include": "loop.yaml"})
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(TrainConfig, str(tmp_path / "loop.yaml"))
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainConfig, write(tmp_path, "bad.yaml", "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(TrainConfig, write(tmp_path, "list.yaml", "- 1\n- 2\n"))
+
+
+def test_generic_machinery_on_a_custom_schema():
+    cfg = C.config_from_dict(Outer, {"mode": "b", "files": ["x"], "sizes": [1, 2.0], "pair": [3, 4],
+                                     "table": {"k": 5}, "inner": {"x": 7, "ratio": 1}, "maybe": {"name": "m"}})
+    assert cfg.mode == "b" and cfg.files == ("x",) and cfg.sizes == [1, 2] and cfg.pair == (3, 4.0)
+    assert isinstance(cfg.pair[1], float) and isinstance(cfg.inner.ratio, float) and cfg.inner.ratio == 1.0
+    assert cfg.table == {"k": 5} and cfg.maybe == Inner(name="m") and cfg.validated == ["outer"]
+    assert C.override_config(cfg, ["inner.x=9", "maybe=null"]).inner.x == 9
+    with pytest.raises(ConfigError, match=r"'pair': expected list of 2 \(int, float\), got list \[1\] \(length 1\)"):
+        C.config_from_dict(Outer, {"pair": [1]})
+    with pytest.raises(ConfigError, match=r"inner.x=101 must be <= 100"):  # hook of a plain dataclass
+        C.config_from_dict(Outer, {"inner": {"x": 101}})
+    with pytest.raises(ConfigError, match=r"'maybe.nme'.*did you mean 'maybe.name'"):
+        C.config_from_dict(Outer, {"maybe": {"nme": "m"}})
+    with pytest.raises(ConfigError, match=r"'table.k': expected int, got str 'v'"):
+        C.config_from_dict(Outer, {"table": {"k": "v"}})
+    with pytest.raises(ConfigError, match=r"'mode': expected one of 'a', 'b', got bool True"):
+        C.config_from_dict(Outer, {"mode": True})
+
+
+def test_model_and_mesh_conversions():
+    from ramjax.model import ModelConfig
+    from ramjax.sharding import DEFAULT_RULES, MeshConfig
+
+    cfg = load_config(TrainConfig, None, SCRATCH + ["model.arch.num_layers=3", "model.dtype=bfloat16",
+                                                    "mesh.fsdp=4", "mesh.data=2", "mesh.rules.mlp=null"])
+    mc = cfg.model.model_config(vocab_size=300, eos_token_id=2)
+    assert mc == ModelConfig(vocab_size=300, num_layers=3, dtype="bfloat16", eos_token_id=2)
+    assert cfg.mesh.mesh_config() == MeshConfig(data=2, fsdp=4, tensor=1)
+    rules = cfg.mesh.sharding_rules()
+    assert [n for n, _ in rules] == [n for n, _ in DEFAULT_RULES] and dict(rules)["mlp"] is None
+    with pytest.raises(ConfigError, match="vocab_size is 0"):
+        cfg.model.model_config()
+    # every ModelConfig architecture field is reachable from the config (aligner-size ablations are one key)
+    arch_fields = {f.name for f in dataclasses.fields(C.ArchConfig)}
+    model_only = {f.name for f in dataclasses.fields(ModelConfig)} - arch_fields
+    assert model_only == {"dtype", "param_dtype", "remat", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def test_sample_config_validation():
+    base = ["proposal=p", "prompts_file=x.jsonl", "aligner=q"]
+    assert load_config(SampleConfig, None, base).mode == "par"
+    load_config(SampleConfig, None, ["proposal=p", "prompts_file=x.jsonl", "mode=proposal"])
+    for bad, match in [("aligner=null", "mode=par needs aligner"), ("n=0", "n=0 must be >= 1"),
+                       ("proposal_top_p=1.5", r"must be in \(0, 1\]"), ("kl_threshold=-1", "kl_threshold"),
+                       ("kl_fallback=papr", "did you mean 'paper'")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(SampleConfig, None, base + [bad])
+
+
+def test_split_cli_args():
+    assert C.split_cli_args(["configs/x.yaml", "a.b=1", "c=[1,2]"]) == ("configs/x.yaml", ["a.b=1", "c=[1,2]"])
+    assert C.split_cli_args(["a=1"]) == (None, ["a=1"])
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        C.split_cli_args(["x.yaml", "y.yaml"])
