@@ -3,7 +3,7 @@
 Every instruction is short and single-turn, of one of several *kinds*, and its correct answer is a pure
 function of the prompt text, so the judge needs nothing but the prompt string and the response::
 
-    add      "Add 23 and 8."          -> "31"
+    add      "Add 23 and 8"           -> "31"
     reverse  "Reverse: c a t e"       -> "e t a c"
     sort     "Sort: 4 1 3 1"          -> "1 1 3 4"
     count    "Count b in: a b b c b"  -> "3"
@@ -70,6 +70,7 @@ __all__ = [
     "lenient_score",
     "score",
     "judge",
+    "judge_all",
     "is_eval_prompt",
     "format_prompt",
     "general_corpus",
@@ -219,7 +220,7 @@ class _Add(_Kind):
         return (int(rng.integers(_ADD_MAX + 1)), int(rng.integers(_ADD_MAX + 1)))
 
     def render(self, args):
-        return f"Add {args[0]} and {args[1]}."
+        return f"Add {args[0]} and {args[1]}"
 
     def parse(self, m):
         return (int(m.group(1)), int(m.group(2)))
@@ -470,7 +471,8 @@ _HUMAN_RE = re.compile(r"Human:\s*(.*?)\s*(?:Assistant:.*)?$", re.S)
 def parse_prompt(prompt: str) -> TaskInstance:
     """Recovers the kind, arguments and canonical answer from a prompt's text alone.
 
-    Accepts the bare instruction ("Add 2 and 3.") or the templated form ("\\n\\nHuman: Add 2 and 3.\\n\\nAssistant:").
+    Accepts the bare instruction ("Add 2 and 3") or the templated form ("\\n\\nHuman: Add 2 and 3\\n\\nAssistant:"),
+    with any spacing and an optional final period.
     Raises TaskParseError if the text matches no kind's format.
     """
     if not isinstance(prompt, str):
@@ -487,7 +489,7 @@ def parse_prompt(prompt: str) -> TaskInstance:
             # Re-render so the instance's prompt is canonical whatever the spacing of the input.
             return TaskInstance(obj.name, obj.render(args), args, obj.solve(args))
     raise TaskParseError(
-        f"prompt {prompt[:80]!r} matches no task kind; expected e.g. 'Add 2 and 3.', 'Reverse: a b c', "
+        f"prompt {prompt[:80]!r} matches no task kind; expected e.g. 'Add 2 and 3', 'Reverse: a b c', "
         f"'Sort: 3 1 2', 'Count a in: a b a', 'Upper: a b c', 'Max: 3 1 2', 'Copy: red cat'"
     )
 
@@ -562,6 +564,13 @@ def judge(prompt: str, response: str) -> dict[str, Any]:
         "lenient": lenient_score(inst.answer, response),
         "reference": inst.answer,
     }
+
+
+def judge_all(prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, Any]]:
+    """judge() over paired lists of prompts and responses (equal lengths), in order."""
+    if len(prompts) != len(responses):
+        raise TaskError(f"{len(prompts)} prompts but {len(responses)} responses; they must pair up")
+    return [judge(p, r) for p, r in zip(prompts, responses)]
 
 
 def wrong_responses(inst: TaskInstance, rng: np.random.Generator) -> list[str]:

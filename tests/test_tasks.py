@@ -12,8 +12,8 @@ from ramjax import tasks as T
 
 # Hand-written cases: (prompt, canonical answer, some wrong answers).
 KNOWN = [
-    ("Add 23 and 8.", "31", ["32", "30", "131", "3 1", "23", "41"]),
-    ("Add 0 and 0.", "0", ["1", "00", "10"]),
+    ("Add 23 and 8", "31", ["32", "30", "131", "3 1", "23", "41"]),
+    ("Add 0 and 0", "0", ["1", "00", "10"]),
     ("Reverse: c a t e", "e t a c", ["c a t e", "e t c a", "e t a", "e t a c x", "E T A C"]),
     ("Sort: 4 1 3 1", "1 1 3 4", ["4 1 3 1", "4 3 1 1", "1 3 4", "1 1 4 3"]),
     ("Count b in: a b b c b", "3", ["2", "4", "5", "13"]),
@@ -315,3 +315,17 @@ def test_score_records_on_eval_file_matches_judge():
     assert 0 < by_exact.mean() < 1
     with pytest.raises(T.VerifierError, match="pair up"):
         T.score_records(recs, responses[:-1], T.make_verifier("exact"))
+
+
+def test_final_period_and_spacing_are_tolerated_in_prompts():
+    assert T.parse_prompt("Add 23 and 8.").prompt == "Add 23 and 8"
+    assert T.score(" Add  23 and 8. ", "31") == 1.0
+
+
+def test_judge_all_feeds_accuracy_by_kind():
+    res = T.judge_all(["Add 1 and 2", "Max: 1 5", "Max: 7 2"], ["3", "Sure! The answer is 5.", "2"])
+    acc = T.accuracy_by_kind(res)
+    assert acc["add"]["strict"] == 1.0 and acc["max"] == {"n": 2, "strict": 0.0, "lenient": 0.5}
+    assert acc["all"]["strict"] == pytest.approx(1 / 3)
+    with pytest.raises(T.TaskError, match="pair up"):
+        T.judge_all(["Add 1 and 2"], [])
