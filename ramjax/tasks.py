@@ -164,11 +164,6 @@ def _spaced(symbols: Iterable[Any]) -> str:
     return " ".join(str(s) for s in symbols)
 
 
-def _idx(rng: np.random.Generator, n: int) -> int:
-    """A uniform index in [0, n), or 0 when n <= 0 (user prompts may be shorter than generated ones)."""
-    return int(rng.integers(n)) if n > 0 else 0
-
-
 def _swap_adjacent(seq: list, rng: np.random.Generator) -> list:
     """seq with one random adjacent pair swapped (unchanged if shorter than 2)."""
     if len(seq) < 2:
