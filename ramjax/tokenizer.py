@@ -1,0 +1,1036 @@
+"""Tokenizers: one interface over a sentencepiece ``.model`` and a Hugging Face ``tokenizer.json``.
+
+``load_tokenizer(path)`` reads a checkpoint directory the way ``transformers.AutoTokenizer`` does and returns a
+``Tokenizer`` whose ids equal transformers' ``tokenizer(text, add_special_tokens=False)`` for the same files:
+
+* ``tokenizer.json`` is run by the ``tokenizers`` library. transformers 5 rebuilds the normaliser/pre-tokeniser of
+  two classes from their own code instead of the file (``Qwen2Tokenizer``; ``LlamaTokenizer`` when the file is not
+  byte-level); the same rebuild is applied here so ids keep matching for such files.
+* A sentencepiece ``.model`` is run by the ``sentencepiece`` library, with transformers' (non-legacy
+  ``LlamaTokenizer``) conventions on top: special and user-defined tokens written in the text are matched first,
+  and the dummy-prefix ``▁`` is added only at the very start of the text and not before an existing space.
+* Special tokens come from ``tokenizer_config.json`` / ``special_tokens_map.json`` / ``generation_config.json``;
+  the chat template from ``chat_template.jinja`` or ``tokenizer_config.json``, rendered with jinja2 in the same
+  sandboxed environment as transformers.
+
+``check_vocab_compatible`` guards a proposal/aligner pair: the residual aligner only makes sense over the
+proposal's vocabulary, id for id. ``train_sentencepiece`` trains the small tokenizer of the embedded default
+pipeline. transformers is never imported here.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PLAIN_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: "
+"""The RAM authors' prompt template; ``{prompt}`` is replaced by the user's text."""
+
+TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+GENERATION_CONFIG = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+# transformers' named special-token attributes (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES); the chat
+# template sees each one that is set as a variable of the same name.
+SPECIAL_TOKEN_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                            "mask_token")
+
+# Turn terminators of common chat formats. One that the chat template writes literally is a stop id: a model that
+# continues a rendered chat ends its turn with it, even where generation_config.json lists only the base EOS.
+_CHAT_TERMINATORS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
+                     "<end_of_turn>", "<|end|>", "</s>")
+
+# Qwen2Tokenizer's pre-tokenizer split (transformers/models/qwen2/tokenization_qwen2.py).
+_QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+_SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_UNUSED, _SPM_BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, unreadable or unsupported, or a tokenizer was used wrongly."""
+
+
+class ChatTemplateError(TokenizerError):
+    """The chat template is missing, does not compile, or rejected the conversation (``raise_exception``)."""
+
+
+class VocabMismatchError(ValueError):
+    """The proposal and aligner vocabularies differ, or an embedding has fewer rows than its tokenizer's ids."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AddedTokenSpec:
+    """A token matched verbatim in the text before the model tokenises the rest (transformers' ``AddedToken``)."""
+
+    content: str
+    id: int
+    special: bool = True
+    lstrip: bool = False
+    rstrip: bool = False
+    normalized: bool = False
+    single_word: bool = False
+
+    def to_json(self) -> dict:
+        return {"content": self.content, "lstrip": self.lstrip, "normalized": self.normalized,
+                "rstrip": self.rstrip, "single_word": self.single_word, "special": self.special}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends: the two file formats behind one small interface.
+
+
+class _HFBackend:
+    """A ``tokenizers.Tokenizer`` (from ``tokenizer.json``)."""
+
+    kind = "hf"
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def vocab(self) -> list[str]:
+        out = [""] * self.size()
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if 0 <= i < len(out):
+                out[i] = token
+        return out
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def added_tokens(self) -> list[AddedTokenSpec]:
+        return [AddedTokenSpec(t.content, i, t.special, t.lstrip, t.rstrip, t.normalized, t.single_word)
+                for i, t in sorted(self.tok.get_added_tokens_decoder().items())]
+
+    def add_token(self, spec: AddedTokenSpec) -> int:
+        from tokenizers import AddedToken
+
+        existing = self.tok.token_to_id(spec.content)
+        if existing is not None:
+            # Already a token: as in transformers, only its "special" flag is raised (so decode can skip it).
+            if spec.special and existing not in {a.id for a in self.added_tokens() if a.special}:
+                self.tok.add_special_tokens([AddedToken(spec.content, special=True, normalized=False)])
+            return existing
+        token = AddedToken(spec.content, special=spec.special, lstrip=spec.lstrip, rstrip=spec.rstrip,
+                           normalized=spec.normalized, single_word=spec.single_word)
+        (self.tok.add_special_tokens if spec.special else self.tok.add_tokens)([token])
+        return self.tok.token_to_id(spec.content)
+
+    def save(self, directory: str) -> None:
+        self.tok.save(os.path.join(directory, TOKENIZER_JSON))
+
+
+class _SentencePieceBackend:
+    """A sentencepiece model proto, encoded the way transformers' non-legacy ``LlamaTokenizer`` does.
+
+    prepend_scheme: ``"first"`` (a ``▁`` before the first text segment unless it starts with a space),
+    ``"always"`` (before every segment between added tokens, legacy Llama) or ``"never"``.
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes, prepend_scheme: str = "first"):
+        import sentencepiece as spm
+
+        try:
+            from sentencepiece import sentencepiece_model_pb2
+        except ImportError as e:  # protobuf comes with orbax-checkpoint; say what is missing if it does not
+            raise TokenizerError(f"reading a sentencepiece model needs the protobuf package ({e})") from e
+        proto = sentencepiece_model_pb2.ModelProto()
+        try:
+            proto.ParseFromString(model_proto)
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except Exception as e:  # noqa: BLE001 - sentencepiece/protobuf raise assorted types for corrupt files
+            raise TokenizerError(f"not a valid sentencepiece model ({type(e).__name__}: {e})") from e
+        self.model_proto = model_proto
+        if not proto.normalizer_spec.add_dummy_prefix:
+            prepend_scheme = "never"
+        if prepend_scheme not in ("first", "always", "never"):
+            raise TokenizerError(f"unknown prepend scheme {prepend_scheme!r}; expected first, always or never")
+        self.prepend_scheme = prepend_scheme
+        # A second processor without the dummy prefix encodes the segments that must not get a leading "▁".
+        proto.normalizer_spec.add_dummy_prefix = False
+        self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.pieces = [p.piece for p in proto.pieces]
+        self.piece_types = [p.type for p in proto.pieces]
+        self.piece_ids = {p: i for i, p in enumerate(self.pieces)}
+        self.trainer_spec = proto.trainer_spec
+        self._added: dict[int, AddedTokenSpec] = {}
+        # transformers' SentencePieceExtractor: control pieces are special added tokens, user-defined ones are
+        # plain added tokens; both are matched in the text before sentencepiece runs.
+        for i, (piece, kind) in enumerate(zip(self.pieces, self.piece_types)):
+            if kind in (_SPM_CONTROL, _SPM_USER_DEFINED):
+                self._added[i] = AddedTokenSpec(piece, i, special=kind == _SPM_CONTROL)
+        self._split_re: re.Pattern | None = None
+
+    # -- added tokens
+    def added_tokens(self) -> list[AddedTokenSpec]:
+        return [self._added[i] for i in sorted(self._added)]
+
+    def add_token(self, spec: AddedTokenSpec) -> int:
+        i = self.token_to_id(spec.content)
+        if i is None:
+            i = self.size()
+        old = self._added.get(i)
+        if old is not None:
+            spec = dataclasses.replace(old, special=old.special or spec.special)
+        self._added[i] = dataclasses.replace(spec, id=i)
+        self._split_re = None
+        return i
+
+    def _splitter(self) -> re.Pattern | None:
+        if self._split_re is None and self._added:
+            # Longest first, so the leftmost match is also the longest (tokenizers' leftmost-longest matching).
+            alternatives = []
+            for spec in sorted(self._added.values(), key=lambda s: -len(s.content)):
+                alt = re.escape(spec.content)
+                if spec.lstrip:
+                    alt = r"\s*" + alt
+                if spec.rstrip:
+                    alt = alt + r"\s*"
+                alternatives.append(f"(?:{alt})")
+            self._split_re = re.compile("|".join(alternatives))
+        return self._split_re
+
+    def _match_id(self, matched: str) -> int:
+        stripped = matched.strip()
+        for text in (matched, stripped):
+            i = self.token_to_id(text)
+            if i is not None and i in self._added:
+                return i
+        raise AssertionError(f"added token {matched!r} not found")  # unreachable: the regex only matches these
+
+    # -- encode / decode
+    def _encode_segment(self, text: str, start: int) -> list[int]:
+        prefix = (self.prepend_scheme == "always" or (self.prepend_scheme == "first" and start == 0))
+        if text.startswith((" ", "\u2581")):
+            prefix = False  # tokenizers' Metaspace never doubles an existing leading space
+        return (self.sp if prefix else self.sp_no_prefix).encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        splitter = self._splitter()
+        if splitter is None:
+            return self._encode_segment(text, 0) if text else []
+        ids: list[int] = []
+        pos = 0
+        for m in splitter.finditer(text):
+            if m.start() > pos:
+                ids.extend(self._encode_segment(text[pos:m.start()], pos))
+            ids.append(self._match_id(m.group()))
+            pos = m.end()
+        if pos < len(text):
+            ids.extend(self._encode_segment(text[pos:], pos))
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        # transformers' LlamaTokenizer decoder chain: "▁" -> " ", byte-fallback pieces fused into UTF-8 (an invalid
+        # byte run becomes one U+FFFD per byte), concatenation, then one leading space stripped.
+        special = self.special_ids() if skip_special_tokens else frozenset()
+        parts: list[str] = []
+        pending = bytearray()
+        n_pending = 0
+
+        def flush():
+            nonlocal n_pending
+            if n_pending:
+                try:
+                    parts.append(pending.decode("utf-8"))
+                except UnicodeDecodeError:
+                    parts.append("\ufffd" * n_pending)
+                pending.clear()
+                n_pending = 0
+
+        for i in ids:
+            if i in special:
+                continue
+            piece = self.id_to_token(i)
+            if i < len(self.pieces) and self.piece_types[i] == _SPM_BYTE:
+                m = _BYTE_PIECE.fullmatch(piece)
+                if m:
+                    pending.append(int(m.group(1), 16))
+                    n_pending += 1
+                    continue
+            flush()
+            parts.append(piece.replace("\u2581", " "))
+        flush()
+        text = "".join(parts)
+        if self.prepend_scheme != "never" and text.startswith(" "):
+            text = text[1:]
+        return text
+
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, s in self._added.items() if s.special)
+
+    # -- vocabulary
+    def size(self) -> int:
+        return max(len(self.pieces), max(self._added, default=-1) + 1)
+
+    def vocab(self) -> list[str]:
+        out = list(self.pieces) + [""] * (self.size() - len(self.pieces))
+        for i, spec in self._added.items():
+            out[i] = spec.content
+        return out
+
+    def id_to_token(self, i: int) -> str:
+        spec = self._added.get(i)
+        if spec is not None:
+            return spec.content
+        return self.pieces[i] if i < len(self.pieces) else ""
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.piece_ids.get(token)
+        if i is not None:
+            return i
+        for j, spec in self._added.items():
+            if spec.content == token:
+                return j
+        return None
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, SENTENCEPIECE_MODEL), "wb") as f:
+            f.write(self.model_proto)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat templates, rendered the way transformers.utils.chat_template_utils does.
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers replaces jinja's tojson: no HTML escaping, and json.dumps' options exposed.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format):  # noqa: A002 - the name templates call
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    """``dict`` inside templates, without attribute access to the real class."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _compile_chat_template(source: str):
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        # ``{% generation %}...{% endgeneration %}`` marks assistant text for training masks in transformers; the
+        # rendered string is the body unchanged.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        # Namespaces that refuse underscore attributes, as in transformers' sandbox.
+        def __init__(*args, **kwargs):  # noqa: N805 - jinja's Namespace signature trick
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                       extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from e
+
+
+def _plain_data(value: Any) -> Any:
+    """A copy of ``value`` made of JSON types only, so the sandboxed template never sees rich objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain_data(k): _plain_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_data(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain_data(v) for v in value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / jax scalars
+        return _plain_data(value.item())
+    return f"<{type(value).__name__}>"
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """transformers' message normalisation: drop None values, copy to plain data, alias reasoning fields."""
+    out = []
+    for m in messages:
+        if not isinstance(m, Mapping):
+            raise ChatTemplateError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
+        m = _plain_data({k: v for k, v in m.items() if v is not None})
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The public tokenizer.
+
+
+def _token_content(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerError(f"cannot read a special token from {value!r}; expected a string or "
+                         f"{{'content': ...}}")
+
+
+class Tokenizer:
+    """A tokenizer with its special tokens, stop ids and chat template.
+
+    Build one with ``load_tokenizer`` or ``train_sentencepiece``. Ids are plain Python ints; ``vocab_size`` counts
+    every id including added tokens (transformers' ``len(tokenizer)``), which may be fewer than a model's
+    embedding rows.
+    """
+
+    def __init__(self, backend: _HFBackend | _SentencePieceBackend, *, special_tokens: Mapping[str, str | None],
+                 chat_templates: Mapping[str, str] | None = None, extra_eos_ids: Iterable[int] = (),
+                 config: Mapping[str, Any] | None = None, source: str = ""):
+        self._backend = backend
+        self._config = dict(config or {})
+        self.source = source
+        self._special = {k: v for k, v in special_tokens.items() if k in SPECIAL_TOKEN_ATTRIBUTES}
+        self._chat_templates = dict(chat_templates or {})
+        self._compiled: dict[str, Any] = {}
+        self._vocab_cache: list[str] | None = None
+        # Every named special token exists as a (special) token, added after the vocabulary if the files lack it,
+        # exactly as transformers does when it loads the same files.
+        for name, content in self._special.items():
+            if content is not None:
+                self._backend.add_token(AddedTokenSpec(content, -1, special=True))
+        n = self.vocab_size
+        self._extra_eos_ids = frozenset(int(i) for i in extra_eos_ids if 0 <= int(i) < n)
+
+    # -- identity
+    @property
+    def kind(self) -> str:
+        """``"hf"`` (tokenizer.json) or ``"sentencepiece"`` (.model)."""
+        return self._backend.kind
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, bos={self._special.get('bos_token')!r}, "
+                f"eos={self._special.get('eos_token')!r}, source={self.source!r})")
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # -- vocabulary
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (ids are ``0 .. vocab_size-1``)."""
+        return self._backend.size()
+
+    def get_vocab(self) -> list[str]:
+        """Token strings by id, length ``vocab_size`` (an id without a token, if any, maps to ``""``)."""
+        if self._vocab_cache is None or len(self._vocab_cache) != self.vocab_size:
+            self._vocab_cache = self._backend.vocab()
+        return list(self._vocab_cache)
+
+    def id_to_token(self, i: int) -> str:
+        """The token string of id ``i`` (byte-level BPE tokens in their byte-to-unicode form, e.g. ``Ġthe``)."""
+        i = self._check_id(i)
+        if self._vocab_cache is not None and len(self._vocab_cache) == self.vocab_size:
+            return self._vocab_cache[i]
+        if self.kind == "hf":
+            return self._backend.tok.id_to_token(i) or ""
+        return self._backend.id_to_token(i)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of token string ``token``, or None if it is not in the vocabulary."""
+        return self._backend.token_to_id(token)
+
+    def _check_id(self, i) -> int:
+        try:
+            i = int(i)
+        except (TypeError, ValueError) as e:
+            raise TokenizerError(f"token id {i!r} is not an integer") from e
+        if not 0 <= i < self.vocab_size:
+            raise TokenizerError(f"token id {i} is out of range for a vocabulary of {self.vocab_size} ids; ids at or "
+                                 f"beyond vocab_size are padded embedding rows and must be masked before sampling")
+        return i
+
+    # -- special tokens
+    def _special_id(self, name: str) -> int | None:
+        content = self._special.get(name)
+        return None if content is None else self._backend.token_to_id(content)
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Named special tokens that are set, e.g. ``{"eos_token": "<|im_end|>", "pad_token": ...}``."""
+        return {k: v for k, v in self._special.items() if v is not None}
+
+    @property
+    def bos_id(self) -> int | None:
+        """Beginning-of-sequence id, or None for tokenizers without one (e.g. Qwen2)."""
+        return self._special_id("bos_token")
+
+    @property
+    def eos_id(self) -> int:
+        """The primary end-of-sequence id (``eos_token`` of tokenizer_config.json)."""
+        i = self._special_id("eos_token")
+        if i is None:
+            if self._extra_eos_ids:
+                return min(self._extra_eos_ids)
+            raise TokenizerError(f"tokenizer from {self.source!r} defines no EOS token; set eos_token in "
+                                 f"{TOKENIZER_CONFIG} or eos_token_id in {GENERATION_CONFIG}")
+        return i
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Every id that ends generation: EOS, generation_config.json's ``eos_token_id`` list, and the turn
+        terminators the chat template writes (e.g. ``<|im_end|>``, ``<|eot_id|>``)."""
+        ids = set(self._extra_eos_ids)
+        i = self._special_id("eos_token")
+        if i is not None:
+            ids.add(i)
+        if not ids:
+            self.eos_id  # raises the named error  # noqa: B018
+        return frozenset(ids)
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id: ``pad_token`` if set, else the EOS id."""
+        i = self._special_id("pad_token")
+        return self.eos_id if i is None else i
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._special_id("unk_token")
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that ``decode(..., skip_special_tokens=True)`` drops."""
+        if self.kind == "hf":
+            return frozenset(a.id for a in self._backend.added_tokens() if a.special)
+        return self._backend.special_ids()
+
+    # -- encode / decode
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text`` (transformers' ``tokenizer(text, add_special_tokens=False)["input_ids"]``).
+
+        Special tokens written in the text (``<|im_start|>``, ``<s>`` ...) become their ids. ``add_bos=True``
+        prepends the BOS id; it is a no-op for tokenizers without BOS, as transformers' ``add_special_tokens=True``
+        is for them. A rendered chat template usually already starts with BOS: encode it with ``add_bos=False``.
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._backend.encode(text)
+        bos = self.bos_id if add_bos else None
+        return ([bos] + ids) if bos is not None else ids
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        """The text of token ids (transformers' ``tokenizer.decode``); special tokens dropped unless asked."""
+        ids = [self._check_id(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        return self._backend.decode(ids, skip_special_tokens)
+
+    # -- prompts
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template source, or None."""
+        if not self._chat_templates:
+            return None
+        return self._chat_templates.get("default", next(iter(self._chat_templates.values())))
+
+    @property
+    def chat_templates(self) -> dict[str, str]:
+        """All named chat templates (``"default"``, ``"tool_use"`` ...)."""
+        return dict(self._chat_templates)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str:
+        """Renders ``messages`` (``[{"role": ..., "content": ...}, ...]``) with the tokenizer's chat template.
+
+        Same output as transformers' ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``:
+        sandboxed jinja2 with trim_blocks/lstrip_blocks, ``raise_exception``, ``tojson``, ``strftime_now``, and the
+        named special tokens (``bos_token``, ``eos_token`` ...) as variables. Extra keyword arguments become
+        template variables (e.g. ``tools=[...]``, ``enable_thinking=False``).
+        """
+        import jinja2
+
+        if not self._chat_templates:
+            raise ChatTemplateError(f"tokenizer from {self.source!r} has no chat template (looked for "
+                                    f"{CHAT_TEMPLATE_FILE} and 'chat_template' in {TOKENIZER_CONFIG}); use "
+                                    f"render_prompt(prompt, 'plain') or add a chat template")
+        if isinstance(messages, Mapping) or not isinstance(messages, Sequence) or len(messages) == 0:
+            raise ChatTemplateError("apply_chat_template needs a non-empty list of messages")
+        name = "default" if "default" in self._chat_templates else next(iter(self._chat_templates))
+        if template_kwargs.get("tools") and "tool_use" in self._chat_templates:
+            name = "tool_use"
+        if name not in self._compiled:
+            self._compiled[name] = _compile_chat_template(self._chat_templates[name])
+        variables = {"tools": None, "documents": None, **self.special_tokens,
+                     **_plain_data(dict(template_kwargs))}
+        variables.update(messages=_prepare_messages(messages), add_generation_prompt=add_generation_prompt)
+        try:
+            return self._compiled[name].render(**variables)
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatTemplateError(f"the chat template rejected the conversation: {e}") from e
+
+    def render_prompt(self, prompt: str, template: str = "plain") -> str:
+        """The text a model is prompted with for one user ``prompt``.
+
+        template: ``"plain"`` — the RAM authors' ``"\\n\\nHuman: {prompt}\\n\\nAssistant: "``; ``"chat"`` — the
+        chat template with a single user message and the generation prompt; any other string containing
+        ``{prompt}`` — that format, with ``{prompt}`` replaced (no other braces are interpreted).
+        """
+        if not isinstance(prompt, str):
+            raise TokenizerError(f"prompt must be a str, got {type(prompt).__name__}")
+        if template == "plain":
+            return PLAIN_TEMPLATE.replace("{prompt}", prompt)
+        if template == "chat":
+            return self.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        if "{prompt}" in template:
+            return template.replace("{prompt}", prompt)
+        raise TokenizerError(f"unknown prompt template {template!r}; use 'plain', 'chat', or a format string "
+                             f"containing '{{prompt}}'")
+
+    # -- persistence
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes the tokenizer into ``directory`` so that ``load_tokenizer`` (and, for both kinds,
+        ``transformers.AutoTokenizer``) reloads the same ids, special tokens, stop ids and chat template.
+
+        Files: ``tokenizer.json`` or ``tokenizer.model``; ``tokenizer_config.json``; ``generation_config.json``
+        only when there are stop ids beyond EOS and the directory has none yet (a model's own is never replaced).
+        """
+        directory = os.fspath(directory)
+        if self.kind == "sentencepiece" and os.path.isfile(os.path.join(directory, TOKENIZER_JSON)):
+            # load_tokenizer prefers tokenizer.json, so the saved model would never be read back.
+            raise TokenizerError(f"{directory!r} already holds a {TOKENIZER_JSON}, which would shadow the "
+                                 f"sentencepiece model; save into an empty directory or remove that file first")
+        os.makedirs(directory, exist_ok=True)
+        self._backend.save(directory)
+        config = copy.deepcopy(self._config)
+        for key in ("auto_map", "name_or_path", "vocab_file", "tokenizer_file", "merges_file", "chat_template",
+                    "added_tokens_decoder", "additional_special_tokens", "extra_special_tokens"):
+            config.pop(key, None)
+        if self.kind == "hf":
+            config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        else:
+            config.setdefault("tokenizer_class", "LlamaTokenizer")
+            config.setdefault("add_bos_token", self.bos_id is not None)
+            config.setdefault("add_eos_token", False)
+            config["legacy"] = self._backend.prepend_scheme == "always"
+            config["add_prefix_space"] = self._backend.prepend_scheme != "never"
+        for name in SPECIAL_TOKEN_ATTRIBUTES:
+            if name in self._special or name in config:
+                config[name] = self._special.get(name)
+        config["added_tokens_decoder"] = {str(a.id): a.to_json() for a in self._backend.added_tokens()}
+        if self._chat_templates:
+            if set(self._chat_templates) == {"default"}:
+                config["chat_template"] = self._chat_templates["default"]
+            else:
+                config["chat_template"] = [{"name": k, "template": v} for k, v in self._chat_templates.items()]
+        _write_json(os.path.join(directory, TOKENIZER_CONFIG), config)
+        gen_path = os.path.join(directory, GENERATION_CONFIG)
+        extra = sorted(self.eos_ids - {self.eos_id})
+        if extra and not os.path.exists(gen_path):
+            gen = {"eos_token_id": [self.eos_id] + extra}
+            if self.bos_id is not None:
+                gen["bos_token_id"] = self.bos_id
+            gen["pad_token_id"] = self.pad_id
+            _write_json(gen_path, gen)
+        # Files an earlier tokenizer left here would take priority over tokenizer_config.json on reload (in
+        # transformers too): rewrite them with this tokenizer's values instead.
+        jinja_path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+        if os.path.isfile(jinja_path):
+            if self.chat_template is None:
+                os.remove(jinja_path)
+            else:
+                with open(jinja_path, "w", encoding="utf-8") as f:
+                    f.write(self.chat_template)
+        map_path = os.path.join(directory, SPECIAL_TOKENS_MAP)
+        if os.path.isfile(map_path):
+            _write_json(map_path, self.special_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read {path!r}: {e}") from e
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{path!r} must hold a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a ``tokenizer.json`` or a sentencepiece ``*.model`` file."""
+    directory = os.fspath(directory)
+    return os.path.isdir(directory) and (os.path.isfile(os.path.join(directory, TOKENIZER_JSON))
+                                         or bool(_model_files(directory)))
+
+
+def _model_files(directory: str) -> list[str]:
+    preferred = os.path.join(directory, SENTENCEPIECE_MODEL)
+    if os.path.isfile(preferred):
+        return [preferred]
+    return sorted(p for p in glob.glob(os.path.join(glob.escape(directory), "*.model")) if os.path.isfile(p))
+
+
+def _chat_templates(directory: str, config: Mapping[str, Any]) -> dict[str, str]:
+    """chat_template.jinja and additional_chat_templates/*.jinja win over tokenizer_config's entry (transformers)."""
+    templates: dict[str, str] = {}
+    entry = config.get("chat_template")
+    if isinstance(entry, str):
+        templates["default"] = entry
+    elif isinstance(entry, list):
+        for item in entry:
+            if not (isinstance(item, Mapping) and isinstance(item.get("name"), str)
+                    and isinstance(item.get("template"), str)):
+                raise TokenizerError(f"chat_template list entries in {TOKENIZER_CONFIG} must be "
+                                     f"{{'name': str, 'template': str}}, found {item!r}")
+            templates[item["name"]] = item["template"]
+    elif entry is not None:
+        raise TokenizerError(f"chat_template in {TOKENIZER_CONFIG} must be a string or a list, found "
+                             f"{type(entry).__name__}")
+    files: dict[str, str] = {}
+    path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            files["default"] = f.read()
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), CHAT_TEMPLATE_DIR, "*.jinja"))):
+        with open(path, encoding="utf-8") as f:
+            files[os.path.basename(path)[: -len(".jinja")]] = f.read()
+    return files or templates
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise TokenizerError(f"expected an id or a list of ids in {GENERATION_CONFIG}, found {value!r}")
+
+
+def _load_hf_backend(path: str, config: Mapping[str, Any]) -> _HFBackend:
+    from tokenizers import Regex, Tokenizer as _Tok, decoders, normalizers, pre_tokenizers
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+        tok = _Tok.from_str(raw)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for malformed files
+        raise TokenizerError(f"cannot read {path!r} as a Hugging Face tokenizer.json: {e}") from e
+    cls = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+    # transformers 5 rebuilds these classes' pipelines from its own code rather than the file; do the same so ids
+    # match it (for the files the model families ship with, the rebuild equals the file).
+    if cls == "Qwen2Tokenizer":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space") or False),
+                                     use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+    elif cls == "LlamaTokenizer" and '"ByteLevel"' not in raw:
+        add_prefix_space = config.get("add_prefix_space")
+        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+        scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix_space:
+            steps.append(decoders.Strip(content=" ", left=1, right=0))
+        tok.decoder = decoders.Sequence(steps)
+    return _HFBackend(tok)
+
+
+def _load_sentencepiece_backend(path: str, config: Mapping[str, Any]) -> _SentencePieceBackend:
+    try:
+        with open(path, "rb") as f:
+            proto = f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read sentencepiece model {path!r}: {e}") from e
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    try:
+        return _SentencePieceBackend(proto, scheme)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path!r}: {e}") from e
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a tokenizer from a checkpoint directory or a tokenizer file.
+
+    A directory uses ``tokenizer.json`` if present, else ``tokenizer.model`` (or the only ``*.model``), with the
+    special tokens and chat template of ``tokenizer_config.json``/``special_tokens_map.json``/``chat_template.jinja``
+    and the stop ids of ``generation_config.json`` beside it. A file path (``*.json`` or ``*.model``) uses that file
+    and the configuration files in its directory. Raises ``TokenizerError`` naming the path and what was expected.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        directory = path
+        candidate = os.path.join(path, TOKENIZER_JSON)
+        if os.path.isfile(candidate):
+            file = candidate
+        else:
+            models = _model_files(path)
+            if not models:
+                present = sorted(os.listdir(path))[:20]
+                raise TokenizerError(f"no tokenizer in {path!r}: expected {TOKENIZER_JSON} (Hugging Face) or "
+                                     f"{SENTENCEPIECE_MODEL} / *.model (sentencepiece); found {present}")
+            if len(models) > 1:
+                raise TokenizerError(f"several sentencepiece models in {path!r} ({[os.path.basename(m) for m in models]})"
+                                     f"; pass the file to load_tokenizer or name it {SENTENCEPIECE_MODEL}")
+            file = models[0]
+    elif os.path.isfile(path):
+        directory, file = os.path.dirname(path) or ".", path
+    else:
+        raise TokenizerError(f"tokenizer path {path!r} does not exist; pass a model directory or a tokenizer.json "
+                             f"/ *.model file")
+
+    def optional_json(name: str) -> dict:
+        p = os.path.join(directory, name)
+        return _read_json(p) if os.path.isfile(p) else {}
+
+    config = optional_json(TOKENIZER_CONFIG)
+    special_map = optional_json(SPECIAL_TOKENS_MAP)
+    gen = optional_json(GENERATION_CONFIG)
+
+    if file.endswith(".json"):
+        backend: _HFBackend | _SentencePieceBackend = _load_hf_backend(file, config)
+    elif file.endswith(".model"):
+        backend = _load_sentencepiece_backend(file, config)
+    else:
+        raise TokenizerError(f"unsupported tokenizer file {file!r}: expected a Hugging Face tokenizer.json or a "
+                             f"sentencepiece .model file")
+
+    # Named special tokens: tokenizer_config.json (an explicit null counts), then special_tokens_map.json, then
+    # the sentencepiece model's own unk/bos/eos pieces, then generation_config.json's ids.
+    special: dict[str, str | None] = {}
+    for name in SPECIAL_TOKEN_ATTRIBUTES:
+        if name in config:
+            special[name] = _token_content(config[name])
+        elif name in special_map:
+            special[name] = _token_content(special_map[name])
+    if isinstance(backend, _SentencePieceBackend):
+        spec = backend.trainer_spec
+        for name, idx in (("unk_token", spec.unk_id), ("bos_token", spec.bos_id), ("eos_token", spec.eos_id)):
+            if name not in special and 0 <= idx < len(backend.pieces):
+                special[name] = backend.pieces[idx]
+    gen_eos = _as_id_list(gen.get("eos_token_id"))
+    for name, ids in (("bos_token", _as_id_list(gen.get("bos_token_id"))), ("eos_token", gen_eos)):
+        if name not in special and ids and 0 <= ids[0] < backend.size():
+            special[name] = backend.vocab()[ids[0]]
+
+    # Added tokens the config declares (transformers adds any the vocabulary lacks).
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, Mapping):
+        raise TokenizerError(f"added_tokens_decoder in {TOKENIZER_CONFIG} must be an object")
+    for idx, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+        entry = {"content": entry} if isinstance(entry, str) else dict(entry)
+        spec = AddedTokenSpec(content=entry["content"], id=int(idx), special=bool(entry.get("special", True)),
+                              lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
+                              normalized=bool(entry.get("normalized", False)),
+                              single_word=bool(entry.get("single_word", False)))
+        got = backend.add_token(spec)
+        if got != spec.id:
+            logger.warning("added token %r is id %d in %s but %d in the tokenizer file; using %d",
+                           spec.content, spec.id, TOKENIZER_CONFIG, got, got)
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = config.get(key) or special_map.get(key) or []
+        if isinstance(extra, Mapping):
+            extra = list(extra.values())
+        for token in extra:
+            content = _token_content(token)
+            if content is not None:
+                backend.add_token(AddedTokenSpec(content, -1, special=True))
+
+    templates = _chat_templates(directory, config)
+    tok = Tokenizer(backend, special_tokens=special, chat_templates=templates, extra_eos_ids=gen_eos,
+                    config=config, source=file)
+    # Turn terminators the chat template writes literally also end generation.
+    text = "\n".join(templates.values())
+    terminators = [tok.token_to_id(t) for t in _CHAT_TERMINATORS if t in text]
+    tok._extra_eos_ids = tok._extra_eos_ids | {i for i in terminators if i is not None}
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training.
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *, seed: int = 0,
+                        user_defined_symbols: Sequence[str] = ()) -> Tokenizer:
+    """Trains a small sentencepiece BPE tokenizer on ``texts`` and writes it to ``out_dir``.
+
+    Deterministic for the same texts, size and seed (single-threaded training). Choices for short arithmetic and
+    string tasks: digits are always single tokens (``split_digits``), every byte is representable
+    (``byte_fallback``, so nothing is ever ``<unk>``), text is not normalised and runs of spaces are kept
+    (identity normalisation, whitespace-only pieces allowed) so decode(encode(s)) == s. Ids: ``<unk>`` 0, ``<s>``
+    1, ``</s>`` 2, ``<pad>`` 3, then ``user_defined_symbols`` (always single tokens), the 256 byte pieces and the
+    merges. ``vocab_size`` must leave room for those plus the distinct characters of ``texts``; with little text
+    the vocabulary may come out smaller than asked (logged). Writes ``tokenizer.model`` + ``tokenizer_config.json``
+    (``LlamaTokenizer`` with BOS added, also loadable by transformers) and returns the loaded tokenizer.
+    """
+    import sentencepiece as spm
+
+    lines = []
+    for t in texts:
+        if not isinstance(t, str):
+            raise TokenizerError(f"train_sentencepiece expects strings, got {type(t).__name__}")
+        if t:
+            lines.append(t)
+    if not lines:
+        raise TokenizerError("train_sentencepiece got no non-empty text to train on")
+    symbols = [str(s) for s in user_defined_symbols]
+    minimum = 4 + 256 + len(symbols)
+    if vocab_size <= minimum:
+        raise TokenizerError(f"vocab_size={vocab_size} is too small: 4 special ids, 256 byte pieces and "
+                             f"{len(symbols)} user symbols already take {minimum}; ask for more")
+    max_len = max(len(t.encode("utf-8")) for t in lines)
+    buf = io.BytesIO()
+    log = io.StringIO()
+    spm.set_random_generator_seed(int(seed))
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buf, logstream=log, model_type="bpe",
+            vocab_size=int(vocab_size), hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
+            split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=True, allow_whitespace_only_pieces=True, user_defined_symbols=symbols,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            pad_piece="<pad>", num_threads=1, shuffle_input_sentence=False,
+            max_sentence_length=max(4192, max_len + 1), minloglevel=1)
+    except RuntimeError as e:
+        raise TokenizerError(f"sentencepiece training failed (vocab_size={vocab_size}, {len(lines)} texts): {e}") from e
+    backend = _SentencePieceBackend(buf.getvalue(), "first")
+    if backend.size() < vocab_size:
+        logger.info("sentencepiece vocabulary has %d pieces (asked for %d): the training text supports no more",
+                    backend.size(), vocab_size)
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+              "add_prefix_space": True, "clean_up_tokenization_spaces": False}
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    out_dir = os.fspath(out_dir)
+    tok = Tokenizer(backend, special_tokens=special, config=config, source=os.path.join(out_dir, SENTENCEPIECE_MODEL))
+    tok.save(out_dir)
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Proposal/aligner compatibility.
+
+_PROBES = ("Hello world!", "  two  spaces", "12345 + 678 = 13023", "line\nbreak\ttab", "Café 日本語 😀")
+
+
+def check_vocab_compatible(proposal: Tokenizer, aligner: Tokenizer, *, proposal_rows: int | None = None,
+                           aligner_rows: int | None = None) -> None:
+    """Raises ``VocabMismatchError`` unless the aligner shares the proposal's vocabulary id for id.
+
+    Compares the token strings of ids ``0 .. vocab_size-1`` of both tokenizers. Embedding rows beyond a
+    tokenizer's ``vocab_size`` (e.g. Qwen2.5's 151936 vs 152064 rows for the same 151665 tokens) are padding and
+    are ignored; ``proposal_rows``/``aligner_rows``, when given, must be at least the tokenizer's ``vocab_size``.
+    Tokenisation rules that differ over an identical vocabulary only log a warning.
+    """
+    for role, tok, rows in (("proposal", proposal, proposal_rows), ("aligner", aligner, aligner_rows)):
+        if rows is not None and rows < tok.vocab_size:
+            raise VocabMismatchError(
+                f"the {role} embedding has {rows} rows but its tokenizer has {tok.vocab_size} ids: the checkpoint "
+                f"and tokenizer ({tok.source!r}) do not belong together; load the {role} from one directory")
+    pv, av = proposal.get_vocab(), aligner.get_vocab()
+    common = min(len(pv), len(av))
+    diffs = [i for i in range(common) if pv[i] != av[i]]
+    if diffs or len(pv) != len(av):
+        if diffs:
+            shown = ", ".join(f"id {i}: proposal {pv[i]!r} vs aligner {av[i]!r}" for i in diffs[:5])
+            first = f"first differing ids: {shown}" + (f" ({len(diffs)} differ in all)" if len(diffs) > 5 else "")
+        else:
+            longer, role = (pv, "proposal") if len(pv) > len(av) else (av, "aligner")
+            first = (f"ids {common}.. exist only in the {role} (first: id {common} = {longer[common]!r})")
+        raise VocabMismatchError(
+            f"proposal and aligner vocabularies differ: {first}; sizes: proposal {len(pv)} ids "
+            f"({proposal.source!r}), aligner {len(av)} ids ({aligner.source!r}). The residual aligner scores the "
+            f"proposal's token ids, so it must use the same tokenizer: pick an aligner from the same tokenizer "
+            f"family (e.g. Qwen2.5 with Qwen2.5, Llama-3.x with Llama-3.x) or train it with the proposal's tokenizer")
+    for text in _PROBES:
+        a, b = proposal.encode(text), aligner.encode(text)
+        if a != b:
+            logger.warning("proposal and aligner share a vocabulary but tokenise %r differently (%s vs %s); "
+                           "prompts are encoded with the proposal's tokenizer", text, a, b)
+            break
