@@ -618,7 +618,8 @@ class DataConfig:
     template:    how a ``prompt`` is rendered: ``plain`` (``"\\n\\nHuman: {prompt}\\n\\nAssistant: "``, the RAM
                  authors' template) or ``chat`` (the tokenizer's chat template).
     max_len:     tokens per row (prompt + response + EOS of one example, or of several when packing).
-    max_prompt_len: prompts are cut from the left to this many tokens (BOS kept); responses are cut to fit.
+    max_prompt_len: prompts are cut from the left to this many tokens (BOS kept); responses are cut to fit
+                 ``max_len``; an example left without a response token is skipped and counted.
     packing:     pack several examples per row (segment ids) instead of one right-padded example per row.
     batch_size:  global rows per step, over all hosts (each host gets batch_size / process_count).
     field_map:   renames source fields before parsing, e.g. ``{instruction: prompt, output: response}``.
@@ -643,9 +644,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(self.max_len > 1, f"data.max_len={self.max_len} must be > 1")
-        _check(0 < self.max_prompt_len < self.max_len,
-               f"data.max_prompt_len={self.max_prompt_len} must be in [1, data.max_len={self.max_len}) so that "
-               f"every example keeps at least one response token")
+        _check(0 < self.max_prompt_len <= self.max_len,
+               f"data.max_prompt_len={self.max_prompt_len} must be in [1, data.max_len={self.max_len}] (examples "
+               f"whose prompt leaves no room for a response token are skipped and counted)")
         _check(self.batch_size > 0, f"data.batch_size={self.batch_size} must be positive")
         if self.source == "tfds":
             _check(bool(self.tfds_name), "data.source=tfds needs data.tfds_name (e.g. data.tfds_name=my_dataset)")

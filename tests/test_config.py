@@ -140,7 +140,7 @@ def test_literal_choice_error():
 @pytest.mark.parametrize("override, match", [
     ("ram.alpha=-1e-4", r"ram.alpha=-0.0001 must be >= 0"),
     ("ram.alpha=.nan", r"ram.alpha=nan must be >= 0"),
-    ("data.max_prompt_len=512", r"max_prompt_len=512 must be in \[1, data.max_len=512\)"),
+    ("data.max_prompt_len=513", r"max_prompt_len=513 must be in \[1, data.max_len=512\]"),
     ("optimizer.grad_accum=3", r"batch_size=64 must be divisible by optimizer.grad_accum=3"),
     ("mesh.fsdp=-1 mesh.data=-1", r"at most one axis may be -1"),
     ("model.arch.num_kv_heads=3", r"multiple of arch.num_kv_heads=3"),
