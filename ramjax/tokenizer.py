@@ -128,14 +128,13 @@ class _HFBackend:
                 for i, t in sorted(self.tok.get_added_tokens_decoder().items())]
 
     def add_token(self, spec: AddedTokenSpec) -> int:
+        """Registers ``spec`` unless it already is an added token (then it is left as it is, as in transformers);
+        a token of the model's own vocabulary keeps its id."""
         from tokenizers import AddedToken
 
-        existing = self.tok.token_to_id(spec.content)
-        if existing is not None:
-            # Already a token: as in transformers, only its "special" flag is raised (so decode can skip it).
-            if spec.special and existing not in {a.id for a in self.added_tokens() if a.special}:
-                self.tok.add_special_tokens([AddedToken(spec.content, special=True, normalized=False)])
-            return existing
+        for existing in self.tok.get_added_tokens_decoder().values():
+            if existing.content == spec.content:
+                return self.tok.token_to_id(spec.content)
         token = AddedToken(spec.content, special=spec.special, lstrip=spec.lstrip, rstrip=spec.rstrip,
                            normalized=spec.normalized, single_word=spec.single_word)
         (self.tok.add_special_tokens if spec.special else self.tok.add_tokens)([token])
@@ -193,12 +192,13 @@ class _SentencePieceBackend:
         return [self._added[i] for i in sorted(self._added)]
 
     def add_token(self, spec: AddedTokenSpec) -> int:
+        """Registers ``spec`` unless it already is an added token (left as it is, as in transformers); a piece
+        of the model keeps its id, a new token gets the next free id."""
         i = self.token_to_id(spec.content)
+        if i is not None and i in self._added:
+            return i
         if i is None:
             i = self.size()
-        old = self._added.get(i)
-        if old is not None:
-            spec = dataclasses.replace(old, special=old.special or spec.special)
         self._added[i] = dataclasses.replace(spec, id=i)
         self._split_re = None
         return i
@@ -943,8 +943,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os
 
     Deterministic for the same texts, size and seed (single-threaded training). Choices for short arithmetic and
     string tasks: digits are always single tokens (``split_digits``), every byte is representable
-    (``byte_fallback``, so nothing is ever ``<unk>``), text is not normalised and runs of spaces are kept
-    (identity normalisation, whitespace-only pieces allowed) so decode(encode(s)) == s. Ids: ``<unk>`` 0, ``<s>``
+    (``byte_fallback``, so nothing is ever ``<unk>``), text is not normalised, runs of spaces are kept
+    (identity normalisation, whitespace-only pieces allowed) and no dummy ``▁`` is prepended, so
+    ``decode(encode(s)) == s`` for every string and a text encodes the same at the start of a prompt as after it
+    (``encode(a + b) == encode(a) + encode(b)`` whenever ``b`` starts with a space or digit). Ids: ``<unk>`` 0, ``<s>``
     1, ``</s>`` 2, ``<pad>`` 3, then ``user_defined_symbols`` (always single tokens), the 256 byte pieces and the
     merges. ``vocab_size`` must leave room for those plus the distinct characters of ``texts``; with little text
     the vocabulary may come out smaller than asked (logged). Writes ``tokenizer.model`` + ``tokenizer_config.json``
@@ -967,25 +969,24 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os
                              f"{len(symbols)} user symbols already take {minimum}; ask for more")
     max_len = max(len(t.encode("utf-8")) for t in lines)
     buf = io.BytesIO()
-    log = io.StringIO()
     spm.set_random_generator_seed(int(seed))
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=buf, logstream=log, model_type="bpe",
+            sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
             vocab_size=int(vocab_size), hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
             split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=True, allow_whitespace_only_pieces=True, user_defined_symbols=symbols,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True, user_defined_symbols=symbols,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
             pad_piece="<pad>", num_threads=1, shuffle_input_sentence=False,
-            max_sentence_length=max(4192, max_len + 1), minloglevel=1)
+            max_sentence_length=max(4192, max_len + 1), minloglevel=2)
     except RuntimeError as e:
         raise TokenizerError(f"sentencepiece training failed (vocab_size={vocab_size}, {len(lines)} texts): {e}") from e
-    backend = _SentencePieceBackend(buf.getvalue(), "first")
+    backend = _SentencePieceBackend(buf.getvalue(), "never")
     if backend.size() < vocab_size:
         logger.info("sentencepiece vocabulary has %d pieces (asked for %d): the training text supports no more",
                     backend.size(), vocab_size)
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
-              "add_prefix_space": True, "clean_up_tokenization_spaces": False}
+              "add_prefix_space": False, "clean_up_tokenization_spaces": False}
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
     out_dir = os.fspath(out_dir)
     tok = Tokenizer(backend, special_tokens=special, config=config, source=os.path.join(out_dir, SENTENCEPIECE_MODEL))
