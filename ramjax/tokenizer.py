@@ -56,7 +56,8 @@ _CHAT_TERMINATORS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"
 
 # Qwen2Tokenizer's pre-tokenizer split (transformers/models/qwen2/tokenization_qwen2.py).
 _QWEN2_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+    r"""|\s+(?!\S)|\s+"""
 )
 
 _SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_UNUSED, _SPM_BYTE = 1, 2, 3, 4, 5, 6
@@ -657,6 +658,18 @@ class Tokenizer:
         raise TokenizerError(f"unknown prompt template {template!r}; use 'plain', 'chat', or a format string "
                              f"containing '{{prompt}}'")
 
+    def encode_prompt(self, prompt: str, template: str = "plain") -> list[int]:
+        """Token ids a model is prompted with: ``render_prompt`` then ``encode``, with BOS exactly once.
+
+        A chat template writes its own BOS (as transformers' ``apply_chat_template(tokenize=True)`` assumes);
+        other templates get the BOS id prepended, as transformers' ``add_special_tokens=True`` does.
+        """
+        ids = self.encode(self.render_prompt(prompt, template))
+        bos = self.bos_id
+        if template != "chat" and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
     # -- persistence
     def save(self, directory: str | os.PathLike) -> None:
         """Writes the tokenizer into ``directory`` so that ``load_tokenizer`` (and, for both kinds,
@@ -857,8 +870,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                 raise TokenizerError(f"no tokenizer in {path!r}: expected {TOKENIZER_JSON} (Hugging Face) or "
                                      f"{SENTENCEPIECE_MODEL} / *.model (sentencepiece); found {present}")
             if len(models) > 1:
-                raise TokenizerError(f"several sentencepiece models in {path!r} ({[os.path.basename(m) for m in models]})"
-                                     f"; pass the file to load_tokenizer or name it {SENTENCEPIECE_MODEL}")
+                names = [os.path.basename(m) for m in models]
+                raise TokenizerError(f"several sentencepiece models in {path!r} ({names}); pass the file to "
+                                     f"load_tokenizer or name it {SENTENCEPIECE_MODEL}")
             file = models[0]
     elif os.path.isfile(path):
         directory, file = os.path.dirname(path) or ".", path

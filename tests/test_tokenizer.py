@@ -277,6 +277,18 @@ def test_render_prompt(toks, refs):
         tok.render_prompt("hi", "fancy")
 
 
+def test_encode_prompt_has_bos_once(toks, refs):
+    for kind in KINDS:
+        tok, ref = toks[kind], refs[kind]
+        plain = tok.render_prompt("2+2?")
+        assert tok.encode_prompt("2+2?") == ref(plain)["input_ids"]  # BOS added where the tokenizer has one
+        chat = ref.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=True, return_dict=False,
+                                       add_generation_prompt=True)
+        assert tok.encode_prompt("2+2?", "chat") == chat  # the template writes its own BOS
+        if tok.bos_id is not None:
+            assert tok.encode_prompt("2+2?", "chat").count(tok.bos_id) == 1
+
+
 def test_render_prompt_chat_without_template(tmp_path):
     fx.make_sentencepiece(tmp_path, chat_template=False)
     tok = load_tokenizer(tmp_path)
