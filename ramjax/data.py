@@ -47,7 +47,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -600,7 +600,12 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, kin
     where: list[str] = []
     for rec in records:
         t.stats.read += 1
-        out = t.single(rec) if kind == "single" else t.pair(rec, negatives)
+        try:
+            out = t.single(rec) if kind == "single" else t.pair(rec, negatives)
+        except DataError:
+            raise
+        except ValueError as e:  # e.g. a chat template rejecting the conversation: name the record
+            raise DataError(f"{rec.where}: {e}") from e
         examples.extend(out)
         where.extend([rec.where] * len(out))
     st = t.stats
@@ -807,7 +812,8 @@ def load_data(cfg: Any, tokenizer: TokenizerLike, *, split: Literal["train", "ev
     """Reads and tokenizes ``cfg.data.train_files`` (or ``eval_files``) for ``cfg.stage`` (a ``TrainConfig``)."""
     d = cfg.data
     files = d.train_files if split == "train" else d.eval_files
-    records = read_records(files, d.format, d.field_map, d.source, d.tfds_name, d.split, d.tfds_data_dir)
+    source = "jsonl" if split == "eval" and d.source == "tfds" else d.source  # tfds eval data: JSONL eval_files
+    records = read_records(files, d.format, d.field_map, source, d.tfds_name, d.split, d.tfds_data_dir)
     negatives = cfg.ram.negatives if cfg.stage == "ram" else "rejected"
     return tokenize_records(records, tokenizer, kind=stage_kind(cfg.stage), template=d.template, max_len=d.max_len,
                             max_prompt_len=d.max_prompt_len, negatives=negatives,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -230,9 +229,10 @@ def test_pairs_share_the_prompt(tmp_path):
                     negatives="rejected", max_len=12, max_prompt_len=10)
     (c, r), = data.examples
     assert c.tokens[:10].tolist() == r.tokens[:10].tolist() and c.tokens[0] == 1
-    assert rows  # (proposal files with chosen/rejected can serve either negatives)
-    data = tokenize(tmp_path, rows, kind="pair", negatives="proposal", max_len=16, max_prompt_len=8)
-    assert data.examples[0][0].tokens.tolist() == prompt + ids("good") + [2]
+    # a sample.py file made from preference data serves either negatives; y_data is its chosen response
+    for negatives, neg in (("proposal", "meh"), ("rejected", "bad")):
+        (a, n), = tokenize(tmp_path, rows, kind="pair", negatives=negatives, max_len=16, max_prompt_len=8).examples
+        assert a.tokens.tolist() == prompt + ids("good") + [2] and n.tokens.tolist() == prompt + ids(neg) + [2]
 
 
 def test_text_documents_are_chunked_without_losing_targets(tmp_path):
@@ -456,3 +456,17 @@ def test_optional_sources_say_what_to_install():
         except ImportError:
             with pytest.raises(ImportError, match="pip install"):
                 call()
+
+
+def test_tokenizer_errors_name_the_record(tmp_path):
+    class Strict(CharTok):
+        def apply_chat_template(self, messages, *, add_generation_prompt=True):
+            if any(m["role"] == "system" for m in messages):
+                raise ValueError("System role not supported")
+            return super().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    rows = [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                          {"role": "assistant", "content": "a"}]}]
+    with pytest.raises(DataError, match=r"d.jsonl:2: System role not supported"):
+        tokenize(tmp_path, rows, tok=Strict(), template="chat", max_len=64, max_prompt_len=32)
