@@ -1,0 +1,323 @@
+"""Checkpoints (orbax): training checkpoints that resume exactly, and ramjax model directories.
+
+Training checkpoints live in ``run_dir/checkpoints/<step>/`` and hold three items:
+
+* ``params``    the trained parameters (an orbax array tree, restored straight onto the requested shardings);
+* ``train``     the rest of the train state: ``{"step", "rng", "opt_state"}`` (rng as raw ``uint32`` key data);
+* ``data``      the data iterator state (JSON), so a resumed run sees exactly the batches it would have seen.
+
+orbax writes each step into a temporary directory and renames it when complete, so a process killed mid-save
+leaves no checkpoint that looks valid; ``latest_step`` only ever returns committed steps.
+
+A *ramjax model directory* is what training exports and what ``ramjax.load_model`` reads besides Hugging Face
+directories: ``ramjax_model.json`` (the ``ModelConfig``), ``params/`` (orbax) and the tokenizer files, if any.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from ramjax import model as model_lib
+from ramjax import sharding as shd
+
+log = logging.getLogger(__name__)
+
+MODEL_JSON = "ramjax_model.json"
+FORMAT_VERSION = 1
+_ITEMS = ("params", "train", "data")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model it is restored into (missing, extra or mis-shaped arrays)."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint or model directory is missing or incomplete."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shape comparison
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_str(p): tuple(x.shape) for p, x in leaves if x is not None and hasattr(x, "shape")}
+
+
+def compare_shapes(stored: Any, expected: Any, what: str = "checkpoint") -> None:
+    """Raises ``CheckpointMismatchError`` listing every missing, unexpected or mis-shaped array.
+
+    stored:   a tree of objects with ``.shape`` (orbax ``ArrayMetadata`` or arrays) read from disk.
+    expected: a tree of objects with ``.shape`` (``ShapeDtypeStruct`` or arrays) the caller wants to restore.
+    """
+    s, e = _flat_shapes(stored), _flat_shapes(expected)
+    missing = sorted(set(e) - set(s))
+    extra = sorted(set(s) - set(e))
+    wrong = sorted(k for k in set(s) & set(e) if s[k] != e[k])
+    if not (missing or extra or wrong):
+        return
+    lines = []
+    if wrong:
+        lines.append("shape differs: " + ", ".join(f"{k} stored {s[k]} vs model {e[k]}" for k in wrong[:20])
+                     + (f" (+{len(wrong) - 20} more)" if len(wrong) > 20 else ""))
+    if missing:
+        lines.append("missing from the checkpoint: " + ", ".join(missing[:20])
+                     + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+    if extra:
+        lines.append("not in the model: " + ", ".join(extra[:20])
+                     + (f" (+{len(extra) - 20} more)" if len(extra) > 20 else ""))
+    raise CheckpointMismatchError(
+        f"{what} does not match the model being restored: " + "; ".join(lines)
+        + ". Use a checkpoint of the same architecture (or point the run at a fresh run directory).")
+
+
+def abstract_tree(shapes: Any, shardings: Any | None = None, dtype: Any = None) -> Any:
+    """``ShapeDtypeStruct`` tree with optional shardings and an optional dtype override for float leaves."""
+    def one(s, sh=None):
+        dt = s.dtype
+        if dtype is not None and jnp.issubdtype(dt, jnp.floating):
+            dt = dtype
+        return jax.ShapeDtypeStruct(s.shape, dt, sharding=sh)
+    if shardings is None:
+        return jax.tree_util.tree_map(one, shapes)
+    return jax.tree_util.tree_map(one, shapes, shardings)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+class CheckpointManager:
+    """Saves every ``save_every`` steps, keeps the last ``keep``, restores the latest onto given shardings.
+
+    directory:   ``run_dir/checkpoints``.
+    async_save:  write in a background thread (training continues while arrays are written); ``wait`` blocks.
+    All processes must call ``save``/``restore`` together (orbax coordinates the writes; only process 0 writes the
+    JSON item and the metadata).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int = 1000, keep: int | None = 3,
+                 async_save: bool = False):
+        if save_every < 1:
+            raise ValueError(f"checkpoint save_every={save_every} must be >= 1")
+        if keep is not None and keep < 1:
+            raise ValueError(f"checkpoint keep={keep} must be >= 1 (or None to keep all)")
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_every, max_to_keep=keep, create=True,
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return self._mngr.should_save(step)
+
+    def save(self, step: int, params: Any, train: dict[str, Any], data_state: dict[str, Any] | None,
+             *, force: bool = False) -> bool:
+        """Saves ``params``, ``train`` (``{"step", "rng", "opt_state"}``) and the JSON ``data_state`` at ``step``.
+
+        Without ``force`` it saves only on multiples of ``save_every``. Returns whether a save started.
+        """
+        if step in self._mngr.all_steps():
+            return False
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+                                  data=ocp.args.JsonSave(data_state or {}))
+        return bool(self._mngr.save(step, args=args, force=force))
+
+    def stored_param_shapes(self, step: int) -> Any:
+        """The stored parameter metadata tree (``ArrayMetadata`` leaves with ``.shape``/``.dtype``)."""
+        md = self._mngr.item_metadata(step)
+        item = md["params"]
+        return getattr(item, "tree", item)
+
+    def restore(self, step: int | None, abstract_params: Any, abstract_train: dict[str, Any]
+                ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """Restores ``(params, train, data_state)`` at ``step`` (default: latest) onto the abstract trees' shardings.
+
+        abstract_*: ``ShapeDtypeStruct`` trees with ``sharding`` set (see ``abstract_tree``).
+        Raises ``CheckpointMismatchError`` naming the offending parameters when the stored shapes differ.
+        """
+        if step is None:
+            step = self.latest_step()
+        if step is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint in {self.directory}")
+        compare_shapes(self.stored_param_shapes(step), abstract_params, f"checkpoint {self.directory}/{step}")
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
+                                  train=ocp.args.StandardRestore(abstract_train), data=ocp.args.JsonRestore())
+        try:
+            out = self._mngr.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as e:  # e.g. an optimizer of another kind
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} cannot be restored into this train state ({e}); was it "
+                f"written with another optimizer or model? Use a fresh run directory.") from e
+        return out["params"], out["train"], dict(out["data"] or {})
+
+    def wait(self) -> None:
+        """Blocks until any asynchronous save has been committed."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ramjax model directories
+
+
+def config_to_dict(cfg: model_lib.ModelConfig) -> dict[str, Any]:
+    """JSON-able dict of a ``ModelConfig`` (tuples become lists)."""
+    d = dataclasses.asdict(cfg)
+    if isinstance(d.get("eos_token_id"), tuple):
+        d["eos_token_id"] = list(d["eos_token_id"])
+    return d
+
+
+def config_from_dict(d: dict[str, Any]) -> model_lib.ModelConfig:
+    """Inverse of ``config_to_dict``; unknown keys are an error naming them."""
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise CheckpointMismatchError(f"{MODEL_JSON} has unknown model config keys {unknown}; it was written by "
+                                      f"another ramjax version (known keys: {sorted(known)})")
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = model_lib.RopeScaling(**d["rope_scaling"])
+    if isinstance(d.get("eos_token_id"), list):
+        d["eos_token_id"] = tuple(d["eos_token_id"])
+    return model_lib.ModelConfig(**d)
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), MODEL_JSON))
+
+
+def _copy_tokenizer(tokenizer: Any, path: str) -> None:
+    """Writes tokenizer files into ``path``: from an object with ``save``/``save_pretrained`` or a directory."""
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from ramjax import tokenizer as tok_lib
+
+        src = os.fspath(tokenizer)
+        names = getattr(tok_lib, "TOKENIZER_FILES", None) or (
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+            "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+        for name in names:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(path, name))
+        return
+    for meth in ("save", "save_pretrained"):
+        if hasattr(tokenizer, meth):
+            getattr(tokenizer, meth)(path)
+            return
+    src = getattr(tokenizer, "path", None) or getattr(tokenizer, "source", None)
+    if src and os.path.isdir(src):
+        _copy_tokenizer(src, path)
+        return
+    raise TypeError(f"cannot save tokenizer of type {type(tokenizer).__name__}: pass a tokenizer directory path "
+                    f"or an object with save(path)")
+
+
+def save_model_dir(path: str | os.PathLike, cfg: model_lib.ModelConfig, params: Any, tokenizer: Any = None) -> str:
+    """Writes a ramjax model directory: ``ramjax_model.json``, ``params/`` (orbax) and tokenizer files.
+
+    tokenizer: a ``ramjax.tokenizer.Tokenizer`` (saved with its ``save``), a directory to copy tokenizer files
+    from, or None. The directory is assembled next to ``path`` and renamed into place, so a crash never leaves a
+    half-written model directory. Must be called by every process (orbax writes the shards together).
+    """
+    path = os.path.abspath(os.fspath(path))
+    tmp = path + ".tmp"
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _sync("ramjax_save_model_dir_start")
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, "params"), params)
+    ckptr.wait_until_finished()
+    if primary:
+        meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(cfg),
+                "num_params": model_lib.count_params(params)}
+        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+            json.dump(meta, f, indent=2)
+        _copy_tokenizer(tokenizer, tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    _sync("ramjax_save_model_dir_end")
+    return path
+
+
+def read_model_config(path: str | os.PathLike) -> model_lib.ModelConfig:
+    """The ``ModelConfig`` stored in a ramjax model directory."""
+    path = os.fspath(path)
+    f = os.path.join(path, MODEL_JSON)
+    if not os.path.isfile(f):
+        raise CheckpointNotFoundError(f"{path!r} is not a ramjax model directory (no {MODEL_JSON})")
+    with open(f) as fh:
+        meta = json.load(fh)
+    return config_from_dict(meta["config"] if "config" in meta else meta)
+
+
+def load_model_dir(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
+                   param_dtype: str | None = None, rules=shd.DEFAULT_RULES
+                   ) -> tuple[model_lib.ModelConfig, Any]:
+    """Loads ``(ModelConfig, params)`` from a ramjax model directory.
+
+    mesh:        place every parameter directly onto its sharding (``model.param_shardings``); default: the
+                 first local device.
+    dtype / param_dtype: override the compute / storage dtype (stored float arrays are cast on restore).
+    Raises ``CheckpointMismatchError`` listing offending arrays if ``params/`` does not match the config.
+    """
+    path = os.fspath(path)
+    cfg = read_model_config(path)
+    over = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    if over:
+        cfg = cfg.replace(**over)
+    params_dir = os.path.join(os.path.abspath(path), "params")
+    if not os.path.isdir(params_dir):
+        raise CheckpointNotFoundError(f"{path!r} has {MODEL_JSON} but no params/ directory")
+    shapes = model_lib.param_shapes(cfg)
+    ckptr = ocp.StandardCheckpointer()
+    stored = ckptr.metadata(params_dir).item_metadata
+    compare_shapes(getattr(stored, "tree", stored), shapes, f"model directory {path!r}")
+    if mesh is not None:
+        shardings = model_lib.param_shardings(cfg, mesh, rules)
+    else:
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: dev, shapes)
+    params = ckptr.restore(params_dir, abstract_tree(shapes, shardings, cfg.weight_dtype))
+    return cfg, params
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+__all__: Iterable[str] = ["CheckpointManager", "CheckpointMismatchError", "CheckpointNotFoundError",
+                          "save_model_dir", "load_model_dir", "read_model_config", "is_model_dir",
+                          "compare_shapes", "abstract_tree", "config_to_dict", "config_from_dict"]
