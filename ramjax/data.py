@@ -355,12 +355,14 @@ class TokenizedData:
         return len(self.examples)
 
 
-def _encode(tok: TokenizerLike, text: str, first: bool) -> list[int]:
-    """Encodes one piece; the first piece of a sequence gets BOS (if the tokenizer uses one) exactly once."""
-    ids = list(tok.encode(text, add_bos=first))
+def _encode(tok: TokenizerLike, text: str, first: bool, template: str = "plain") -> list[int]:
+    """Encodes one piece of a sequence. The first piece gets BOS (when the tokenizer has one) unless it already
+    starts with it; a chat template's rendering is taken as is, since templates write their own BOS (the rule of
+    ``Tokenizer.encode_prompt`` and of transformers' ``apply_chat_template(tokenize=True)``)."""
+    ids = list(tok.encode(text))
     bos = getattr(tok, "bos_id", None)
-    if first and bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]  # the template already wrote BOS as text
+    if first and template != "chat" and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
     return ids
 
 
@@ -415,7 +417,7 @@ def _dialog_seq(tok: TokenizerLike, messages: Sequence[Mapping[str, str]], templ
     last_assistant = max(i for i, (_, a) in enumerate(pieces) if a)
     stops = _stop_ids(tok)
     for i, (text, is_asst) in enumerate(pieces):
-        piece = _encode(tok, text, first=not ids)
+        piece = _encode(tok, text, first=not ids, template=template)
         if i == last_assistant and not stops.intersection(piece):
             piece = piece + [tok.eos_id]
         ids += piece
@@ -426,8 +428,9 @@ def _dialog_seq(tok: TokenizerLike, messages: Sequence[Mapping[str, str]], templ
 def encode_prompt(tokenizer: TokenizerLike, prompt: str | Sequence[Mapping[str, str]], template: str = "plain") -> list[int]:
     """Token ids of a prompt as the model sees it before its response (BOS, template, generation prompt).
 
-    ``prompt`` is a string or a list of ``{role, content}`` messages ending with a user turn. This is the one
-    place prompts are rendered, so sampling (``sample.py``) and training see identical prompt tokens.
+    ``prompt`` is a string or a list of ``{role, content}`` messages ending with a user turn. Training renders
+    every prompt through this function; for a string it equals ``Tokenizer.encode_prompt(prompt, template)``, so
+    sampling sees the same prompt tokens as training.
     """
     if template not in ("plain", "chat"):
         raise DataError(f"unknown template {template!r}; expected 'plain' or 'chat'")
@@ -436,7 +439,8 @@ def encode_prompt(tokenizer: TokenizerLike, prompt: str | Sequence[Mapping[str, 
             return _encode(tokenizer, tokenizer.render_prompt(prompt, "plain"), first=True)
         prompt = [{"role": "user", "content": prompt}]
     if template == "chat":
-        return _encode(tokenizer, tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True), first=True)
+        return _encode(tokenizer, tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True), first=True,
+                       template="chat")
     ids: list[int] = []
     for text, _ in _plain_context(tokenizer, prompt):
         ids += _encode(tokenizer, text, first=not ids)

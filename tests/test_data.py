@@ -402,6 +402,13 @@ def test_with_real_tokenizers(tmp_path):
         assert seq.target.tolist() == [False] * len(prompt) + [True] * (len(seq) - len(prompt))
         assert D.encode_prompt(tok, row["prompt"], "plain") == prompt
     assert llama.bos_id is not None and qwen.bos_id is None
+    from tokenizer_fixtures import make_sentencepiece
+    make_sentencepiece(tmp_path / "sp")
+    sp = load_tokenizer(tmp_path / "sp")
+    for tok in (qwen, llama, sp):  # the same prompt tokens as the tokenizer's own rule (used when sampling)
+        for template in ("plain", "chat"):
+            assert D.encode_prompt(tok, "what is the answer", template) == tok.encode_prompt("what is the answer",
+                                                                                              template)
     # chat: the assistant turn of ChatML ends with <|im_end|>, one of qwen's stop ids: no extra EOS
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the answer"}]
     seq = tokenize(tmp_path, [{"messages": msgs}], tok=qwen, template="chat", max_len=128, max_prompt_len=64).examples[0]
