@@ -1,0 +1,378 @@
+"""Flexible Realignment: the TrRa teacher and loss, the InRa adapter (identity, per-row λ, caches, export)."""
+import functools
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ramjax import loss as loss_lib
+from ramjax import model as model_lib
+from ramjax import realign
+from ramjax import sharding as shd
+
+CFG = model_lib.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8)
+CFG_BIAS = CFG.replace(architecture="qwen2", qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
+# Jitted entry points: eager Flax applies with a scanned stack are slow op-by-op; compiled, each test is ~1 s.
+_fwd = jax.jit(model_lib.forward, static_argnums=0)
+_inra = jax.jit(realign.inra_forward, static_argnums=0, static_argnames=("last_only",))
+_adapter_fwd = jax.jit(realign.adapter_forward, static_argnums=0)
+_streams = jax.jit(realign.inra_stream_logits, static_argnums=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _base(cfg, seed=0):
+    """Random base params, built once per (config, seed) and shared: initialising is the slow part here."""
+    return jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _logits(key, shape, scale=2.0):
+    return scale * jax.random.normal(key, shape, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TrRa
+
+
+def test_teacher_matches_hand_formula_per_row_lambda_and_temperature():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    h_ref, h_al = _logits(k1, (3, 5, 11)), _logits(k2, (3, 5, 11))
+    lam = np.array([-0.5, 0.7, 4.0], np.float32)
+    got = realign.trra_teacher_logprobs(h_ref, h_al, lam, temperature=0.7)
+    r, a = np.asarray(h_ref, np.float64), np.asarray(h_al, np.float64)
+    want = _np_log_softmax((lam[:, None, None] * a + (1 - lam[:, None, None]) * r) / 0.7)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    # scalar λ is broadcast to every row; padded vocabulary rows are dropped and the rest renormalised
+    got = realign.trra_teacher_logprobs(h_ref, h_al, 2.5, vocab_limit=9)
+    np.testing.assert_allclose(np.asarray(got), _np_log_softmax(2.5 * a[..., :9] - 1.5 * r[..., :9]), atol=2e-5)
+
+
+def test_teacher_endpoints_are_the_two_models():
+    k1, k2 = jax.random.split(jax.random.key(1))
+    h_ref, h_al = _logits(k1, (2, 4, 13)), _logits(k2, (2, 4, 13))
+    np.testing.assert_allclose(realign.trra_teacher_logprobs(h_ref, h_al, 0.0), jax.nn.log_softmax(h_ref), atol=1e-6)
+    np.testing.assert_allclose(realign.trra_teacher_logprobs(h_ref, h_al, 1.0), jax.nn.log_softmax(h_al), atol=1e-6)
+
+
+def _np_kl(lp, lq):
+    return np.sum(np.exp(lp) * (lp - lq), -1)
+
+
+def test_loss_matches_hand_kl_both_directions_and_metrics():
+    ks = jax.random.split(jax.random.key(2), 4)
+    B, T, V = 2, 6, 10
+    s, h_ref, h_al = _logits(ks[0], (B, T, V)), _logits(ks[1], (B, T, V)), _logits(ks[2], (B, T, V))
+    targets = jax.random.randint(ks[3], (B, T), 0, V)
+    mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], np.float32)
+    lp = _np_log_softmax(1.5 * np.asarray(h_al, np.float64) - 0.5 * np.asarray(h_ref, np.float64))
+    lq = _np_log_softmax(np.asarray(s, np.float64))
+    for direction, kl in (("forward", _np_kl(lp, lq)), ("reverse", _np_kl(lq, lp))):
+        kl_sum, count, m = realign.trra_loss(s, (h_ref, h_al, 1.5), mask, targets=targets, direction=direction)
+        assert float(count) == mask.sum()
+        np.testing.assert_allclose(float(kl_sum), (kl * mask).sum(), rtol=1e-5)
+        np.testing.assert_allclose(float(m["trra/kl"]), (kl * mask).sum(), rtol=1e-5)
+    ent = lambda l: -np.sum(np.exp(l) * l, -1)  # noqa: E731
+    np.testing.assert_allclose(float(m["trra/teacher_entropy"]), (ent(lp) * mask).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(m["trra/student_entropy"]), (ent(lq) * mask).sum(), rtol=1e-5)
+    t = np.asarray(targets)
+    assert float(m["trra/accuracy"]) == ((lq.argmax(-1) == t) * mask).sum()
+    assert float(m["trra/teacher_accuracy"]) == ((lp.argmax(-1) == t) * mask).sum()
+
+
+def test_loss_zero_when_student_equals_teacher():
+    k1, k2 = jax.random.split(jax.random.key(3))
+    h_ref, h_al = _logits(k1, (2, 5, 9)), _logits(k2, (2, 5, 9))
+    lam = jnp.array([3.0, -1.0])
+    teacher_logits = realign.trra_teacher_logits(h_ref, h_al, lam)
+    mask = jnp.ones((2, 5))
+    for direction in ("forward", "reverse"):
+        kl, _, _ = realign.trra_loss(teacher_logits + 7.0, (h_ref, h_al, lam), mask, direction=direction)
+        assert abs(float(kl)) < 1e-5
+        kl, _, _ = realign.trra_loss(teacher_logits, realign.trra_topk_teacher(h_ref, h_al, lam, 3), mask,
+                                     direction=direction)
+        assert abs(float(kl)) < 1e-5
+    kl, _, _ = realign.trra_loss(h_ref, (h_ref, h_al, lam), mask)  # and not zero otherwise
+    assert float(kl) > 0.1
+
+
+def test_masked_positions_contribute_nothing_even_nan():
+    ks = jax.random.split(jax.random.key(4), 3)
+    s, h_ref, h_al = (_logits(k, (2, 6, 8)) for k in ks)
+    mask = jnp.array([[0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], jnp.float32)
+    seg = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    junk = jnp.where(mask[..., None] > 0, 0.0, jnp.nan)
+
+    def f(s, h_ref, h_al, teacher_kind):
+        teacher = (h_ref, h_al, 2.0) if teacher_kind == "full" else realign.trra_topk_teacher(h_ref, h_al, 2.0, 3)
+        return realign.trra_loss(s, teacher, mask, segment_ids=seg)[0]
+
+    for kind in ("full", "topk"):
+        base, g = jax.value_and_grad(f)(s, h_ref, h_al, kind)
+        dirty, g2 = jax.value_and_grad(f)(s + junk, h_ref + junk, h_al + junk, kind)
+        np.testing.assert_allclose(float(dirty), float(base), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(g2), np.asarray(g), atol=1e-7)
+        assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0)
+    # segment id 0 masks too: a loss mask of 1 on padding is ignored
+    a = realign.trra_loss(s, (h_ref, h_al, 2.0), jnp.ones((2, 6)), segment_ids=seg)
+    b = realign.trra_loss(s, (h_ref, h_al, 2.0), (seg > 0).astype(jnp.float32))
+    np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-6)
+    assert float(a[1]) == float(seg.astype(bool).sum())
+
+
+def test_gradients_reach_only_the_student_and_match_analytic():
+    ks = jax.random.split(jax.random.key(5), 3)
+    s, h_ref, h_al = (_logits(k, (2, 4, 7)) for k in ks)
+    mask = jnp.array([[0, 1, 1, 1], [1, 1, 0, 0]], jnp.float32)
+    f = lambda s, r, a, d: realign.trra_loss(s, (r, a, 2.0), mask, direction=d)[0]  # noqa: E731
+    gs, gr, ga = jax.grad(f, argnums=(0, 1, 2))(s, h_ref, h_al, "forward")
+    assert not np.any(np.asarray(gr)) and not np.any(np.asarray(ga))
+    p = jnp.exp(realign.trra_teacher_logprobs(h_ref, h_al, 2.0))
+    np.testing.assert_allclose(np.asarray(gs), np.asarray((jax.nn.softmax(s) - p) * mask[..., None]), atol=1e-6)
+    # reverse KL: central finite differences in float64 numpy on a few coordinates
+    gs = np.asarray(jax.grad(f)(s, h_ref, h_al, "reverse"))
+    lp = np.asarray(realign.trra_teacher_logprobs(h_ref, h_al, 2.0), np.float64)
+    s64, m = np.asarray(s, np.float64), np.asarray(mask)
+
+    def rev(x):
+        lq = _np_log_softmax(x)
+        return float((_np_kl(lq, lp) * m).sum())
+
+    for idx in [(0, 1, 0), (0, 3, 6), (1, 0, 2), (1, 3, 4)]:
+        e = np.zeros_like(s64)
+        e[idx] = 1e-5
+        np.testing.assert_allclose(gs[idx], (rev(s64 + e) - rev(s64 - e)) / 2e-5, atol=1e-5)
+
+
+def test_topk_teacher_is_the_coarsened_kl():
+    ks = jax.random.split(jax.random.key(6), 3)
+    s, h_ref, h_al = (_logits(k, (1, 3, 12)) for k in ks)
+    mask = jnp.ones((1, 3))
+    tk = realign.trra_topk_teacher(h_ref, h_al, 0.5, 4)
+    lp = _np_log_softmax(0.5 * np.asarray(h_al, np.float64) + 0.5 * np.asarray(h_ref, np.float64))
+    lq = _np_log_softmax(np.asarray(s, np.float64))
+    want = {"forward": 0.0, "reverse": 0.0}
+    for t in range(3):
+        top = np.argsort(-lp[0, t])[:4]
+        rest = np.setdiff1d(np.arange(12), top)
+        np.testing.assert_array_equal(np.sort(np.asarray(tk.indices[0, t])), np.sort(top))
+        pc = np.append(np.exp(lp[0, t, top]), np.exp(lp[0, t, rest]).sum())
+        qc = np.append(np.exp(lq[0, t, top]), np.exp(lq[0, t, rest]).sum())
+        want["forward"] += np.sum(pc * np.log(pc / qc))
+        want["reverse"] += np.sum(qc * np.log(qc / pc))
+    for d in want:
+        got = realign.trra_loss(s, tk, mask, direction=d)[0]
+        np.testing.assert_allclose(float(got), want[d], rtol=1e-5)
+    # k = V recovers the full KL
+    full = realign.trra_loss(s, (h_ref, h_al, 0.5), mask)[0]
+    np.testing.assert_allclose(float(realign.trra_loss(s, realign.trra_topk_teacher(h_ref, h_al, 0.5, 12),
+                                                       mask)[0]), float(full), rtol=1e-5)
+
+
+def test_bad_inputs_raise_named_errors():
+    x = jnp.zeros((2, 3, 5))
+    with pytest.raises(realign.RealignError, match="direction"):
+        realign.trra_loss(x, (x, x, 1.0), jnp.ones((2, 3)), direction="sideways")
+    with pytest.raises(realign.RealignError, match="lam"):
+        realign.trra_teacher_logprobs(x, x, jnp.ones(3))
+    with pytest.raises(realign.RealignError, match="vocabulary"):
+        realign.trra_teacher_logprobs(x, jnp.zeros((2, 3, 6)), 1.0)
+
+
+def test_student_trains_toward_teacher_through_models():
+    """End to end: teachers are frozen models evaluated outside value_and_grad; the student's KL falls."""
+    cfg = CFG
+    ref, aligned = _base(cfg, 0), _base(cfg, 1)
+    tokens = jax.random.randint(jax.random.key(12), (2, 8), 0, cfg.vocab_size)
+    mask = jnp.zeros((2, 8)).at[:, 3:].set(1.0)
+    teacher = realign.trra_teacher_logprobs(_fwd(cfg, ref, tokens)[0],
+                                            _fwd(cfg, aligned, tokens)[0], 3.0)
+
+    def loss_fn(student):
+        kl, n, _ = realign.trra_loss(_fwd(cfg, student, tokens)[0], teacher, mask)
+        return kl / n
+
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(student, state):
+        l, g = jax.value_and_grad(loss_fn)(student)
+        upd, state = opt.update(g, state, student)
+        return l, optax.apply_updates(student, upd), state
+
+    student, state = ref, opt.init(ref)
+    first = None
+    for _ in range(15):
+        l, student, state = step(student, state)
+        first = float(l) if first is None else first
+    assert float(loss_fn(student)) < 0.6 * first
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InRa
+
+
+def _randomise(adapter, seed):
+    leaves, tree = jax.tree_util.tree_flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_BIAS], ids=["llama", "qwen2-bias"])
+def test_fresh_adapter_is_identity_for_every_lambda(cfg):
+    params = _base(cfg)
+    adapter = realign.build_adapter(cfg, params)
+    for name in ("wo", "w_down") + (("bo", "b_down") if cfg.o_bias else ()):
+        assert not np.any(np.asarray(adapter[name]))
+    np.testing.assert_array_equal(np.asarray(adapter["wq"]), np.asarray(params["layers"]["wq"][0]))
+    tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, cfg.vocab_size)
+    base, _ = _fwd(cfg, params, tokens)
+    for lam in (0.0, 0.5, 1.0, 2.0, -1.0, jnp.array([0.0, 0.3, 5.0])):
+        got, _ = _inra(cfg, params, adapter, tokens, lam=lam)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(base), atol=1e-5)
+
+
+def test_adapter_forward_equals_merged_model_and_stream_logits():
+    params = _base(CFG)
+    adapter = _randomise(realign.build_adapter(CFG, params), 3)
+    tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, CFG.vocab_size)
+    cfg1, merged = realign.merge_adapter(CFG, params, adapter)
+    assert cfg1.num_layers == CFG.num_layers + 1
+    want, _ = _fwd(cfg1, merged, tokens)
+    np.testing.assert_allclose(np.asarray(_adapter_fwd(CFG, params, adapter, tokens)), want, atol=1e-5)
+    h_a, h_b, _ = _streams(CFG, params, adapter, tokens)
+    np.testing.assert_allclose(np.asarray(h_a), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(h_b), np.asarray(_fwd(CFG, params, tokens)[0]), atol=1e-5)
+    assert np.abs(np.asarray(h_a - h_b)).max() > 1e-3  # the randomised adapter does change the model
+
+
+def test_training_touches_only_the_adapter_and_lambda0_stays_base():
+    params = _base(CFG)
+    adapter = realign.build_adapter(CFG, params)
+    tokens = jax.random.randint(jax.random.key(3), (4, 8), 0, CFG.vocab_size)
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = jnp.zeros((4, 8)).at[:, 3:7].set(1.0)
+
+    def loss_fn(adapter, params):
+        logits = _adapter_fwd(CFG, params, adapter, tokens)
+        s, n = loss_lib.sft_loss(logits, targets, mask)
+        return s / n
+
+    opt = optax.adam(1e-2)
+    state = opt.init(adapter)  # optimizer state exists only for the adapter
+    assert len(jax.tree_util.tree_leaves(state)) == 2 * len(jax.tree_util.tree_leaves(adapter)) + 1
+    g_params = jax.grad(loss_fn, argnums=1)(adapter, params)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(g_params))
+
+    @jax.jit
+    def step(adapter, state):
+        l, g = jax.value_and_grad(loss_fn)(adapter, params)
+        upd, state = opt.update(g, state, adapter)
+        return optax.apply_updates(adapter, upd), state, l
+
+    losses = []
+    for _ in range(4):
+        adapter, state, l = step(adapter, state)
+        losses.append(float(l))
+    assert losses[-1] < losses[0]
+    assert np.any(np.asarray(adapter["wo"])) and np.any(np.asarray(adapter["w_down"]))
+    base, _ = _fwd(CFG, params, tokens)
+    got0, _ = _inra(CFG, params, adapter, tokens, lam=0.0)
+    np.testing.assert_allclose(np.asarray(got0), np.asarray(base), atol=1e-5)
+    got1, _ = _inra(CFG, params, adapter, tokens, lam=1.0)
+    assert np.abs(np.asarray(got1 - base)).max() > 1e-3
+
+
+def test_per_row_lambda_equals_separate_runs():
+    params = _base(CFG)
+    adapter = _randomise(realign.build_adapter(CFG, params), 4)
+    tokens = jax.random.randint(jax.random.key(5), (3, 6), 0, CFG.vocab_size)
+    lams = jnp.array([0.0, 0.5, 2.0])
+    mixed, _ = _inra(CFG, params, adapter, tokens, lam=lams)
+    for b, lam in enumerate(np.asarray(lams)):
+        alone, _ = _inra(CFG, params, adapter, tokens[b:b + 1], lam=float(lam))
+        np.testing.assert_allclose(np.asarray(mixed[b]), np.asarray(alone[0]), atol=1e-5)
+
+
+def test_cached_decode_equals_full_forward_with_left_padding():
+    cfg = CFG_BIAS
+    params = _base(cfg, 1)
+    adapter = _randomise(realign.build_adapter(cfg, params), 6)
+    B, P, N = 2, 5, 4
+    tokens = jax.random.randint(jax.random.key(7), (B, P + N), 0, cfg.vocab_size)
+    seg = jnp.ones((B, P + N), jnp.int32).at[1, :2].set(0)  # row 1: two left-pad slots
+    pos = model_lib.positions_from_segments(seg)
+    lams = jnp.array([0.3, 1.7])
+    full, _ = _inra(cfg, params, adapter, tokens, pos, seg, lam=lams)
+    fwd = jax.jit(lambda t, p, s, c: realign.inra_forward(cfg, params, adapter, t, p, s, c, lams, last_only=True))
+    cache = realign.init_inra_cache(cfg, B, P + N)
+    logits, cache = fwd(tokens[:, :P], pos[:, :P], seg[:, :P], cache)
+    outs = [logits[:, 0]]
+    for t in range(P, P + N - 1):
+        logits, cache = fwd(tokens[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cache)
+        outs.append(logits[:, 0])
+    want = np.asarray(full[:, P - 1:P + N - 1])
+    np.testing.assert_allclose(np.stack([np.asarray(o) for o in outs], 1), want, atol=1e-4)
+    assert int(cache.index) == P + N - 1
+
+
+def test_sharded_inra_equals_unsharded():
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+    params = _base(CFG)
+    adapter = _randomise(realign.build_adapter(CFG, params), 8)
+    tokens = jax.random.randint(jax.random.key(9), (4, 6), 0, CFG.vocab_size)
+    lams = jnp.array([0.0, 0.5, 1.0, 2.0])
+    want, _ = _inra(CFG, params, adapter, tokens, lam=lams)
+    p_sh = jax.device_put(params, model_lib.param_shardings(CFG, mesh))
+    a_sh = jax.device_put(adapter, realign.adapter_shardings(CFG, mesh))
+    f = jax.jit(lambda p, a, t, l: realign.inra_forward(CFG, p, a, t, lam=l, mesh=mesh)[0])
+    got = f(p_sh, a_sh, jax.device_put(tokens, shd.named_sharding(mesh, ("act_batch", None))), lams)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_adapter_file_roundtrip_and_mismatch(tmp_path):
+    params = _base(CFG_BIAS)
+    adapter = _randomise(realign.build_adapter(CFG_BIAS, params), 9)
+    path = tmp_path / "adapter.safetensors"
+    realign.save_adapter(path, adapter, CFG_BIAS)
+    back = realign.load_adapter(path, CFG_BIAS)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), adapter, back)
+    assert path.stat().st_size < 4 * model_lib.count_params(adapter) + 4096
+    with pytest.raises(realign.RealignError, match="unexpected"):
+        realign.load_adapter(path, CFG)  # CFG has no biases
+    with pytest.raises(realign.RealignError, match="shape"):
+        realign.load_adapter(path, CFG_BIAS.replace(intermediate_size=32))
+    with pytest.raises(realign.RealignError, match="does not exist"):
+        realign.load_adapter(tmp_path / "nope.safetensors")
+
+
+def test_build_adapter_rejects_wrong_config():
+    with pytest.raises(realign.RealignError, match="num_layers"):
+        realign.build_adapter(CFG.replace(num_layers=3), _base(CFG))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ramjax.hf") is None, reason="ramjax.hf not available yet")
+def test_exported_checkpoint_matches_adapter_path_in_transformers(tmp_path):
+    import torch
+    import transformers
+
+    params = _base(CFG_BIAS, 1)
+    adapter = _randomise(realign.build_adapter(CFG_BIAS, params), 10)
+    cfg1 = realign.export_inra_hf(tmp_path / "hf", CFG_BIAS, params, adapter)
+    assert cfg1.num_layers == CFG_BIAS.num_layers + 1
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    assert hf_model.config.num_hidden_layers == CFG_BIAS.num_layers + 1
+    tokens = np.asarray(jax.random.randint(jax.random.key(11), (2, 7), 0, CFG_BIAS.vocab_size))
+    with torch.no_grad():
+        want = hf_model(torch.tensor(tokens)).logits.numpy()
+    got, _ = _inra(CFG_BIAS, params, adapter, tokens, lam=1.0)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
