@@ -1,0 +1,1031 @@
+"""Evaluation: judge systems on held-out prompts, compare them with a baseline, and write the report.
+
+A *system* is something that answers prompts: the proposal P_M alone, the aligner Q_θ alone, P_M · Q_θ sampled
+token by token (``par``, ``sparse``, ``product``), the sequence-level *corrector* baseline (P_M drafts the whole
+response, then a model of the aligner's size rewrites it), or any user function (``System.generate_fn``)::
+
+    systems = [
+        System("warm P_M", proposal=pm),
+        System("warm P_M + RAM (product)", proposal=pm, aligner=q, mode="product"),
+        System("corrector", proposal=pm, corrector=c, mode="corrector"),
+    ]
+    results = evaluate_systems(systems, eval_records, align_records=s_records, baseline_name="warm P_M")
+    table = write_report("runs/default", results, stage_times={"pretrain": 120.0, ...})
+
+Every system is run under every *decoding* (``"sampled"``: temperature 1 on both models; ``"greedy"``:
+temperature 0), so that a greedy RAM is only ever compared with a greedy baseline. Per system and decoding the
+results hold: strict (and lenient) judge accuracy with a percentile-bootstrap 95% interval, accuracy per task
+kind, the pairwise win rate against the baseline on the same prompts (ties 0.5, with a paired-bootstrap interval),
+mean response length in tokens, the KL-fallback rate and ESS reported by the sampler (token-weighted), finish
+reasons, and sampling throughput (generated tokens / wall seconds, compile time included unless ``warmup``).
+Per system: the held-out per-token log-likelihood of the alignment set S (for RAM the per-token normalised
+product, see :func:`product_token_logprobs`) and the training cost given by the caller (:func:`training_cost`).
+
+The same judge serves users' own data: :func:`evaluate_file` scores a JSONL of responses with an exact-match or
+regex verifier, ``python -m ramjax.evaluate CONFIG [key=value ...]`` runs and judges systems from model
+directories (``EvalConfig``), and :func:`write_alpacaeval` writes AlpacaEval-ready JSON for users with a judge.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from ramjax import tasks
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EvalError",
+    "MODES",
+    "DECODINGS",
+    "SAMPLING_DEFAULTS",
+    "CORRECTOR_TEMPLATE",
+    "Generation",
+    "System",
+    "corrector_prompt",
+    "corrector_training_records",
+    "training_cost",
+    "product_token_logprobs",
+    "sequence_logliks",
+    "heldout_loglik",
+    "judge_responses",
+    "evaluate_systems",
+    "evaluate_file",
+    "write_alpacaeval",
+    "write_outputs",
+    "results_table",
+    "write_report",
+    "write_json_atomic",
+    "SystemConfig",
+    "EvalConfig",
+    "evaluate_from_config",
+    "main",
+]
+
+
+class EvalError(ValueError):
+    """Bad evaluation input: unknown mode or decoding, duplicate system names, mismatched lengths, a missing
+    baseline or model."""
+
+
+# What a system does with its models. par / sparse / product are the RAM sampling rules (see ramjax.sampler).
+MODES: tuple[str, ...] = ("proposal", "aligner", "par", "sparse", "product", "corrector")
+_RAM_MODES = ("par", "sparse", "product")
+
+# Decoding presets. They set only the temperatures; a system's own ``sampling`` settings (top-p, n, KL threshold)
+# apply under both, so "sampled" vs "greedy" is the one thing that changes between a system's two rows.
+DECODINGS: dict[str, dict[str, Any]] = {
+    "sampled": {"proposal_temperature": 1.0, "aligner_temperature": 1.0},
+    "greedy": {"proposal_temperature": 0.0, "aligner_temperature": 0.0},
+}
+
+# Sampler settings a system gets unless its ``sampling`` says otherwise: plain sampling from the distribution
+# (no nucleus, no top-k, no repetition penalty, no KL monitor), so systems are compared on their distributions.
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "n": 8,
+    "proposal_top_p": 1.0,
+    "aligner_top_p": 1.0,
+    "top_k": 0,
+    "repetition_penalty": 1.0,
+    "kl_threshold": None,
+}
+
+# The corrector's prompt, before the sampler's template wraps it. With the plain template the corrector sees
+# "\n\nHuman: {prompt}\n\nDraft: {draft}\n\nAssistant: " — the same text at training (SFT) and at inference.
+CORRECTOR_TEMPLATE = "{prompt}\n\nDraft: {draft}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Systems
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Generation:
+    """One generated response: its text, its length in tokens, and the sampler's diagnostics (None if n/a)."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str = ""
+    kl_fallback_rate: float | None = None
+    ess_mean: float | None = None
+    token_ids: list[int] | None = None
+
+
+GenerateFn = Callable[..., Sequence[Any]]
+
+
+@dataclasses.dataclass
+class System:
+    """Something that answers prompts, to be judged.
+
+    name:       unique label (table rows, output files).
+    proposal:   P_M, a ``ramjax.api.Model`` (modes proposal, par, sparse, product, corrector).
+    aligner:    Q_θ (modes aligner, par, sparse, product).
+    mode:       one of ``MODES``. ``corrector``: P_M drafts the whole response, then ``corrector`` rewrites it
+                from ``corrector_prompt(prompt, draft)`` (the sequence-level baseline).
+    corrector:  the corrector model (mode corrector).
+    sampling:   sampler settings on top of ``SAMPLING_DEFAULTS`` (e.g. ``{"n": 16, "kl_threshold": 0.1}``); the
+                decoding presets set the temperatures.
+    train_cost: the caller's training cost of this system, e.g. ``training_cost(seconds, params, tokens)``.
+    generate_fn: replaces the sampler: ``generate_fn(prompts, *, decoding, settings, seed, max_new_tokens, stop)``
+                returning one ``Generation``, dict or str per prompt (stubs in tests, external APIs).
+    loglik:     compute the held-out log-likelihood of S for this system (needs models).
+    """
+
+    name: str
+    proposal: Any = None
+    aligner: Any = None
+    mode: str = "proposal"
+    corrector: Any = None
+    sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    train_cost: Mapping[str, Any] | None = None
+    generate_fn: GenerateFn | None = None
+    loglik: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise EvalError(f"a system needs a non-empty name, got {self.name!r}")
+        if self.mode not in MODES:
+            raise EvalError(f"system {self.name!r}: unknown mode {self.mode!r}; expected one of {list(MODES)}")
+        if self.generate_fn is None:
+            need = {"proposal": ("proposal",), "aligner": ("aligner",), "corrector": ("proposal", "corrector")}
+            for attr in need.get(self.mode, ("proposal", "aligner")):
+                if getattr(self, attr) is None:
+                    raise EvalError(f"system {self.name!r} (mode {self.mode}) needs a {attr} model, or a generate_fn")
+
+    @property
+    def loglik_kind(self) -> str | None:
+        """Which distribution's likelihood of S this system reports: proposal, aligner, product or None."""
+        if self.mode == "proposal":
+            return "proposal"
+        if self.mode == "aligner":
+            return "aligner"
+        if self.mode in _RAM_MODES:
+            return "product"
+        return None  # a corrector's distribution over responses is conditioned on a draft: no single likelihood
+
+
+def corrector_prompt(prompt: str, draft: str) -> str:
+    """The corrector's prompt for a task prompt and P_M's draft (the sampler's template wraps it)."""
+    if not isinstance(prompt, str) or not isinstance(draft, str):
+        raise EvalError(f"corrector_prompt needs two strings, got {type(prompt).__name__} and {type(draft).__name__}")
+    return CORRECTOR_TEMPLATE.format(prompt=prompt, draft=draft.strip())
+
+
+def corrector_training_records(records: Sequence[Mapping[str, Any]], drafts: Sequence[str]) -> list[dict[str, str]]:
+    """SFT records for the corrector: ``{"prompt": corrector_prompt(prompt, draft), "response": target}``.
+
+    records[i] holds "prompt" and the target in "response" (or "chosen", or "reference"); drafts[i] is P_M's draft
+    for records[i]["prompt"].
+    """
+    if len(records) != len(drafts):
+        raise EvalError(f"{len(records)} records but {len(drafts)} drafts; give one draft per record")
+    out = []
+    for i, (r, d) in enumerate(zip(records, drafts)):
+        target = next((r[k] for k in ("response", "chosen", "reference") if k in r), None)
+        if "prompt" not in r or not isinstance(target, str):
+            raise EvalError(f"record {i} needs 'prompt' and a target 'response' (or 'chosen'/'reference') string; "
+                            f"keys: {sorted(r)}")
+        out.append({"prompt": corrector_prompt(r["prompt"], d), "response": target})
+    return out
+
+
+def training_cost(seconds: float | None = None, params: int | None = None, tokens: int | None = None,
+                  flops: float | None = None, **extra: Any) -> dict[str, Any]:
+    """A training-cost record: wall seconds, trained parameters, training tokens and FLOPs ≈ 6·params·tokens
+    (forward + backward of a dense decoder; pass ``flops`` to override). Extra keys are kept (e.g. ``stages``)."""
+    if flops is None and params is not None and tokens is not None:
+        flops = 6.0 * float(params) * float(tokens)
+    return {"seconds": seconds, "params": params, "tokens": tokens, "flops": flops, **extra}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _opt_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(np.asarray(x))
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _to_generation(obj: Any) -> Generation:
+    """A Generation from a sampler result (object or dict), a dict or a bare string."""
+    if isinstance(obj, Generation):
+        return obj
+    if isinstance(obj, str):
+        return Generation(text=obj, num_tokens=len(obj.split()))
+    if isinstance(obj, (list, tuple)) and obj and not isinstance(obj[0], (int, np.integer)):
+        obj = obj[0]  # one prompt's list of samples: we draw one
+    text = _get(obj, "text")
+    if not isinstance(text, str):
+        raise EvalError(f"a generation must carry a 'text' string, got {type(obj).__name__} {obj!r:.80}")
+    ids = _get(obj, "token_ids")
+    ids = [int(i) for i in ids] if ids is not None else None
+    n = _get(obj, "num_tokens", _get(obj, "length"))
+    if n is None:
+        n = len(ids) if ids is not None else len(text.split())
+    diag = _get(obj, "diagnostics") or {}
+    return Generation(
+        text=text,
+        num_tokens=int(n),
+        finish_reason=str(_get(obj, "finish_reason", "") or ""),
+        kl_fallback_rate=_opt_float(_get(obj, "kl_fallback_rate", _get(diag, "kl_fallback_rate"))),
+        ess_mean=_opt_float(_get(obj, "ess_mean", _get(diag, "ess_mean"))),
+        token_ids=ids,
+    )
+
+
+def _settings(system: System, decoding: str) -> dict[str, Any]:
+    if decoding not in DECODINGS:
+        raise EvalError(f"unknown decoding {decoding!r}; expected one of {list(DECODINGS)}")
+    return {**SAMPLING_DEFAULTS, **dict(system.sampling), **DECODINGS[decoding]}
+
+
+def _run_sampler(proposal: Any, aligner: Any, prompts: Sequence[str], mode: str, settings: Mapping[str, Any], *,
+                 seed: int, max_new_tokens: int, stop: Sequence[str], batch_size: int, template: str
+                 ) -> list[Generation]:
+    from ramjax import sampler  # imported here: tests with stub systems need no sampler
+
+    kw = dict(settings)
+    if mode in ("proposal", "aligner"):
+        kw.pop("n", None), kw.pop("kl_threshold", None)
+    out = sampler.sample(proposal, aligner, list(prompts), mode=mode, max_new_tokens=max_new_tokens, num_samples=1,
+                         seed=seed, stop=list(stop), template=template, batch_size=batch_size, **kw)
+    return [_to_generation(r) for r in out]
+
+
+def _generate(system: System, prompts: Sequence[str], decoding: str, *, seed: int, max_new_tokens: int,
+              stop: Sequence[str], batch_size: int, template: str) -> list[Generation]:
+    settings = _settings(system, decoding)
+    if system.generate_fn is not None:
+        out = system.generate_fn(list(prompts), decoding=decoding, settings=settings, seed=seed,
+                                 max_new_tokens=max_new_tokens, stop=tuple(stop))
+        gens = [_to_generation(o) for o in out]
+    elif system.mode == "corrector":
+        drafts = _run_sampler(system.proposal, None, prompts, "proposal", settings, seed=seed,
+                              max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, template=template)
+        cprompts = [corrector_prompt(p, d.text) for p, d in zip(prompts, drafts)]
+        # A different seed for the rewrite so that its random draws are not those of the draft.
+        gens = _run_sampler(system.corrector, None, cprompts, "proposal", settings, seed=seed + 1,
+                            max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, template=template)
+    else:
+        gens = _run_sampler(system.proposal, system.aligner, prompts, system.mode, settings, seed=seed,
+                            max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, template=template)
+    if len(gens) != len(prompts):
+        raise EvalError(f"system {system.name!r} returned {len(gens)} responses for {len(prompts)} prompts")
+    return gens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Held-out log-likelihood
+# ---------------------------------------------------------------------------------------------------------
+
+
+def product_token_logprobs(logits_p_btv: Any, logits_q_btv: Any, targets_bt: Any, vocab_limit: int | None = None):
+    """Per-token log-probabilities of ``targets`` under the token-level product of two models, float32 ``[B, T]``.
+
+    The product distribution at each position is normalised over the vocabulary:
+    ``log softmax(log p_M + log q)[target] = log softmax(logits_p + logits_q)[target]`` (the per-model
+    normalisers are constants per position and cancel). This is the distribution the ``product`` sampler draws
+    from at temperature 1 over the full vocabulary, and the limit of ``par`` as n → ∞ (without a nucleus).
+    Ids ``>= vocab_limit`` (padded embedding rows) are excluded.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    lp = logits_p_btv.astype(jnp.float32)
+    lq = logits_q_btv.astype(jnp.float32)
+    if vocab_limit is not None:
+        lp, lq = lp[..., :vocab_limit], lq[..., :vocab_limit]
+    joint = jax.nn.log_softmax(jax.nn.log_softmax(lp, axis=-1) + jax.nn.log_softmax(lq, axis=-1), axis=-1)
+    return jnp.take_along_axis(joint, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+@functools.lru_cache(maxsize=None)
+def _loglik_fn(kind: str, cfg_p: Any, cfg_q: Any, vocab: int):
+    """A jitted ``(params_p, params_q, batch) -> (sums [B], counts [B])`` for one kind and pair of configs."""
+    import jax
+    import jax.numpy as jnp
+
+    from ramjax import loss as loss_lib
+    from ramjax import model as model_lib
+
+    def fn(params_p, params_q, b):
+        def logits(cfg, params):
+            out, _ = model_lib.forward(cfg, params, b["tokens"], b["positions"], b["segment_ids"])
+            return out
+
+        if kind == "product":
+            lp = product_token_logprobs(logits(cfg_p, params_p), logits(cfg_q, params_q), b["targets"], vocab)
+        else:
+            cfg, params = (cfg_p, params_p) if kind == "proposal" else (cfg_q, params_q)
+            lp = loss_lib.token_logprobs(logits(cfg, params)[..., :vocab], b["targets"])
+        mask = b["loss_mask"] * (b["segment_ids"] > 0)
+        return jnp.sum(lp * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+    return jax.jit(fn)
+
+
+def _pad_rows(seqs: Sequence[Any], B: int, T: int, pad: int) -> dict[str, np.ndarray]:
+    """One right-padded row per sequence (rows beyond len(seqs) empty): the five LM arrays, ``[B, T]``."""
+    tokens = np.full((B, T), pad, np.int32)
+    targets = np.full((B, T), pad, np.int32)
+    mask = np.zeros((B, T), np.float32)
+    seg = np.zeros((B, T), np.int32)
+    pos = np.zeros((B, T), np.int32)
+    for r, (toks, tgt) in enumerate(seqs):
+        L = len(toks)
+        tokens[r, :L] = toks
+        targets[r, : L - 1] = toks[1:]
+        mask[r, : L - 1] = tgt[1:]
+        seg[r, :L] = 1
+        pos[r, :L] = np.arange(L)
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
+
+
+def sequence_logliks(seqs: Sequence[tuple[Sequence[int], Sequence[bool]]], *, kind: str, proposal: Any = None,
+                     aligner: Any = None, batch_size: int = 16, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-likelihood of the flagged tokens of each sequence, and their count: two float64 ``[N]`` arrays.
+
+    seqs[i] = (tokens [L_i] ints, target [L_i] bools): token j counts iff target[j] (predicted from token j-1;
+    target[0] is ignored), as in ``ramjax.data.Seq``. kind: ``proposal`` (log p_M), ``aligner`` (log q) or
+    ``product`` (log softmax(log p_M + log q), see ``product_token_logprobs``); teacher-forced, untempered, over
+    the models' shared usable vocabulary (``min`` of their ``vocab_limit``). Rows are right-padded to a power of two
+    so that few shapes are compiled.
+    """
+    if kind not in ("proposal", "aligner", "product"):
+        raise EvalError(f"unknown log-likelihood kind {kind!r}; expected proposal, aligner or product")
+    need = {"proposal": (proposal,), "aligner": (aligner,), "product": (proposal, aligner)}[kind]
+    if any(m is None for m in need):
+        raise EvalError(f"log-likelihood kind {kind!r} needs the {'proposal and aligner' if kind == 'product' else kind}"
+                        f" model")
+    vocab = min(m.vocab_limit for m in need)
+    cfg_p = proposal.config if proposal is not None and kind != "aligner" else None
+    cfg_q = aligner.config if aligner is not None and kind != "proposal" else None
+    params_p = proposal.params if cfg_p is not None else None
+    params_q = aligner.params if cfg_q is not None else None
+    fn = _loglik_fn(kind, cfg_p, cfg_q, int(vocab))
+    seqs = [(np.asarray(t, np.int64), np.asarray(g, bool)) for t, g in seqs]
+    for i, (t, g) in enumerate(seqs):
+        if t.ndim != 1 or g.shape != t.shape or t.size < 2:
+            raise EvalError(f"sequence {i}: tokens and target flags must be 1-D of equal length >= 2")
+        if t.min() < 0 or t.max() >= vocab:
+            raise EvalError(f"sequence {i}: token ids must be in [0, {vocab}) (the models' shared vocabulary)")
+    sums = np.zeros(len(seqs))
+    counts = np.zeros(len(seqs))
+    T = max(8, 1 << (max(len(t) for t, _ in seqs) - 1).bit_length()) if seqs else 8
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        b = _pad_rows(chunk, batch_size, T, pad_id)
+        s, c = fn(params_p, params_q, b)
+        sums[start : start + len(chunk)] = np.asarray(s, np.float64)[: len(chunk)]
+        counts[start : start + len(chunk)] = np.asarray(c, np.float64)[: len(chunk)]
+    return sums, counts
+
+
+def heldout_loglik(records: Sequence[Mapping[str, Any]], *, kind: str, proposal: Any = None, aligner: Any = None,
+                   tokenizer: Any = None, template: str = "plain", max_len: int = 512, max_prompt_len: int = 256,
+                   batch_size: int = 16) -> dict[str, float]:
+    """Held-out log-likelihood of {"prompt", "response"} records (the alignment set S) under one model or the
+    product; the response tokens and EOS count, the prompt does not (as in training).
+
+    Returns {"per_token": total log-lik / tokens, "per_sequence": mean summed log-lik per record, "tokens",
+    "sequences"}. tokenizer: defaults to the proposal's (or the aligner's).
+    """
+    from ramjax import data as data_lib
+
+    tok = tokenizer or _get(proposal, "tokenizer") or _get(aligner, "tokenizer")
+    if tok is None:
+        raise EvalError("heldout_loglik needs a tokenizer: the models have none; pass tokenizer=")
+    recs = []
+    for i, r in enumerate(records):
+        if "prompt" not in r or "response" not in r:
+            raise EvalError(f"record {i} needs 'prompt' and 'response' for the log-likelihood (keys: {sorted(r)})")
+        recs.append(data_lib.Record(where=f"record {i}", format="sft",
+                                    data={"prompt": r["prompt"], "response": r["response"]}))
+    td = data_lib.tokenize_records(recs, tok, kind="single", template=template, max_len=max_len,
+                                   max_prompt_len=max_prompt_len)
+    sums, counts = sequence_logliks([(s.tokens, s.target) for s in td.examples], kind=kind, proposal=proposal,
+                                    aligner=aligner, batch_size=batch_size, pad_id=td.pad_id)
+    n_tok = float(counts.sum())
+    return {"per_token": float(sums.sum() / max(n_tok, 1.0)), "per_sequence": float(sums.mean()),
+            "tokens": int(n_tok), "sequences": int(len(sums))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Judging and aggregation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def judge_responses(records: Sequence[Mapping[str, Any]], responses: Sequence[str],
+                    verifier: Callable[[Mapping[str, Any], str], float] | None = None) -> list[dict[str, Any]]:
+    """Judges responses[i] against records[i]: ``[{"kind", "strict", "lenient"?}]``.
+
+    verifier None: the task suite's judge from record["prompt"] (strict and lenient). Otherwise a
+    ``tasks.make_verifier`` function (strict only); the kind is record["kind"] if present, else "data".
+    """
+    if len(records) != len(responses):
+        raise EvalError(f"{len(records)} records but {len(responses)} responses; they must pair up")
+    out = []
+    for i, (r, s) in enumerate(zip(records, responses)):
+        if verifier is None:
+            if "prompt" not in r:
+                raise EvalError(f"record {i} has no 'prompt' for the task judge (keys: {sorted(r)})")
+            j = tasks.judge(r["prompt"], s)
+            out.append({"kind": j["kind"], "strict": j["strict"], "lenient": j["lenient"]})
+        else:
+            out.append({"kind": str(r.get("kind", "data")), "strict": float(verifier(r, s))})
+    return out
+
+
+def _ci_dict(ci: tasks.CI) -> dict[str, float]:
+    return {"mean": ci.mean, "low": ci.low, "high": ci.high}
+
+
+def _weighted(values: Sequence[float | None], weights: Sequence[int]) -> float | None:
+    """Token-weighted mean of the non-None values (None if there are none)."""
+    pairs = [(v, w) for v, w in zip(values, weights) if v is not None]
+    if not pairs:
+        return None
+    w = np.asarray([max(p[1], 1) for p in pairs], np.float64)
+    return float(np.dot([p[0] for p in pairs], w) / w.sum())
+
+
+def _summarise(judged: list[dict[str, Any]], gens: list[Generation], seconds: float, *, n_boot: int,
+               seed: int) -> dict[str, Any]:
+    strict = [j["strict"] for j in judged]
+    lengths = [g.num_tokens for g in gens]
+    out: dict[str, Any] = {
+        "n": len(judged),
+        "accuracy": _ci_dict(tasks.bootstrap_ci(strict, n_boot=n_boot, seed=seed)),
+        "lenient": None,
+        "by_kind": tasks.accuracy_by_kind(judged),
+        "mean_length": float(np.mean(lengths)),
+        "kl_fallback_rate": _weighted([g.kl_fallback_rate for g in gens], lengths),
+        "ess_mean": _weighted([g.ess_mean for g in gens], lengths),
+        "finish_reasons": dict(sorted(_count(g.finish_reason or "unknown" for g in gens).items())),
+        "seconds": float(seconds),
+        "tokens_per_s": float(sum(lengths) / seconds) if seconds > 0 else None,
+    }
+    if all("lenient" in j for j in judged):
+        out["lenient"] = _ci_dict(tasks.bootstrap_ci([j["lenient"] for j in judged], n_boot=n_boot, seed=seed))
+    return out
+
+
+def _count(items) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for x in items:
+        c[x] = c.get(x, 0) + 1
+    return c
+
+
+def evaluate_systems(
+    systems: Sequence[System],
+    eval_records: Sequence[Mapping[str, Any]],
+    *,
+    decoding: Sequence[str] = ("sampled", "greedy"),
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    stop: Sequence[str] = (),
+    baseline_name: str | None = None,
+    align_records: Sequence[Mapping[str, Any]] | None = None,
+    verifier: Callable[[Mapping[str, Any], str], float] | None = None,
+    batch_size: int = 32,
+    template: str = "plain",
+    n_boot: int = 1000,
+    warmup: bool = False,
+    loglik_batch_size: int = 16,
+    loglik_max_len: int = 512,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Runs every system under every decoding on the eval prompts and judges the responses.
+
+    eval_records: dicts with "prompt" (and "kind"/"reference" for the task suite, or the verifier's field).
+    baseline_name: the system the win rates are against (default: the first); compared at the same decoding.
+    align_records: {"prompt", "response"} records of S for the held-out log-likelihood (skipped if None).
+    verifier: None = the task suite's judge; else ``tasks.make_verifier(...)`` for users' data.
+    warmup: run each system once on the first batch before timing (tokens/s then excludes compilation).
+    progress: called with a short message before each (system, decoding) run.
+
+    Returns::
+
+        {"baseline": name, "decodings": [...], "n_prompts": N, "seed": seed, "max_new_tokens": ...,
+         "systems": {name: {"mode", "loglik": {...} | None, "train_cost": {...} | None,
+                            "decodings": {dec: {"n", "accuracy": {mean, low, high}, "lenient", "by_kind",
+                                                "win_rate": {mean, low, high}, "mean_length", "kl_fallback_rate",
+                                                "ess_mean", "finish_reasons", "seconds", "tokens_per_s"}}}},
+         "outputs": {name: {dec: [{"prompt", "response", "kind", "strict", "lenient"?, "num_tokens",
+                                   "finish_reason"}]}}}
+    """
+    systems = list(systems)
+    if not systems:
+        raise EvalError("evaluate_systems needs at least one system")
+    names = [s.name for s in systems]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise EvalError(f"system names must be unique; repeated: {dupes}")
+    baseline_name = names[0] if baseline_name is None else baseline_name
+    if baseline_name not in names:
+        raise EvalError(f"baseline {baseline_name!r} is not among the systems {names}")
+    decoding = [decoding] if isinstance(decoding, str) else list(decoding)
+    if not decoding:
+        raise EvalError("decoding is empty; use ('sampled', 'greedy')")
+    for d in decoding:
+        if d not in DECODINGS:
+            raise EvalError(f"unknown decoding {d!r}; expected one of {list(DECODINGS)}")
+    records = list(eval_records)
+    if not records:
+        raise EvalError("no evaluation records")
+    prompts = []
+    for i, r in enumerate(records):
+        if not isinstance(r.get("prompt"), str):
+            raise EvalError(f"eval record {i} needs a 'prompt' string (keys: {sorted(r)})")
+        prompts.append(r["prompt"])
+
+    results: dict[str, Any] = {"baseline": baseline_name, "decodings": decoding, "n_prompts": len(records),
+                               "seed": seed, "max_new_tokens": max_new_tokens, "systems": {}, "outputs": {}}
+    scores: dict[tuple[str, str], list[float]] = {}
+    loglik_cache: dict[tuple, dict[str, float]] = {}
+    for sys_ in systems:
+        entry: dict[str, Any] = {"mode": sys_.mode, "loglik": None,
+                                 "train_cost": dict(sys_.train_cost) if sys_.train_cost is not None else None,
+                                 "decodings": {}}
+        results["systems"][sys_.name] = entry
+        results["outputs"][sys_.name] = {}
+        kind = sys_.loglik_kind
+        models_there = kind is not None and (kind == "aligner" or sys_.proposal is not None) and (
+            kind == "proposal" or sys_.aligner is not None)
+        if align_records is not None and sys_.loglik and models_there:
+            key = (kind, id(sys_.proposal) if kind != "aligner" else None, id(sys_.aligner) if kind != "proposal"
+                   else None)
+            if key not in loglik_cache:
+                t0 = time.perf_counter()
+                loglik_cache[key] = heldout_loglik(align_records, kind=kind, proposal=sys_.proposal,
+                                                   aligner=sys_.aligner, template=template, max_len=loglik_max_len,
+                                                   batch_size=loglik_batch_size)
+                logger.info("held-out log-likelihood of S under %s (%s): %.4f per token (%.1fs)", sys_.name, kind,
+                            loglik_cache[key]["per_token"], time.perf_counter() - t0)
+            entry["loglik"] = {"kind": kind, **loglik_cache[key]}
+        for dec in decoding:
+            if progress is not None:
+                progress(f"{sys_.name} [{dec}]")
+            gen_kw = dict(seed=seed, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
+                          template=template)
+            if warmup:
+                _generate(sys_, prompts[:batch_size], dec, **gen_kw)
+            t0 = time.perf_counter()
+            gens = _generate(sys_, prompts, dec, **gen_kw)
+            seconds = time.perf_counter() - t0
+            texts = [g.text for g in gens]
+            judged = judge_responses(records, texts, verifier)
+            summary = _summarise(judged, gens, seconds, n_boot=n_boot, seed=seed)
+            entry["decodings"][dec] = summary
+            scores[(sys_.name, dec)] = [j["strict"] for j in judged]
+            results["outputs"][sys_.name][dec] = [
+                {"prompt": p, "response": g.text, **j, "num_tokens": g.num_tokens, "finish_reason": g.finish_reason}
+                for p, g, j in zip(prompts, gens, judged)
+            ]
+            logger.info("%s [%s]: strict %.3f [%.3f, %.3f], length %.1f, %.0f tok/s", sys_.name, dec,
+                        summary["accuracy"]["mean"], summary["accuracy"]["low"], summary["accuracy"]["high"],
+                        summary["mean_length"], summary["tokens_per_s"] or 0.0)
+    # Win rates against the baseline at the same decoding, with a paired bootstrap over prompts.
+    for name, entry in results["systems"].items():
+        for dec, summary in entry["decodings"].items():
+            wins = tasks.win_values(scores[(name, dec)], scores[(baseline_name, dec)])
+            summary["win_rate"] = _ci_dict(tasks.bootstrap_ci(wins, n_boot=n_boot, seed=seed))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Users' files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate_file(
+    records_path: str | os.PathLike,
+    *,
+    responses_path: str | os.PathLike | None = None,
+    response_field: str = "response",
+    verifier: Literal["task", "exact", "regex"] = "task",
+    field: str | None = None,
+    case_sensitive: bool = True,
+    full_match: bool = True,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Judges the responses in a JSONL file with the task judge or an exact-match / regex verifier.
+
+    records_path: one JSON object per line, with the verifier's field ("reference" for exact, "pattern" for regex,
+      "prompt" for task; ``field`` renames it) and, unless ``responses_path`` is given, the response in
+      ``response_field``. responses_path: a second JSONL whose i-th line's ``response_field`` answers record i
+      (e.g. ``sample.py`` output).
+    Returns {"n", "accuracy": {mean, low, high}, "lenient" (task judge only), "by_kind", "scores": [n floats]}.
+    """
+    records = tasks.read_jsonl(records_path)
+    source = tasks.read_jsonl(responses_path) if responses_path is not None else records
+    if len(source) != len(records):
+        raise EvalError(f"{os.fspath(records_path)} has {len(records)} records but {os.fspath(responses_path)} has "
+                        f"{len(source)} responses; they must pair up line by line")
+    responses = []
+    where = os.fspath(responses_path if responses_path is not None else records_path)
+    for i, r in enumerate(source):
+        v = r.get(response_field)
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            v = v[0]
+        if not isinstance(v, str):
+            raise EvalError(f"{where}:{i + 1}: no {response_field!r} string (keys: {sorted(r)}); set response_field")
+        responses.append(v)
+    if verifier == "task":
+        judged = judge_responses(records, responses, None)
+    else:
+        fn = tasks.make_verifier(verifier, field=field, case_sensitive=case_sensitive, full_match=full_match)
+        judged = judge_responses(records, responses, fn)
+    strict = [j["strict"] for j in judged]
+    out = {"n": len(judged), "accuracy": _ci_dict(tasks.bootstrap_ci(strict, n_boot=n_boot, seed=seed)),
+           "lenient": None, "by_kind": tasks.accuracy_by_kind(judged), "scores": strict}
+    if all("lenient" in j for j in judged):
+        out["lenient"] = _ci_dict(tasks.bootstrap_ci([j["lenient"] for j in judged], n_boot=n_boot, seed=seed))
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> str:
+    """Writes JSON to path via a temp file and a rename, so a reader never sees a half-written file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_alpacaeval(path: str | os.PathLike, records: Sequence[Mapping[str, Any]], outputs: Sequence[Any],
+                     generator: str, dataset: str | None = None) -> str:
+    """Writes AlpacaEval-ready JSON: a list of {"instruction", "output", "generator"(, "dataset")}.
+
+    records[i]["prompt"] (or "instruction") is the instruction; outputs[i] is a response string (or a Generation /
+    dict with "text" / "response"). Pass it to ``alpaca_eval --model_outputs PATH``.
+    """
+    if len(records) != len(outputs):
+        raise EvalError(f"{len(records)} records but {len(outputs)} outputs; they must pair up")
+    rows = []
+    for i, (r, o) in enumerate(zip(records, outputs)):
+        inst = r.get("instruction", r.get("prompt"))
+        if not isinstance(inst, str):
+            raise EvalError(f"record {i} has no 'prompt' or 'instruction' string (keys: {sorted(r)})")
+        text = o if isinstance(o, str) else _get(o, "text", _get(o, "response"))
+        if not isinstance(text, str):
+            raise EvalError(f"output {i} is not a string nor has a 'text'/'response' string")
+        row = {"instruction": inst, "output": text, "generator": generator}
+        if dataset is not None or "dataset" in r:
+            row["dataset"] = dataset if dataset is not None else r["dataset"]
+        rows.append(row)
+    return write_json_atomic(path, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "system"
+
+
+def write_outputs(run_dir: str | os.PathLike, results: Mapping[str, Any], *, alpaca: bool = True) -> list[str]:
+    """Writes each system's judged responses to ``outputs/<system>.<decoding>.jsonl`` (and, with ``alpaca``,
+    ``outputs/<system>.<decoding>.alpaca_eval.json``). Returns the paths written."""
+    paths = []
+    out_dir = os.path.join(os.fspath(run_dir), "outputs")
+    for name, per_dec in results.get("outputs", {}).items():
+        for dec, rows in per_dec.items():
+            stem = os.path.join(out_dir, f"{_safe_name(name)}.{dec}")
+            paths.append(tasks.write_jsonl(stem + ".jsonl", rows))
+            if alpaca:
+                paths.append(write_alpacaeval(stem + ".alpaca_eval.json", rows, [r["response"] for r in rows],
+                                              generator=f"{name} ({dec})"))
+    return paths
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def _fmt_ci(ci: Mapping[str, float] | None, digits: int = 3) -> str:
+    if not ci:
+        return "–"
+    return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+
+
+def _fmt_big(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if abs(x) < 1e6 and float(x).is_integer():
+        return f"{int(x):,}"
+    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """The main markdown table: one row per system × decoding."""
+    base = results.get("baseline", "")
+    header = ["System", "Decoding", "Strict acc. [95% CI]", "Lenient", f"Win vs {base}", "Len (tok)",
+              "KL fallback", "ESS", "tok/s", "S loglik/tok"]
+    rows = []
+    for name, entry in results["systems"].items():
+        ll = entry.get("loglik")
+        for dec, s in entry["decodings"].items():
+            rows.append([name, dec, _fmt_ci(s["accuracy"]), _fmt((s.get("lenient") or {}).get("mean")),
+                         _fmt_ci(s.get("win_rate")), _fmt(s.get("mean_length"), 1), _fmt(s.get("kl_fallback_rate")),
+                         _fmt(s.get("ess_mean"), 2), _fmt(s.get("tokens_per_s"), 0),
+                         _fmt(ll["per_token"]) if ll else "–"])
+    return _md_table(header, rows)
+
+
+def _kind_table(results: Mapping[str, Any]) -> str:
+    kinds: list[str] = []
+    for entry in results["systems"].values():
+        for s in entry["decodings"].values():
+            kinds += [k for k in s["by_kind"] if k != "all" and k not in kinds]
+    header = ["System", "Decoding", *kinds, "all"]
+    rows = []
+    for name, entry in results["systems"].items():
+        for dec, s in entry["decodings"].items():
+            bk = s["by_kind"]
+            rows.append([name, dec, *[_fmt(bk[k]["strict"], 2) if k in bk else "–" for k in kinds],
+                         _fmt(bk["all"]["strict"], 2)])
+    return _md_table(header, rows)
+
+
+def _cost_table(results: Mapping[str, Any], cost_reference: str | None) -> str | None:
+    costs = {n: e["train_cost"] for n, e in results["systems"].items() if e.get("train_cost")}
+    if not costs:
+        return None
+    flops = {n: c.get("flops") for n, c in costs.items() if c.get("flops")}
+    ref = cost_reference if cost_reference in flops else (max(flops, key=flops.get) if flops else None)
+    header = ["System", "Train time (s)", "Trained params", "Train tokens", "FLOPs (6·N·D)"]
+    if ref:
+        header.append(f"× cheaper than {ref}")
+    rows = []
+    for n, c in costs.items():
+        row = [n, _fmt(c.get("seconds"), 1), _fmt_big(c.get("params")), _fmt_big(c.get("tokens")),
+               _fmt_big(c.get("flops"))]
+        if ref:
+            row.append(_fmt(flops[ref] / c["flops"], 1) if c.get("flops") else "–")
+        rows.append(row)
+    return _md_table(header, rows)
+
+
+def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any], stage_times: Mapping[str, float] | None = None,
+                 *, title: str = "ramjax evaluation", notes: str | None = None, plots: Sequence[str] = (),
+                 cost_reference: str | None = None, outputs: bool = True) -> str:
+    """Writes ``results.json`` (everything but the responses), ``report.md`` and (with ``outputs``) the judged
+    responses under ``outputs/``; returns the main markdown table (system × decoding) for the CLI to print.
+
+    stage_times: seconds per pipeline stage (a table in the report). plots: image paths to link (relative to
+    run_dir or absolute). cost_reference: the system the training-cost ratios are against (default: the costliest).
+    """
+    run_dir = os.fspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    slim = {k: v for k, v in results.items() if k != "outputs"}
+    if stage_times is not None:
+        slim["stage_times"] = {k: float(v) for k, v in stage_times.items()}
+    write_json_atomic(os.path.join(run_dir, "results.json"), _jsonable(slim))
+    if outputs and results.get("outputs"):
+        write_outputs(run_dir, results)
+    table = results_table(results)
+    parts = [f"# {title}", "",
+             f"{results.get('n_prompts', '?')} held-out prompts; decodings: {', '.join(results.get('decodings', []))}"
+             f" (sampled = temperature 1, greedy = temperature 0, the same for every system); win rate against "
+             f"**{results.get('baseline')}** at the same decoding, ties 0.5. Intervals: 95% percentile bootstrap "
+             f"over prompts (paired for win rates). Length in tokens; tok/s = generated tokens / wall seconds. "
+             f"S loglik/tok: held-out log-likelihood of the alignment set per response token (RAM: the per-token "
+             f"normalised product softmax(log p_M + log q)).", "", table, ""]
+    if notes:
+        parts += [notes, ""]
+    parts += ["## Strict accuracy per task kind", "", _kind_table(results), ""]
+    cost = _cost_table(results, cost_reference)
+    if cost:
+        parts += ["## Training cost", "", cost, ""]
+    if stage_times:
+        total = sum(float(v) for v in stage_times.values())
+        rows = [[k, _fmt(float(v), 1)] for k, v in stage_times.items()] + [["**total**", _fmt(total, 1)]]
+        parts += ["## Stage times", "", _md_table(["Stage", "Seconds"], rows), ""]
+    if plots:
+        parts += ["## Plots", ""]
+        for p in plots:
+            rel = os.path.relpath(p, run_dir) if os.path.isabs(p) else p
+            parts.append(f"![{os.path.basename(p)}]({rel})")
+        parts.append("")
+    with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    return table
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON data: numpy scalars to Python, non-finite floats to None, tuples to lists."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config and CLI: python -m ramjax.evaluate CONFIG [key=value ...]
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemConfig:
+    """One system of an ``EvalConfig``: model directories and sampler settings (see ``System``)."""
+
+    name: str = "proposal"
+    mode: Literal["proposal", "aligner", "par", "sparse", "product", "corrector"] = "proposal"
+    proposal: str | None = None
+    aligner: str | None = None
+    corrector: str | None = None
+    n: int = 8
+    kl_threshold: float | None = None
+    proposal_top_p: float = 1.0
+    aligner_top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"system {self.name!r}: n={self.n} must be >= 1")
+        for k in ("proposal_top_p", "aligner_top_p"):
+            if not 0 < getattr(self, k) <= 1:
+                raise ValueError(f"system {self.name!r}: {k}={getattr(self, k)} must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """``python -m ramjax.evaluate``: judge a JSONL of responses, or run and judge systems from model directories.
+
+    eval_file:     JSONL of records ({"prompt", ...} plus the verifier's field: "reference" for exact, "pattern"
+                   for regex; the task suite's eval.jsonl works with any verifier).
+    responses_file: judge-only: the i-th line's ``response_field`` answers record i (no models are run). Without
+                   it and without systems, ``eval_file`` itself must carry the responses.
+    systems:       systems to run (model directories); the first is the baseline unless ``baseline`` is set.
+    align_file:    {"prompt", "response"} JSONL (S) for the held-out log-likelihood; null = skip.
+    max_examples:  evaluate only the first N records (0 = all).
+    """
+
+    eval_file: str = "data/eval.jsonl"
+    run_dir: str = "runs/eval"
+    responses_file: str | None = None
+    response_field: str = "response"
+    systems: tuple[SystemConfig, ...] = ()
+    baseline: str | None = None
+    decodings: tuple[Literal["sampled", "greedy"], ...] = ("sampled", "greedy")
+    verifier: Literal["task", "exact", "regex"] = "task"
+    verifier_field: str | None = None
+    case_sensitive: bool = True
+    full_match: bool = True
+    align_file: str | None = None
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    batch_size: int = 32
+    template: Literal["plain", "chat"] = "plain"
+    max_examples: int = 0
+    n_boot: int = 1000
+    warmup: bool = False
+    alpaca_eval: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples={self.max_examples} must be >= 0 (0 = all)")
+        if not self.decodings:
+            raise ValueError("decodings is empty; use [sampled, greedy]")
+        names = [s.name for s in self.systems]
+        if len(set(names)) != len(names):
+            raise ValueError(f"system names must be unique, got {names}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not among the systems {names}")
+
+
+def evaluate_from_config(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
+    """Runs an ``EvalConfig``; writes results under ``cfg.run_dir``. Returns (results, markdown table)."""
+    if not cfg.systems:
+        res = evaluate_file(cfg.eval_file, responses_path=cfg.responses_file, response_field=cfg.response_field,
+                            verifier=cfg.verifier, field=cfg.verifier_field, case_sensitive=cfg.case_sensitive,
+                            full_match=cfg.full_match, n_boot=cfg.n_boot, seed=cfg.seed)
+        write_json_atomic(os.path.join(cfg.run_dir, "results.json"), _jsonable(res))
+        rows = [[k, str(int(v["n"])), _fmt(v["strict"]), _fmt(v.get("lenient"))] for k, v in res["by_kind"].items()]
+        table = (f"strict accuracy {_fmt_ci(res['accuracy'])} on {res['n']} records\n\n"
+                 + _md_table(["Kind", "n", "Strict", "Lenient"], rows))
+        with open(os.path.join(cfg.run_dir, "report.md"), "w", encoding="utf-8") as f:
+            f.write(f"# Judged {cfg.responses_file or cfg.eval_file}\n\n{table}\n")
+        return res, table
+
+    from ramjax.api import load_model
+
+    records = tasks.read_jsonl(cfg.eval_file)
+    if cfg.max_examples:
+        records = records[: cfg.max_examples]
+    verifier = None if cfg.verifier == "task" else tasks.make_verifier(
+        cfg.verifier, field=cfg.verifier_field, case_sensitive=cfg.case_sensitive, full_match=cfg.full_match)
+    cache: dict[str, Any] = {}
+
+    def model(path: str | None) -> Any:
+        if path is None:
+            return None
+        if path not in cache:
+            cache[path] = load_model(path)
+        return cache[path]
+
+    systems = []
+    for sc in cfg.systems:
+        sampling = {"n": sc.n, "kl_threshold": sc.kl_threshold, "proposal_top_p": sc.proposal_top_p,
+                    "aligner_top_p": sc.aligner_top_p, "top_k": sc.top_k, "repetition_penalty": sc.repetition_penalty}
+        systems.append(System(sc.name, proposal=model(sc.proposal), aligner=model(sc.aligner), mode=sc.mode,
+                              corrector=model(sc.corrector), sampling=sampling))
+    align = tasks.read_jsonl(cfg.align_file) if cfg.align_file else None
+    results = evaluate_systems(systems, records, decoding=cfg.decodings, seed=cfg.seed,
+                               max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, baseline_name=cfg.baseline,
+                               align_records=align, verifier=verifier, batch_size=cfg.batch_size,
+                               template=cfg.template, n_boot=cfg.n_boot, warmup=cfg.warmup)
+    table = write_report(cfg.run_dir, results)
+    if not cfg.alpaca_eval:
+        for name, per_dec in results["outputs"].items():
+            for dec in per_dec:
+                p = os.path.join(cfg.run_dir, "outputs", f"{_safe_name(name)}.{dec}.alpaca_eval.json")
+                if os.path.exists(p):
+                    os.unlink(p)
+    return results, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ramjax.evaluate [CONFIG.yaml] [key=value ...]``: prints the resolved config and the table."""
+    from ramjax import config as config_lib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    path, overrides = config_lib.split_cli_args(argv)
+    cfg = config_lib.load_config(EvalConfig, path, overrides)
+    print(config_lib.format_config(cfg))
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    config_lib.save_config(cfg, os.path.join(cfg.run_dir, "eval_config.yaml"))
+    _, table = evaluate_from_config(cfg)
+    print(table)
+    print(f"\nwrote {os.path.join(cfg.run_dir, 'report.md')} and results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
