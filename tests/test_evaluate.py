@@ -331,3 +331,30 @@ def test_write_alpacaeval(tmp_path):
     assert json.loads(open(p).read()) == [{"instruction": "a", "output": "x", "generator": "g"},
                                           {"instruction": "b", "output": "y", "generator": "g", "dataset": "mine"}]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
+
+
+def test_plots(stub_results, tmp_path):
+    from ramjax import plots
+
+    assert _is_png(plots.plot_accuracy(stub_results["res"], tmp_path / "p" / "acc.png"))
+    assert _is_png(plots.plot_accuracy(stub_results["res"], tmp_path / "win.png", metric="win_rate"))
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("\n".join(json.dumps({"step": s, "loss": 3.0 / (1 + s)}) for s in range(0, 50, 5)) + "\n{partial")
+    assert len(plots.read_metrics(m)) == 10  # a half-written last line is skipped
+    assert _is_png(plots.plot_training_curves({"sft": m, "dpo": tmp_path / "missing.jsonl"}, tmp_path / "c.png"))
+    with pytest.raises(plots.PlotError, match="no training metrics"):
+        plots.plot_training_curves({"dpo": tmp_path / "missing.jsonl"}, tmp_path / "none.png")
+    rows = [{"lam": lam, "accuracy": {"mean": 0.5, "low": 0.4, "high": 0.6}, "length": 10 / lam}
+            for lam in (0.5, 1.0, 2.0)]
+    assert _is_png(plots.plot_realign_sweep(rows, tmp_path / "lam.png"))
+    with pytest.raises(plots.PlotError, match="several points at the same lam"):
+        plots.plot_realign_sweep(rows + rows[:1], tmp_path / "dup.png")
