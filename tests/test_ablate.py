@@ -1,0 +1,138 @@
+"""The ablation runner: a 2×2 grid with a fake cell function, interrupted and resumed; seed pooling; configs."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ramjax import ablate
+from ramjax.config import ConfigError, load_config
+
+N_PROMPTS = 20
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(run_dir=str(tmp_path / "abl"), alphas=(1e-4, 1e-2),
+                sizes=(ablate.AlignerSize("small"), ablate.AlignerSize("big")), seeds=(0,), modes=("product",),
+                decodings=("greedy",), n_boot=200)
+    base.update(kw)
+    return ablate.AblateConfig(**base)
+
+
+def _scores(cell, dec="greedy"):
+    """Deterministic per-prompt 0/1 scores: bigger aligners and smaller α score higher."""
+    rng = np.random.default_rng([int(cell.alpha * 1e6), cell.seed, len(cell.size.name), len(dec)])
+    p = 0.5 + (0.3 if cell.size.name == "big" else 0.1) - cell.alpha
+    return (rng.random(N_PROMPTS) < p).astype(float).tolist()
+
+
+class FakeCell:
+    """Records calls; raises in the call numbered fail_at (1-based) to simulate an interruption."""
+
+    def __init__(self, fail_at=None):
+        self.calls = []
+        self.fail_at = fail_at
+
+    def __call__(self, cfg, cell, cell_dir):
+        self.calls.append(cell.name)
+        assert os.path.isdir(cell_dir) and cell_dir.endswith(cell.name)
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt("killed mid-cell")
+        metrics = {}
+        for mode in cfg.modes:
+            metrics[mode] = {}
+            for dec in cfg.decodings:
+                s = _scores(cell, dec)
+                m = float(np.mean(s))
+                metrics[mode][dec] = {"accuracy": {"mean": m, "low": m - 0.1, "high": m + 0.1}, "scores": s,
+                                      "mean_length": 3.0 + cell.alpha, "kl_fallback_rate": None, "ess_mean": None}
+        return {"metrics": metrics, "loglik": {m: -1.0 - cell.alpha for m in cfg.modes},
+                "train": {"seconds": 1.0, "params": 1000 if cell.size.name == "small" else 4000}}
+
+
+def fake_baseline(cfg, out_dir):
+    return {"metrics": {"proposal": {dec: {"accuracy": {"mean": 0.4, "low": 0.3, "high": 0.5},
+                                           "scores": [float(i % 5 < 2) for i in range(N_PROMPTS)]}
+                                     for dec in cfg.decodings}}}
+
+
+def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path):
+    cfg = _cfg(tmp_path)
+    first = FakeCell(fail_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_ablation(cfg, cell_fn=first, baseline_fn=fake_baseline)
+    assert first.calls == ["small-a0.0001-s0", "small-a0.01-s0"]
+    cells_dir = tmp_path / "abl" / "cells"
+    assert (cells_dir / "small-a0.0001-s0" / "result.json").exists()
+    assert not (cells_dir / "small-a0.01-s0" / "result.json").exists()  # the interrupted cell is not done
+    assert not [f for d in cells_dir.iterdir() for f in os.listdir(d) if f.startswith(".tmp")]
+    done_before = (cells_dir / "small-a0.0001-s0" / "result.json").read_text()
+
+    second = FakeCell()
+    out = ablate.run_ablation(cfg, cell_fn=second, baseline_fn=lambda *a: pytest.fail("baseline recomputed"))
+    assert second.calls == ["small-a0.01-s0", "big-a0.0001-s0", "big-a0.01-s0"]  # the first cell is not rerun
+    assert out["reused"] == ["small-a0.0001-s0"] and len(out["ran"]) == 3
+    assert (cells_dir / "small-a0.0001-s0" / "result.json").read_text() == done_before
+
+    rows = [ln for ln in out["table"].splitlines()[2:] if ln.startswith("| ")]
+    assert len(rows) == 4
+    assert rows[0].startswith("| small | 1,000 | 0.0001 | product | greedy |")
+    saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert len(saved["rows"]) == 4 and saved["baseline"]["greedy"]["accuracy"]["mean"] == 0.4
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert out["table"] in md and "ablation_accuracy_product_greedy.png" in md
+    assert len(out["plots"]) == 1
+    with open(out["plots"][0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # a third run with everything done runs nothing and gives the same table
+    third = FakeCell()
+    again = ablate.run_ablation(cfg, cell_fn=third, baseline_fn=fake_baseline)
+    assert third.calls == [] and again["table"] == out["table"]
+
+
+def test_aggregate_pools_seeds_and_computes_win_rate(tmp_path):
+    cfg = _cfg(tmp_path, seeds=(0, 1, 2), sizes=(ablate.AlignerSize("big"),), alphas=(1e-3,),
+               decodings=("sampled", "greedy"))
+    fake = FakeCell()
+    out = ablate.run_ablation(cfg, cell_fn=fake, baseline_fn=fake_baseline)
+    assert len(fake.calls) == 3 and len(out["rows"]) == 2
+    row = next(r for r in out["rows"] if r["decoding"] == "greedy")
+    cells_ = [ablate.Cell(cfg.sizes[0], 1e-3, s) for s in (0, 1, 2)]
+    pooled = np.concatenate([_scores(c) for c in cells_])
+    assert row["seeds"] == [0, 1, 2]
+    assert row["accuracy"]["mean"] == pytest.approx(pooled.mean())
+    assert row["accuracy"]["low"] < pooled.mean() < row["accuracy"]["high"]
+    assert row["seed_sd"] == pytest.approx(np.std([np.mean(_scores(c)) for c in cells_], ddof=1))
+    base = np.array([float(i % 5 < 2) for i in range(N_PROMPTS)])
+    wins = np.concatenate([np.where(np.array(_scores(c)) > base, 1.0, np.where(np.array(_scores(c)) == base, 0.5,
+                                                                                 0.0)) for c in cells_])
+    assert row["win_rate"]["mean"] == pytest.approx(wins.mean())
+    assert row["loglik"] == pytest.approx(-1.001) and row["params"] == 4000
+    assert {os.path.basename(p) for p in out["plots"]} == {"ablation_accuracy_product_sampled.png",
+                                                           "ablation_accuracy_product_greedy.png"}
+
+
+def test_bad_cell_result_and_config(tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ablate.AblationError, match="'metrics'"):
+        ablate.run_ablation(cfg, cell_fn=lambda *a: {"acc": 1.0}, baseline_fn=None)
+    with pytest.raises(ConfigError, match="alphas: 0.0 must be finite and > 0"):
+        load_config(ablate.AblateConfig, None, ["alphas=[0.0, 1e-3]"])
+    with pytest.raises(ConfigError, match="size names must be unique"):
+        load_config(ablate.AblateConfig, None, ["sizes=[{name: a}, {name: a}]"])
+    with pytest.raises(ConfigError, match="did you mean 'alphas'"):
+        load_config(ablate.AblateConfig, None, ["alpha=[1e-3]"])
+
+
+def test_shipped_config_and_cell_train_config(tmp_path):
+    cfg = load_config(ablate.AblateConfig, "configs/ablate.yaml", ["seeds=[0,1]"])
+    grid = ablate.cells(cfg)
+    assert len(cfg.alphas) == 5 and len(cfg.sizes) >= 3 and len(grid) == 5 * len(cfg.sizes) * 2
+    assert len({c.name for c in grid}) == len(grid)
+    cell = grid[1]
+    tcfg = ablate.cell_train_config(cfg, cell, str(tmp_path / "c"), init="/bases/h32/model")
+    assert tcfg.stage == "ram" and tcfg.ram.alpha == cell.alpha == 1e-4 and tcfg.seed == cell.seed
+    assert tcfg.run_dir == str(tmp_path / "c" / "train")
+    assert tcfg.data.train_files == (cfg.samples_file,) and tcfg.proposal == cfg.proposal
+    assert tcfg.model.init == "/bases/h32/model" and tcfg.steps == 400
