@@ -17,7 +17,8 @@ temperature 0), so that a greedy RAM is only ever compared with a greedy baselin
 results hold: strict (and lenient) judge accuracy with a percentile-bootstrap 95% interval, accuracy per task
 kind, the pairwise win rate against the baseline on the same prompts (ties 0.5, with a paired-bootstrap interval),
 mean response length in tokens, the KL-fallback rate and ESS reported by the sampler (token-weighted), finish
-reasons, and sampling throughput (generated tokens / wall seconds, compile time included unless ``warmup``).
+reasons, and sampling throughput (generated tokens / wall seconds; with ``warmup`` (default) each system first
+runs once on one batch, so compilation is not timed).
 Per system: the held-out per-token log-likelihood of the alignment set S (for RAM the per-token normalised
 product, see :func:`product_token_logprobs`) and the training cost given by the caller (:func:`training_cost`).
 
@@ -518,7 +519,7 @@ def evaluate_systems(
     batch_size: int = 32,
     template: str = "plain",
     n_boot: int = 1000,
-    warmup: bool = False,
+    warmup: bool = True,
     loglik_batch_size: int = 16,
     loglik_max_len: int = 512,
     progress: Callable[[str], None] | None = None,
@@ -529,7 +530,9 @@ def evaluate_systems(
     baseline_name: the system the win rates are against (default: the first); compared at the same decoding.
     align_records: {"prompt", "response"} records of S for the held-out log-likelihood (skipped if None).
     verifier: None = the task suite's judge; else ``tasks.make_verifier(...)`` for users' data.
-    warmup: run each system once on the first batch before timing (tokens/s then excludes compilation).
+    warmup: before its first decoding, run each system once on the first ``batch_size`` prompts, untimed, so that
+        tokens/s excludes compilation (the decodings share compiled code: temperatures are traced). Batches whose
+        prompts fall in another length bucket may still compile inside the timed run.
     progress: called with a short message before each (system, decoding) run.
 
     Returns::
@@ -538,7 +541,8 @@ def evaluate_systems(
          "systems": {name: {"mode", "loglik": {...} | None, "train_cost": {...} | None,
                             "decodings": {dec: {"n", "accuracy": {mean, low, high}, "lenient", "by_kind",
                                                 "win_rate": {mean, low, high}, "mean_length", "kl_fallback_rate",
-                                                "ess_mean", "finish_reasons", "seconds", "tokens_per_s"}}}},
+                                                "ess_mean", "finish_reasons", "seconds", "tokens_per_s",
+                                                "warmup_seconds"}}}},
          "outputs": {name: {dec: [{"prompt", "response", "kind", "strict", "lenient"?, "num_tokens",
                                    "finish_reason"}]}}}
     """
@@ -596,14 +600,18 @@ def evaluate_systems(
                 progress(f"{sys_.name} [{dec}]")
             gen_kw = dict(seed=seed, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
                           template=template)
-            if warmup:
+            warm_s = None
+            if warmup and dec == decoding[0]:
+                t0 = time.perf_counter()
                 _generate(sys_, prompts[:batch_size], dec, **gen_kw)
+                warm_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             gens = _generate(sys_, prompts, dec, **gen_kw)
             seconds = time.perf_counter() - t0
             texts = [g.text for g in gens]
             judged = judge_responses(records, texts, verifier)
             summary = _summarise(judged, gens, seconds, n_boot=n_boot, seed=seed)
+            summary["warmup_seconds"] = warm_s
             entry["decodings"][dec] = summary
             scores[(sys_.name, dec)] = [j["strict"] for j in judged]
             results["outputs"][sys_.name][dec] = [
@@ -940,7 +948,7 @@ class EvalConfig:
     template: Literal["plain", "chat"] = "plain"
     max_examples: int = 0
     n_boot: int = 1000
-    warmup: bool = False
+    warmup: bool = True
     alpaca_eval: bool = True
 
     def validate(self) -> None:

@@ -100,11 +100,13 @@ def _series(records: Sequence[Mapping[str, Any]], key: str, step_key: str = "ste
 
 
 def plot_training_curves(metrics_files: Mapping[str, str | os.PathLike], out_path: str | os.PathLike, *,
-                         keys: Sequence[str] = ("loss", "eval_loss"), step_key: str = "step",
+                         keys: Sequence[str] = ("train/loss", "eval/loss", "loss", "eval_loss"),
+                         step_key: str = "step",
                          title: str = "Training curves") -> str:
     """Loss vs step, one panel per stage: ``metrics_files`` maps a stage name to its ``metrics.jsonl``.
 
-    Each panel draws every key of ``keys`` the file has (``loss`` solid, others dashed). Stages whose file is
+    Each panel draws every key of ``keys`` the file has (the first solid, others dashed; ``train/loss`` is what
+    ``ramjax.metrics.MetricsWriter`` logs). Stages whose file is
     missing or has none of the keys are skipped with a log line; PlotError if no stage has data.
     """
     panels = []

@@ -57,7 +57,7 @@ def stub_results():
         ev.System("good", mode="product", generate_fn=_canned(good, kl=kl, ess=ess)),
         ev.System("chatty", generate_fn=_canned(chatty), train_cost=ev.training_cost(12.0, params=1000, tokens=500)),
     ]
-    res = ev.evaluate_systems(systems, recs, baseline_name="base", seed=0, n_boot=300)
+    res = ev.evaluate_systems(systems, recs, baseline_name="base", seed=0, n_boot=300, batch_size=8)
     return dict(res=res, recs=recs, base=base, good=good, chatty=chatty, right=right, kl=kl, ess=ess,
                 systems=systems)
 
@@ -108,8 +108,10 @@ def test_lengths_diagnostics_and_settings(stub_results):
     assert res["systems"]["base"]["decodings"]["sampled"]["kl_fallback_rate"] is None
     # the decodings set the temperatures on top of the defaults; the system's settings stay the same
     calls = stub_results["systems"][0].generate_fn.calls
-    assert [c["decoding"] for c in calls] == ["sampled", "greedy"]
-    assert calls[0]["settings"]["proposal_temperature"] == 1.0 and calls[1]["settings"]["aligner_temperature"] == 0.0
+    # one untimed warm-up run on the first batch (8 prompts) before the first decoding only
+    assert [(c["decoding"], c["n"]) for c in calls] == [("sampled", 8), ("sampled", 28), ("greedy", 28)]
+    assert s["warmup_seconds"] is not None and res["systems"]["good"]["decodings"]["greedy"]["warmup_seconds"] is None
+    assert calls[1]["settings"]["proposal_temperature"] == 1.0 and calls[2]["settings"]["aligner_temperature"] == 0.0
     assert calls[0]["settings"]["proposal_top_p"] == 1.0 and calls[0]["settings"]["kl_threshold"] is None
     # outputs keep the judged responses in prompt order
     out = res["outputs"]["good"]["greedy"]
@@ -187,7 +189,7 @@ def test_corrector_system_runs_draft_then_rewrite(monkeypatch):
     monkeypatch.setattr(ev, "_run_sampler", fake_sampler)
     recs = _records(7)
     res = ev.evaluate_systems([ev.System("corr", proposal="PM", corrector="C", mode="corrector")], recs,
-                              decoding=("greedy",), seed=5)
+                              decoding=("greedy",), seed=5, warmup=False)
     assert [c[0] for c in calls] == ["PM", "C"]
     assert calls[1][1][0] == f"{recs[0]['prompt']}\n\nDraft: draft0"
     assert calls[0][3] != calls[1][3]  # the rewrite draws with its own seed
@@ -204,7 +206,7 @@ def _tiny_model(seed, vocab_rows, vocab_limit, hidden=32):
     """A tiny random decoder. Params drawn with numpy from the shapes (init_params compiles slowly on a busy CPU);
     norm scales near 1 and weights of std 0.3, so the logits are far from uniform."""
     cfg = ModelConfig(vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=48, num_layers=2, num_heads=2,
-                      num_kv_heads=1, head_dim=16, max_position_embeddings=64)
+                      num_kv_heads=1, head_dim=16, max_position_embeddings=128)
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
@@ -358,3 +360,28 @@ def test_plots(stub_results, tmp_path):
     assert _is_png(plots.plot_realign_sweep(rows, tmp_path / "lam.png"))
     with pytest.raises(plots.PlotError, match="several points at the same lam"):
         plots.plot_realign_sweep(rows + rows[:1], tmp_path / "dup.png")
+
+
+def test_with_the_real_sampler(tmp_path):
+    """Plumbing into ramjax.sampler: the responses are the sampler's, lengths count EOS, diagnostics pass through."""
+    sampler = pytest.importorskip("ramjax.sampler")
+    from ramjax.tokenizer import load_tokenizer
+    from tokenizer_fixtures import make_sentencepiece
+
+    make_sentencepiece(tmp_path / "tok", chat_template=False)
+    tok = load_tokenizer(tmp_path / "tok")
+    V = tok.vocab_size
+    pm, q = _tiny_model(0, V, V), _tiny_model(1, V, V, hidden=16)
+    pm.tokenizer = q.tokenizer = tok
+    recs = _records(7)
+    sysm = ev.System("ram", proposal=pm, aligner=q, mode="product", sampling={"kl_threshold": 0.5})
+    res = ev.evaluate_systems([sysm], recs, max_new_tokens=6, batch_size=8, n_boot=50, seed=3)
+    direct = sampler.sample(pm, q, [r["prompt"] for r in recs], mode="product", max_new_tokens=6, seed=3,
+                            batch_size=8, **{**ev.SAMPLING_DEFAULTS, "kl_threshold": 0.5, "n": 1},
+                            **ev.DECODINGS["greedy"])
+    out = res["outputs"]["ram"]["greedy"]
+    assert [o["response"] for o in out] == [d[0].text for d in direct]
+    assert [o["num_tokens"] for o in out] == [d[0].length for d in direct]
+    s = res["systems"]["ram"]["decodings"]["sampled"]
+    assert s["kl_fallback_rate"] is not None and 0.0 <= s["kl_fallback_rate"] <= 1.0
+    assert sum(s["finish_reasons"].values()) == 7 and s["tokens_per_s"] > 0
