@@ -1,0 +1,307 @@
+"""Per-token decoding rules: how one token is drawn from the proposal P_M's and the aligner Q_θ's logits.
+
+Everything here is a pure function of batched arrays (``[B, V]`` logits, ``[B]`` per-row parameters and keys),
+used inside the jitted decode loop of ``ramjax.sampler``. ``V`` is the usable vocabulary (padded embedding rows
+already sliced off), so no padded id can ever be drawn.
+
+Logit processing follows Hugging Face ``generate``: repetition penalty (over every token seen so far, prompt
+included), then temperature, then top-k, then top-p. Top-k and top-p keep every token tied with the last kept
+one (HF keeps an arbitrary subset of a tie), otherwise the kept sets are HF's.
+
+The proposal's *nucleus* is the support of its processed distribution (penalty, ``T_M``, top-k, ``top_p_M``):
+the set ``par`` draws candidates from and ``sparse``/``product`` restrict to.
+
+Modes (``t`` below is the token drawn; ``z_M``/``z_Q`` penalised logits; all distributions renormalised):
+
+* ``proposal``: P_M processed with its own settings.
+* ``aligner``:  Q_θ processed with the aligner-side settings (``T_Q``, top-k, ``top_p_Q``).
+* ``par``:      n candidates i.i.d. from P_M's processed distribution, self-normalised weights
+                ``w_i ∝ exp(z_Q[c_i] / T_Q)`` (raw aligner logits), draw one candidate by ``w``. As n → ∞ this is
+                ``product`` restricted to the nucleus. The effective sample size ``1/Σw²`` is recorded.
+* ``sparse``:   the authors' released rule: ``softmax(z_Q / T_Q)`` restricted to P_M's nucleus, then top-p
+                ``top_p_Q`` on that restricted distribution.
+* ``product``:  exact ``softmax(z_M / T_M + z_Q_raw / T_Q)`` over the nucleus (``support="nucleus"``) or the
+                whole vocabulary (``support="full"``).
+
+KL monitor (par / sparse / product): ``KL(P_M ‖ Q_θ)`` from the untempered, unpenalised logits over the whole
+vocabulary; where it exceeds ``kl_threshold`` the token is drawn by the fallback rule instead:
+``"proposal"`` (default: P_M processed with its own settings, i.e. exactly the ``proposal`` mode) or
+``"paper"`` (the released code: P_M's logits with the aligner-side temperature, repetition penalty and
+``top_p_Q``, no top-k).
+
+Greedy rows (``greedy`` flag) take the argmax of the same target instead of a draw: for ``par`` that is the
+product's argmax over the nucleus (its n → ∞ limit). A temperature of 0 counts as 1 inside the formulas; the
+caller turns temperature 0 into the greedy flag.
+
+Costs. Sorting is avoided: XLA's CPU sort of ``[32, 8192]`` logits takes longer than the model step. Top-k and
+top-p thresholds are found by an exact 32-step bisection over the float order (``_threshold``), and draws use
+two-level inverse-CDF sampling (one uniform per draw) instead of Gumbel noise over the whole vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+MODES = ("proposal", "aligner", "par", "sparse", "product")
+RAM_MODES = ("par", "sparse", "product")
+FALLBACKS = ("proposal", "paper")
+SUPPORTS = ("nucleus", "full")
+NEG_INF = -jnp.inf
+
+Mode = Literal["proposal", "aligner", "par", "sparse", "product"]
+
+
+@flax.struct.dataclass
+class RowParams:
+    """Per-row sampling parameters, all ``[B]`` traced arrays (changing them never recompiles).
+
+    proposal_temperature, aligner_temperature: float32, > 0 (0 is mapped to 1 and ``greedy`` set by the caller).
+    proposal_top_p, aligner_top_p: float32 in (0, 1]; 1 keeps everything.
+    top_k: int32, 0 = off. Applies to the proposal (and to the aligner in ``aligner`` mode).
+    repetition_penalty: float32 > 0, 1 = off.
+    kl_threshold: float32; ``inf`` = monitor off.
+    greedy: bool, argmax instead of a draw.
+    """
+
+    proposal_temperature: jax.Array
+    aligner_temperature: jax.Array
+    proposal_top_p: jax.Array
+    aligner_top_p: jax.Array
+    top_k: jax.Array
+    repetition_penalty: jax.Array
+    kl_threshold: jax.Array
+    greedy: jax.Array
+
+
+@flax.struct.dataclass
+class TokenChoice:
+    """What one step chose, per row ``[B]``: the token, whether the KL fallback fired, the ESS of the par weights
+    (NaN outside ``par`` or where the fallback fired) and ``KL(P_M ‖ Q_θ)`` (NaN where not computed)."""
+
+    token: jax.Array
+    fallback: jax.Array
+    ess: jax.Array
+    kl: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logit processing (Hugging Face order)
+
+
+def repetition_penalty(z_bv: jax.Array, seen_bv: jax.Array, penalty_b: jax.Array) -> jax.Array:
+    """HF's rule on tokens already seen: negative logits are multiplied by the penalty, positive ones divided."""
+    p = penalty_b[:, None]
+    return jnp.where(seen_bv, jnp.where(z_bv < 0, z_bv * p, z_bv / p), z_bv)
+
+
+def safe_temperature(t_b: jax.Array) -> jax.Array:
+    """Temperature with 0 (greedy) mapped to 1 so divisions stay finite; ``[B, 1]`` for broadcasting."""
+    return jnp.where(t_b > 0, t_b, 1.0)[:, None]
+
+
+def order_keys(z_bv: jax.Array) -> jax.Array:
+    """uint32 keys with the order of the float32 values (``-inf`` smallest): ``a < b`` iff ``key(a) < key(b)``."""
+    i = jax.lax.bitcast_convert_type(z_bv.astype(jnp.float32), jnp.uint32)
+    return jnp.where((i >> 31) == 1, ~i, i | jnp.uint32(0x80000000))
+
+
+def _threshold(keys_bv: jax.Array, weights_bv: jax.Array, target_b: jax.Array) -> jax.Array:
+    """The largest key ``v`` ``[B]`` with ``Σ weights[keys >= v] >= target`` (exact: bisection over the 32-bit keys).
+
+    The weighted count above ``v`` only falls as ``v`` grows, so 32 halvings of the key range find it exactly; each
+    is one fused pass over the vocabulary, far cheaper than a sort on CPU (XLA's CPU sort is ~50x slower here).
+    """
+    lo = jnp.min(keys_bv, axis=-1)
+    hi = jnp.max(keys_bv, axis=-1) + jnp.uint32(1)
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(keys_bv >= mid[:, None], weights_bv, 0), axis=-1) >= target_b
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
+
+
+def nucleus_mask(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """Tokens kept by top-k then top-p of ``softmax(z)`` (``z`` tempered; ``-inf`` = already excluded), ``[B, V]``.
+
+    Top-k keeps every token at least as large as the k-th largest. Top-p keeps the largest tokens down to the
+    first one at which the (top-k renormalised) mass reaches ``top_p``, i.e. HF's rule: a token goes when the
+    mass of the tokens ranked below it, itself included, is ``<= 1 - top_p``. Ties at the boundary are all kept.
+    Each filter runs only when some row uses it (``top_k > 0``, ``top_p < 1``).
+    """
+    keys = order_keys(z_bv)
+    valid = z_bv > -jnp.inf
+    lowest = jnp.zeros(z_bv.shape[:1], jnp.uint32)
+
+    def top_k(_):
+        kth = _threshold(keys, valid.astype(jnp.int32), top_k_b)
+        return jnp.where(top_k_b > 0, kth, lowest)
+
+    kth = jax.lax.cond(jnp.any(top_k_b > 0), top_k, lambda _: lowest, None)
+    in_k = keys >= kth[:, None]
+
+    def top_p(_):
+        probs = jax.nn.softmax(jnp.where(in_k, z_bv, NEG_INF), axis=-1)
+        cut = _threshold(keys, jnp.where(in_k, probs, 0.0), top_p_b)
+        return jnp.where(top_p_b < 1.0, cut, lowest)
+
+    cut = jax.lax.cond(jnp.any(top_p_b < 1.0), top_p, lambda _: lowest, None)
+    return in_k & (keys >= cut[:, None]) & valid
+
+
+def filter_logits(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """Tempered logits with everything outside top-k/top-p set to ``-inf``."""
+    return jnp.where(nucleus_mask(z_bv, top_k_b, top_p_b), z_bv, NEG_INF)
+
+
+def kl_divergence(zp_bv: jax.Array, zq_bv: jax.Array) -> jax.Array:
+    """``KL(softmax(zp) ‖ softmax(zq))`` per row ``[B]`` over the whole (usable) vocabulary."""
+    lp = jax.nn.log_softmax(zp_bv, axis=-1)
+    lq = jax.nn.log_softmax(zq_bv, axis=-1)
+    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Draws
+
+
+def _prefix_sums(x: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum over the last axis as a matmul with a triangular matrix (XLA's CPU cumsum is
+    several times slower at these sizes); float32 accumulation at full precision on every backend."""
+    n = x.shape[-1]
+    tri = jnp.triu(jnp.ones((n, n), x.dtype))
+    return jnp.einsum("...i,ij->...j", x, tri, precision=jax.lax.Precision.HIGHEST)
+
+
+def _chunk_size(vocab: int) -> int:
+    return max(16, 1 << math.isqrt(max(vocab - 1, 1)).bit_length())
+
+
+def _inverse_cdf(logits_bv: jax.Array, u_bn: jax.Array) -> jax.Array:
+    """Token ids ``[B, n]`` for uniforms ``u`` in [0, 1): the first id whose cumulative probability exceeds
+    ``u · total``, found in two levels (chunk of ~sqrt(V) ids, then the id inside it). A token of probability
+    zero (``-inf`` logit) is never returned."""
+    B, V = logits_bv.shape
+    C = _chunk_size(V)
+    G = -(-V // C)
+    probs = jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True))  # -inf -> exactly 0
+    probs = jnp.pad(probs, ((0, 0), (0, G * C - V))).reshape(B, G, C)
+    chunk_mass = jnp.sum(probs, axis=-1)  # [B, G]
+    chunk_cdf = _prefix_sums(chunk_mass)
+    target = u_bn * chunk_cdf[:, -1:]  # [B, n]
+    g = jnp.sum(chunk_cdf[:, None, :] <= target[:, :, None], axis=-1)
+    # u · total can round up to the total: clamp to the last chunk (and below, the last id) with mass.
+    last_g = G - 1 - jnp.argmax((chunk_mass > 0)[:, ::-1], axis=-1)
+    g = jnp.minimum(g, last_g[:, None])
+    before = jnp.take_along_axis(chunk_cdf - chunk_mass, g, axis=-1)
+    rows = jnp.take_along_axis(probs, g[:, :, None], axis=1)  # [B, n, C]
+    j = jnp.sum(_prefix_sums(rows) <= (target - before)[:, :, None], axis=-1)
+    last_j = C - 1 - jnp.argmax((rows > 0)[:, :, ::-1], axis=-1)
+    return (g * C + jnp.minimum(j, last_j)).astype(jnp.int32)
+
+
+def draw(u_b: jax.Array, logits_bv: jax.Array, greedy_b: jax.Array) -> jax.Array:
+    """One token per row ``[B]`` from ``softmax(logits)`` (``-inf`` = excluded) by the uniform ``u`` in [0, 1), or
+    its argmax where greedy."""
+    sampled = _inverse_cdf(logits_bv, u_b[:, None])[:, 0]
+    return jnp.where(greedy_b, jnp.argmax(logits_bv, axis=-1).astype(jnp.int32), sampled)
+
+
+def par_draw(u_cand_bn: jax.Array, u_pick_b: jax.Array, proposal_bv: jax.Array, weight_logits_bv: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    """Proposing–Aligning–Reducing: n candidates from ``softmax(proposal)`` (with replacement; one uniform each),
+    self-normalised weights ``softmax(weight_logits[c])`` over the candidates (duplicates count), one candidate
+    drawn by weight (uniform ``u_pick``).
+
+    Returns the token ``[B]`` and the effective sample size ``1/Σ w_i²`` ``[B]`` (in [1, n]).
+    """
+    n = u_cand_bn.shape[-1]
+    cand = _inverse_cdf(proposal_bv, u_cand_bn)  # [B, n]
+    logw = jnp.take_along_axis(weight_logits_bv, cand, axis=-1)
+    w = jax.nn.softmax(logw, axis=-1)
+    ess = 1.0 / jnp.sum(w * w, axis=-1)
+    # Inverse CDF over the n weights (n is small: a direct cumulative sum).
+    pick = jnp.sum(jnp.cumsum(w, axis=-1) <= (u_pick_b * jnp.sum(w, axis=-1))[:, None], axis=-1)
+    pick = jnp.minimum(pick, n - 1)
+    return jnp.take_along_axis(cand, pick[:, None], axis=-1)[:, 0], ess
+
+
+def num_uniforms(mode: str, n: int) -> int:
+    """Uniforms ``choose`` consumes per row and step: the draw, the fallback draw, and for par the pick and the
+    n candidates."""
+    return 3 + n if mode == "par" else 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step
+
+
+def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv: jax.Array, u_bm: jax.Array,
+           params: RowParams, *, kl_fallback: str = "proposal", product_support: str = "nucleus",
+           kl_monitor: bool = True) -> TokenChoice:
+    """Draws the next token of every row.
+
+    zp_bv, zq_bv: float32 logits ``[B, V]`` of P_M and Q_θ (None where the mode does not use the model).
+    seen_bv:      bool ``[B, V]``, tokens already in the row (prompt and generated) for the repetition penalty.
+    u_bm:         uniforms in [0, 1) ``[B, num_uniforms(mode, n)]`` for this step (par: n = m - 3 candidates).
+    kl_monitor:   static switch; when False the KL is not computed at all (every row's threshold is ``inf``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    B = u_bm.shape[0]
+    nan = jnp.full((B,), jnp.nan, jnp.float32)
+    no = jnp.zeros((B,), bool)
+    u_main, u_fallback = u_bm[:, 0], u_bm[:, 1]
+    rp, greedy = params.repetition_penalty, params.greedy
+
+    if mode == "aligner":
+        zq = repetition_penalty(zq_bv, seen_bv, rp) / safe_temperature(params.aligner_temperature)
+        logits = filter_logits(zq, params.top_k, params.aligner_top_p)
+        return TokenChoice(draw(u_main, logits, greedy), no, nan, nan)
+
+    # P_M processed with its own settings; its support is the nucleus.
+    zp_pen = repetition_penalty(zp_bv, seen_bv, rp)
+    zp_t = zp_pen / safe_temperature(params.proposal_temperature)
+    nucleus = nucleus_mask(zp_t, params.top_k, params.proposal_top_p)
+    proposal_logits = jnp.where(nucleus, zp_t, NEG_INF)
+    if mode == "proposal":
+        return TokenChoice(draw(u_main, proposal_logits, greedy), no, nan, nan)
+
+    t_q = safe_temperature(params.aligner_temperature)
+    zq_t = zq_bv / t_q
+    ess = nan
+    if mode == "par":
+        product = jnp.where(nucleus, zp_t + zq_t, NEG_INF)
+        tok, ess = par_draw(u_bm[:, 3:], u_bm[:, 2], proposal_logits, zq_t)
+        tok = jnp.where(greedy, jnp.argmax(product, axis=-1).astype(jnp.int32), tok)
+    elif mode == "sparse":
+        zq_pen_t = repetition_penalty(zq_bv, seen_bv, rp) / t_q
+        restricted = jnp.where(nucleus, zq_pen_t, NEG_INF)
+        logits = filter_logits(restricted, jnp.zeros_like(params.top_k), params.aligner_top_p)
+        tok = draw(u_main, logits, greedy)
+    else:  # product
+        if product_support not in SUPPORTS:
+            raise ValueError(f"unknown product_support {product_support!r}; expected one of {SUPPORTS}")
+        product = zp_t + zq_t
+        if product_support == "nucleus":
+            product = jnp.where(nucleus, product, NEG_INF)
+        tok = draw(u_main, product, greedy)
+
+    if not kl_monitor:
+        return TokenChoice(tok, no, ess, nan)
+    kl = kl_divergence(zp_bv, zq_bv)
+    fired = kl > params.kl_threshold
+    if kl_fallback == "proposal":
+        fb_logits = proposal_logits
+    elif kl_fallback == "paper":
+        fb_logits = filter_logits(zp_pen / t_q, jnp.zeros_like(params.top_k), params.aligner_top_p)
+    else:
+        raise ValueError(f"unknown kl_fallback {kl_fallback!r}; expected one of {FALLBACKS}")
+    fb_tok = draw(u_fallback, fb_logits, greedy)
+    return TokenChoice(jnp.where(fired, fb_tok, tok), fired, jnp.where(fired, jnp.nan, ess), kl)
