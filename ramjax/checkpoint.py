@@ -117,10 +117,14 @@ class CheckpointManager:
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint keep={keep} must be >= 1 (or None to keep all)")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        # Handlers registered up front so that a fresh manager can read item metadata before any save/restore.
+        handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler()}
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -130,7 +134,8 @@ class CheckpointManager:
         return list(self._mngr.all_steps())
 
     def should_save(self, step: int) -> bool:
-        return self._mngr.should_save(step)
+        """Whether ``save(step, ...)`` without ``force`` writes: ``step`` is a multiple of ``save_every``."""
+        return step % self.save_every == 0 and step not in self._mngr.all_steps()
 
     def save(self, step: int, params: Any, train: dict[str, Any], data_state: dict[str, Any] | None,
              *, force: bool = False) -> bool:
@@ -138,11 +143,12 @@ class CheckpointManager:
 
         Without ``force`` it saves only on multiples of ``save_every``. Returns whether a save started.
         """
-        if step in self._mngr.all_steps():
+        # The decision is ours (orbax's default policy would also save the very first step).
+        if step in self._mngr.all_steps() or not (force or step % self.save_every == 0):
             return False
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
                                   data=ocp.args.JsonSave(data_state or {}))
-        return bool(self._mngr.save(step, args=args, force=force))
+        return bool(self._mngr.save(step, args=args, force=True))
 
     def stored_param_shapes(self, step: int) -> Any:
         """The stored parameter metadata tree (``ArrayMetadata`` leaves with ``.shape``/``.dtype``)."""

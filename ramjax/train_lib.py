@@ -290,7 +290,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     """The pure train step ``(state, batch, frozen) -> (state, metrics)``; jit it with ``jit_train_step``.
 
     metrics: float32 scalars — the objective's metrics (global-batch means), ``grad_norm`` (before clipping),
-    ``lr`` (the rate used for this update) and ``tokens`` (loss tokens in the batch).
+    ``lr`` (the rate used for this update), ``tokens`` (loss tokens in the batch) and ``input_tokens`` (non-padding
+    tokens fed to the model).
     """
     if grad_accum < 1:
         raise TrainConfigError(f"grad_accum={grad_accum} must be >= 1")
@@ -323,6 +324,8 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["tokens"] = jnp.sum(batch[objective.tokens_key] > 0).astype(jnp.float32)
+        metrics["input_tokens"] = sum(jnp.sum(v > 0) for k, v in batch.items()
+                                      if k.endswith("segment_ids")).astype(jnp.float32)
         if schedule is not None:  # optax evaluates the schedule at its update count, which equals state.step
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(key))
@@ -360,3 +363,552 @@ def memory_report(compiled) -> dict[str, int]:
     out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
                                   + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DPO reference log-probs (computed once, before training)
+
+
+def precompute_reference(model_cfg: model_lib.ModelConfig, params: Any, data: Any, batch_size: int, mesh: Mesh,
+                         rules=shd.DEFAULT_RULES, vocab_limit: int | None = None) -> np.ndarray:
+    """Summed response log-probs ``[N, 2]`` (chosen, rejected) of every example of ``data`` (a pair
+    ``TokenizedData``) under ``params``: the DPO reference, so the reference model need not stay in memory.
+
+    One ordered pass in padding mode; each process reads its rows, the results are replicated to every process.
+    """
+    from ramjax import data as data_lib
+
+    it = data_lib.BatchIterator(data, batch_size, shuffle=False, packing=False, drop_remainder=False, num_epochs=1)
+    keys = tuple("chosen_" + k for k in _LM_KEYS) + tuple("rejected_" + k for k in _LM_KEYS) + ("example_index",)
+    b_sh = {k: shd.batch_sharding(mesh, 1 if k == "example_index" else 2, rules) for k in keys}
+
+    def fn(params, b):
+        n = b["chosen_tokens"].shape[0]
+        both = {k: jnp.concatenate([b["chosen_" + k], b["rejected_" + k]], axis=0) for k in _LM_KEYS}
+        logits = _fwd(model_cfg, params, both, "", mesh, rules)
+        lp = loss_lib.sequence_logprobs(logits, both["targets"], both["loss_mask"], both["segment_ids"],
+                                        vocab_limit=vocab_limit)
+        return jnp.stack([lp[:n], lp[n:]], axis=1), b["example_index"]
+
+    p_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    jitted = jax.jit(fn, in_shardings=(p_sh, b_sh), out_shardings=(_replicated(mesh), _replicated(mesh)))
+    table = np.full((len(data), 2), np.nan, np.float32)
+    for batch in it:
+        lp, idx = jitted(params, to_global(batch, b_sh))
+        lp, idx = np.asarray(lp), np.asarray(idx)
+        ok = idx >= 0
+        table[idx[ok]] = lp[ok]
+    if np.isnan(table).any():
+        raise RuntimeError(f"reference log-probs missing for {int(np.isnan(table[:, 0]).sum())} examples")
+    return table
+
+
+def to_global(batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays on ``shardings`` (one code path for one and many processes)."""
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(batch[k])) for k, sh in shardings.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything ``train`` needs, built and validated before anything is written (see ``build``)."""
+
+    cfg: Any
+    model_cfg: model_lib.ModelConfig
+    tokenizer: Any
+    iterator: Any
+    mesh: Mesh
+    rules: tuple
+    param_shardings: Any
+    objective: Objective
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    total_steps: int
+    warmup_steps: int
+    resume_step: int | None
+    params: Any = None             # loaded initial params (model.init is a checkpoint), or None
+    source_is_hf: bool = False
+    vocab_limit: int | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run did. ``interrupted``: stopped by SIGTERM/SIGINT after checkpointing ``step``."""
+
+    run_dir: str
+    step: int
+    total_steps: int
+    interrupted: bool
+    metrics: dict
+    memory: dict
+    num_params: int
+    model_dir: str | None = None
+    hf_dir: str | None = None
+
+
+def initialize_distributed(dist: Any) -> None:
+    """``jax.distributed.initialize`` when ``dist.enabled`` (a ``DistributedConfig``); no-op otherwise or if done."""
+    if not getattr(dist, "enabled", False) or jax.distributed.is_initialized():
+        return
+    log.info("jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s)",
+             dist.coordinator_address, dist.num_processes, dist.process_id)
+    jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
+
+
+def _peek_model_config(path: str) -> tuple[model_lib.ModelConfig | None, bool]:
+    """``(ModelConfig or None, is_hf)`` of a model directory without loading its weights."""
+    from ramjax import checkpoint as ckpt_lib
+
+    if ckpt_lib.is_model_dir(path):
+        return ckpt_lib.read_model_config(path), False
+    try:
+        from ramjax import hf
+    except ImportError:
+        return None, True
+    for name in ("read_config", "load_config", "config_from_hf"):
+        fn = getattr(hf, name, None)
+        if callable(fn):
+            try:
+                return fn(path), True
+            except TypeError:
+                continue
+    return None, True
+
+
+def _embedding_rows(path: str) -> int | None:
+    """Embedding rows of a model directory (ramjax or HF ``config.json``), for the vocabulary check."""
+    import json
+    import os
+
+    from ramjax import checkpoint as ckpt_lib
+
+    if ckpt_lib.is_model_dir(path):
+        return ckpt_lib.read_model_config(path).vocab_size
+    cj = os.path.join(path, "config.json")
+    if os.path.isfile(cj):
+        with open(cj) as f:
+            c = json.load(f)
+        return c.get("vocab_size") or c.get("text_config", {}).get("vocab_size")
+    return None
+
+
+def _check_batch(cfg: Any, mesh: Mesh, rules) -> None:
+    B, k = cfg.data.batch_size, cfg.optimizer.grad_accum
+    div = shd.batch_divisor(mesh, rules)
+    if (B // k) % div:
+        raise TrainConfigError(
+            f"data.batch_size={B} / optimizer.grad_accum={k} = {B // k} rows per micro-batch is not divisible by "
+            f"the {div} batch shards of mesh {dict(mesh.shape)}; make batch_size a multiple of {div * k}")
+    if B % jax.process_count():
+        raise TrainConfigError(f"data.batch_size={B} must be a multiple of the process count {jax.process_count()}")
+
+
+def _total_steps(cfg: Any, iterator: Any) -> int:
+    if cfg.steps > 0:
+        return int(cfg.steps)
+    return max(1, int(math.ceil(cfg.epochs * iterator.batches_per_epoch(0))))
+
+
+def build_objective(plan_like: Any, cfg: Any, model_cfg: model_lib.ModelConfig, mesh: Mesh, rules,
+                    vocab_limit: int | None) -> Objective:
+    """The ``Objective`` of ``cfg.stage``."""
+    if cfg.stage in ("sft", "pretrain"):
+        return lm_objective(model_cfg, name=cfg.stage, mesh=mesh, rules=rules, vocab_limit=vocab_limit)
+    if cfg.stage == "ram":
+        return ram_objective(model_cfg, cfg.ram.alpha, mesh=mesh, rules=rules, vocab_limit=vocab_limit)
+    if cfg.stage == "dpo":
+        return dpo_objective(model_cfg, cfg.dpo.beta, cfg.dpo.label_smoothing, mesh=mesh, rules=rules,
+                             vocab_limit=vocab_limit)
+    raise TrainConfigError(f"stage={cfg.stage!r} is not implemented by the trainer (supported: {STAGES})")
+
+
+def build(cfg: Any, *, load_params: bool = True) -> Plan:
+    """Validates ``cfg`` (a ``TrainConfig``) and builds everything a run needs — tokenizer, data, mesh, shapes,
+    optimizer, objective — *without writing anything*, so bad input leaves no half-written run directory.
+
+    Raises named errors: ``ConfigError``, ``TrainConfigError``, ``LossConfigError`` (α < 0), ``DataError``
+    (malformed JSONL), ``VocabMismatchError`` (aligner vs proposal vocabulary), ``ShardingError``,
+    ``CheckpointMismatchError`` (the run directory holds a checkpoint of another model shape).
+    """
+    import os
+
+    from ramjax import checkpoint as ckpt_lib
+    from ramjax import config as config_lib
+    from ramjax import data as data_lib
+    from ramjax import tokenizer as tok_lib
+
+    config_lib.validate_config(cfg)
+    if cfg.stage not in STAGES:
+        raise TrainConfigError(f"stage={cfg.stage!r} is not implemented by the trainer (supported: {STAGES})")
+    if cfg.stage == "ram":
+        loss_lib.validate_alpha(cfg.ram.alpha)
+    if cfg.stage == "dpo":
+        loss_lib.validate_dpo(cfg.dpo.beta, cfg.dpo.label_smoothing)
+        if cfg.data.packing:
+            raise TrainConfigError("stage=dpo needs one example per row (its loss pairs each example's chosen and "
+                                   "rejected log-probs with precomputed reference log-probs); set data.packing=false")
+    initialize_distributed(cfg.distributed)
+
+    # Tokenizer and model shape.
+    scratch = cfg.model.from_scratch
+    if not scratch and not os.path.isdir(cfg.model.init):
+        raise TrainConfigError(f"model.init={cfg.model.init!r} is neither 'scratch' nor a model directory")
+    tok_path = cfg.tokenizer or (None if scratch else cfg.model.init)
+    if tok_path is None:
+        raise TrainConfigError("no tokenizer: set tokenizer=PATH")
+    tokenizer = tok_lib.load_tokenizer(tok_path)
+    params = None
+    source_is_hf = False
+    over = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    if scratch:
+        model_cfg = cfg.model.model_config(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                           eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    else:
+        model_cfg, source_is_hf = _peek_model_config(cfg.model.init)
+        if model_cfg is not None:
+            model_cfg = model_cfg.replace(**over)
+    if model_cfg is not None and model_cfg.vocab_size < tokenizer.vocab_size:
+        raise tok_lib.VocabMismatchError(
+            f"the model has {model_cfg.vocab_size} embedding rows but the tokenizer {tok_path!r} has "
+            f"{tokenizer.vocab_size} ids; use the model's own tokenizer or set model.arch.vocab_size >= "
+            f"{tokenizer.vocab_size}")
+    if cfg.stage == "ram":
+        if cfg.proposal:
+            if not tok_lib.has_tokenizer(cfg.proposal) and not os.path.isfile(cfg.proposal):
+                raise TrainConfigError(f"proposal={cfg.proposal!r} has no tokenizer files to check the aligner's "
+                                       f"vocabulary against")
+            prop_tok = tok_lib.load_tokenizer(cfg.proposal)
+            tok_lib.check_vocab_compatible(
+                prop_tok, tokenizer, proposal_rows=_embedding_rows(cfg.proposal) if os.path.isdir(cfg.proposal)
+                else None, aligner_rows=model_cfg.vocab_size if model_cfg is not None else None)
+        else:
+            log.warning("stage=ram without proposal=PATH: the aligner's vocabulary is not checked against the "
+                        "proposal's; set proposal to the proposal model directory")
+
+    # Mesh, data, schedule.
+    mesh = shd.make_mesh(cfg.mesh.mesh_config())
+    rules = cfg.mesh.sharding_rules()
+    _check_batch(cfg, mesh, rules)
+    iterator = data_lib.train_iterator(cfg, tokenizer)
+    total = _total_steps(cfg, iterator)
+    warmup = cfg.schedule.warmup_steps or int(round(cfg.schedule.warmup_ratio * total))
+    schedule = make_schedule(cfg.optimizer.lr, total, warmup, cfg.schedule.decay, cfg.schedule.final_lr_ratio)
+    o = cfg.optimizer
+    optimizer = make_optimizer(o.name, schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                               rmsprop_decay=o.rms_decay, momentum=o.momentum, clip_norm=o.clip_norm or None)
+
+    # Resume: a checkpoint of another shape is an error now, before anything is written.
+    ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+    resume_step = None
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        if not cfg.checkpoint.resume:
+            raise TrainConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume=false; use a fresh run_dir "
+                                   f"or set checkpoint.resume=true")
+        mngr = ckpt_lib.CheckpointManager(ckpt_dir)
+        resume_step = mngr.latest_step()
+    if model_cfg is None or (load_params and not scratch and resume_step is None):
+        from ramjax import api
+
+        m = api.load_model(cfg.model.init, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                           rules=rules)
+        model_cfg = m.config.replace(**over)
+        params = m.params if (load_params and resume_step is None) else None
+    p_sh = model_lib.param_shardings(model_cfg, mesh, rules)
+    if resume_step is not None:
+        ckpt_lib.compare_shapes(mngr.stored_param_shapes(resume_step), model_lib.param_shapes(model_cfg),
+                                f"checkpoint {ckpt_dir}/{resume_step}")
+    vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < model_cfg.vocab_size else None
+    objective = build_objective(None, cfg, model_cfg, mesh, rules, vocab_limit)
+    return Plan(cfg=cfg, model_cfg=model_cfg, tokenizer=tokenizer, iterator=iterator, mesh=mesh, rules=rules,
+                param_shardings=p_sh, objective=objective, optimizer=optimizer, schedule=schedule,
+                total_steps=total, warmup_steps=warmup, resume_step=resume_step, params=params,
+                source_is_hf=source_is_hf, vocab_limit=vocab_limit)
+
+
+def _abstract_batch(plan: Plan) -> tuple[dict, dict]:
+    """Global ``ShapeDtypeStruct``s and shardings of one batch (from the iterator's local shapes)."""
+    B, T = plan.cfg.data.batch_size, plan.iterator.data.max_len
+    shapes, shardings = {}, {}
+    for k in plan.objective.batch_keys:
+        dtype = np.float32 if k.endswith("loss_mask") else np.int32  # the dtypes of ramjax.data batches
+        shape = (B,) if k == "example_index" else (B, T)
+        shardings[k] = shd.batch_sharding(plan.mesh, len(shape), plan.rules)
+        shapes[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
+    return shapes, shardings
+
+
+def _state_abstract(plan: Plan) -> tuple[TrainState, TrainState]:
+    shapes = jax.eval_shape(lambda: init_state(model_lib.param_shapes(plan.model_cfg), plan.optimizer,
+                                               jax.random.key(0)))
+    sh = state_shardings(shapes, plan.param_shardings, plan.mesh)
+    abstract = jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes, sh)
+    return abstract, sh
+
+
+def _frozen_abstract(plan: Plan) -> tuple[Any, Any]:
+    if plan.cfg.stage == "dpo":
+        n = len(plan.iterator.data)
+        sh = {"ref_logps": _replicated(plan.mesh)}
+        return {"ref_logps": jax.ShapeDtypeStruct((n, 2), jnp.float32, sharding=sh["ref_logps"])}, sh
+    return None, None
+
+
+def compile_step(plan: Plan):
+    """Lowers and compiles the train step for the plan's shapes; returns ``(compiled, memory report, shardings)``."""
+    state_abs, state_sh = _state_abstract(plan)
+    batch_abs, batch_sh = _abstract_batch(plan)
+    frozen_abs, frozen_sh = _frozen_abstract(plan)
+    step = make_train_step(plan.objective, plan.optimizer, grad_accum=plan.cfg.optimizer.grad_accum,
+                           schedule=plan.schedule, mesh=plan.mesh, rules=plan.rules)
+    jitted = jit_train_step(step, state_sh, batch_sh, frozen_sh, plan.mesh)
+    compiled = jitted.lower(state_abs, batch_abs, frozen_abs).compile()
+    mem = memory_report(compiled)
+    if mem:
+        log.info("compiled train step: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB, peak ~%.1f MiB "
+                 "per device", mem["argument_size_in_bytes"] / 2**20, mem["output_size_in_bytes"] / 2**20,
+                 mem["temp_size_in_bytes"] / 2**20, mem["peak_estimate_bytes"] / 2**20)
+    return compiled, mem, (state_sh, batch_sh, frozen_sh)
+
+
+def dry_run(cfg: Any) -> dict[str, Any]:
+    """Validates ``cfg``, builds shapes, compiles the step; writes nothing. Returns parameter counts, steps,
+    data statistics and the compiled memory estimate."""
+    plan = build(cfg, load_params=False)
+    _, mem, _ = compile_step(plan)
+    n = model_lib.count_params(model_lib.param_shapes(plan.model_cfg))
+    return {"stage": cfg.stage, "num_params": n, "model": dataclasses.asdict(plan.model_cfg),
+            "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps, "resume_step": plan.resume_step,
+            "batches_per_epoch": plan.iterator.batches_per_epoch(0), "data": plan.iterator.stats.as_dict(),
+            "mesh": dict(plan.mesh.shape), "memory": mem}
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag that the loop checks after each step (installed only in the main thread)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == 2:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("signal %d: checkpointing after the current step, then exiting", signum)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    import json
+    import os
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Runs ``cfg`` (a ``TrainConfig``): builds everything (``build``), then trains in ``cfg.run_dir``.
+
+    Resumes automatically from the latest checkpoint in ``run_dir/checkpoints`` (params, optimizer state, step,
+    data iterator state, PRNG). Writes ``config.yaml``, ``meta.json``, ``metrics.jsonl`` and ``tb/`` (process 0),
+    checkpoints every ``checkpoint.every`` steps, and at the end the final checkpoint, a ramjax model directory
+    ``run_dir/model`` and, with ``checkpoint.export_hf``, Hugging Face safetensors in ``run_dir/hf``.
+    SIGTERM/SIGINT: checkpoint after the current step and return with ``interrupted=True``.
+
+    progress: called after every step with ``{"step", "total_steps"}`` plus, on logging steps, ``"metrics"``.
+    """
+    import os
+    import time
+    import zlib
+
+    from ramjax import checkpoint as ckpt_lib
+    from ramjax import config as config_lib
+    from ramjax import metrics as metrics_lib
+
+    t_start = time.time()
+    plan = build(cfg)
+    primary = jax.process_index() == 0
+    run_dir = cfg.run_dir
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    compiled, mem, (state_sh, batch_sh, frozen_sh) = compile_step(plan)
+    num_params = model_lib.count_params(model_lib.param_shapes(plan.model_cfg))
+
+    # --- from here on the run directory is written
+    if primary:
+        os.makedirs(run_dir, exist_ok=True)
+        config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    meta = {"jax_version": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
+            "local_device_count": jax.local_device_count(), "process_count": jax.process_count(),
+            "mesh": dict(plan.mesh.shape), "stage": cfg.stage, "num_params": num_params,
+            "model": ckpt_lib.config_to_dict(plan.model_cfg), "total_steps": plan.total_steps,
+            "warmup_steps": plan.warmup_steps, "data": plan.iterator.stats.as_dict(), "compiled_memory": mem,
+            "resumed_from": plan.resume_step, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if primary:
+        _write_json_atomic(os.path.join(run_dir, "meta.json"), meta)
+    every = cfg.checkpoint.every or (plan.total_steps + 1)
+    mngr = ckpt_lib.CheckpointManager(ckpt_dir, save_every=every, keep=cfg.checkpoint.keep)
+    writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard)
+
+    root = jax.random.key(cfg.seed)
+    k_params, k_train = jax.random.split(root)
+    state_abs, _ = _state_abstract(plan)
+    if plan.resume_step is not None:
+        p_abs = state_abs.params
+        train_abs = {"step": state_abs.step, "rng": state_abs.rng, "opt_state": state_abs.opt_state}
+        params, tr, data_state = mngr.restore(plan.resume_step, p_abs, train_abs)
+        state = TrainState(step=tr["step"], params=params, opt_state=tr["opt_state"], rng=tr["rng"])
+        plan.iterator.restore(data_state)
+        writer.truncate_after(plan.resume_step)
+        log.info("resumed from %s/%d (data epoch %d, position %d)", ckpt_dir, plan.resume_step,
+                 plan.iterator.epoch, plan.iterator.position)
+    else:
+        params = plan.params
+        if params is None:  # from scratch
+            params = model_lib.init_params_sharded(plan.model_cfg, k_params, plan.mesh, plan.rules)
+        state = jax.jit(lambda p: init_state(p, plan.optimizer, k_train), out_shardings=state_sh,
+                        donate_argnums=(0,))(params)
+    plan.params = params = None  # the state owns the params now
+
+    frozen = None
+    if cfg.stage == "dpo":
+        frozen = {"ref_logps": _reference_table(plan, state, run_dir, primary, k_params)}
+        frozen = {"ref_logps": jax.device_put(frozen["ref_logps"], frozen_sh["ref_logps"])}
+
+    step = int(jax.device_get(state.step))
+    thr = metrics_lib.Throughput()
+    pending: list[dict] = []
+    last: dict[str, Any] = {}
+    warned = 0
+    interrupted = False
+    with _StopFlag() as stop:
+        while step < plan.total_steps:
+            local = next(plan.iterator)
+            crc = zlib.crc32(np.ascontiguousarray(local[plan.objective.batch_keys[0]]).tobytes())
+            state, m = compiled(state, to_global(local, batch_sh), frozen)
+            step += 1
+            pending.append(m)
+            event = {"step": step, "total_steps": plan.total_steps}
+            if step % cfg.logging.every == 0 or step == plan.total_steps or stop.signum is not None:
+                host = [jax.device_get(x) for x in pending]
+                for x in host:
+                    thr.add(float(x["input_tokens"]))
+                pending = []
+                last = {f"train/{k}": float(v) for k, v in host[-1].items() if k not in ("input_tokens",)}
+                last.update({f"perf/{k}": v for k, v in thr.update().items()})
+                last.update({"data/epoch": plan.iterator.epoch, "data/position": plan.iterator.position,
+                             "data/crc32": crc})
+                writer.write(step, last)
+                event["metrics"] = last
+                if cfg.stage == "ram":
+                    warned = _warn_alpha(last, cfg.ram.alpha, warned)
+            mngr.save(step, state.params, {"step": state.step, "rng": state.rng, "opt_state": state.opt_state},
+                      plan.iterator.state())
+            if progress is not None:
+                progress(event)
+            if stop.signum is not None:
+                interrupted = step < plan.total_steps
+                break
+    if interrupted or step == plan.total_steps:
+        mngr.save(step, state.params, {"step": state.step, "rng": state.rng, "opt_state": state.opt_state},
+                  plan.iterator.state(), force=True)
+    mngr.close()
+    writer.close()
+
+    model_dir = hf_dir = None
+    if not interrupted:
+        model_dir = os.path.join(run_dir, "model")
+        tok_src = cfg.tokenizer or (None if cfg.model.from_scratch else cfg.model.init)
+        ckpt_lib.save_model_dir(model_dir, plan.model_cfg, state.params,
+                                tokenizer=tok_src if tok_src and os.path.isdir(tok_src) else plan.tokenizer)
+        if cfg.checkpoint.export_hf:
+            hf_dir = _export_hf(os.path.join(run_dir, "hf"), plan, state.params, tok_src)
+    meta.update({"final_step": step, "interrupted": interrupted, "elapsed_s": round(time.time() - t_start, 2),
+                 "last_metrics": last})
+    if primary:
+        _write_json_atomic(os.path.join(run_dir, "meta.json"), meta)
+    return TrainResult(run_dir=run_dir, step=step, total_steps=plan.total_steps, interrupted=interrupted,
+                       metrics=last, memory=mem, num_params=num_params, model_dir=model_dir, hf_dir=hf_dir)
+
+
+def _warn_alpha(m: Mapping[str, float], alpha: float, warned: int) -> int:
+    """Logs a warning when the α term dominates the RAM objective (then every 10th time it still does)."""
+    nll, neg = m.get("train/nll_data"), m.get("train/logq_neg")
+    if nll is None or neg is None:
+        return warned
+    if abs(alpha * neg) > abs(nll):
+        if warned % 10 == 0:
+            log.warning("ram: the alpha term dominates the loss (|alpha * logq_neg| = %.4g > nll_data = %.4g): the "
+                        "objective is unbounded below in log Q(y_neg|x), so training may push the negatives' "
+                        "likelihood down without limit; lower ram.alpha (the paper uses 1e-4)", abs(alpha * neg), nll)
+        return warned + 1
+    return warned
+
+
+def _reference_table(plan: Plan, state: TrainState, run_dir: str, primary: bool, k_params: jax.Array) -> np.ndarray:
+    """DPO reference log-probs ``[N, 2]``: from ``run_dir/ref_logps.npy`` when resuming, else computed from the
+    initial params (the state's params at step 0, before any update) and saved."""
+    import os
+
+    path = os.path.join(run_dir, "ref_logps.npy")
+    n = len(plan.iterator.data)
+    if os.path.isfile(path):
+        table = np.load(path)
+        if table.shape == (n, 2):
+            return table
+        log.warning("%s has shape %s, expected %s: recomputing", path, table.shape, (n, 2))
+    if int(jax.device_get(state.step)) == 0:
+        params = state.params
+    else:  # resumed without the saved table: recompute from the initial weights
+        if plan.cfg.model.from_scratch:
+            params = model_lib.init_params_sharded(plan.model_cfg, k_params, plan.mesh, plan.rules)
+        else:
+            from ramjax import api
+
+            params = api.load_model(plan.cfg.model.init, mesh=plan.mesh, dtype=plan.cfg.model.dtype,
+                                    param_dtype=plan.cfg.model.param_dtype, rules=plan.rules).params
+    mb = plan.cfg.data.batch_size // plan.cfg.optimizer.grad_accum
+    table = precompute_reference(plan.model_cfg, params, plan.iterator.data, mb, plan.mesh, plan.rules,
+                                 plan.vocab_limit)
+    if primary:
+        np.save(path + ".tmp.npy", table)
+        os.replace(path + ".tmp.npy", path)
+    log.info("dpo: reference log-probs of %d examples computed once (the reference model is not kept)", n)
+    return table
+
+
+def _export_hf(path: str, plan: Plan, params: Any, tok_src: str | None) -> str | None:
+    """Hugging Face safetensors export via ``ramjax.hf.save_hf`` (process 0 writes; params gathered first)."""
+    import os
+
+    try:
+        from ramjax import hf
+    except ImportError:
+        log.warning("ramjax.hf is not available: no Hugging Face export (the ramjax model directory is written)")
+        return None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params)
+    if jax.process_index() == 0:
+        hf.save_hf(path, plan.model_cfg, params, tokenizer_dir=tok_src if tok_src and os.path.isdir(tok_src)
+                   else None)
+    return path

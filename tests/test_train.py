@@ -15,6 +15,13 @@ CFG = model_lib.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64,
                             num_kv_heads=2, head_dim=8)
 
 
+def random_params(cfg, seed=0):
+    """Random N(0, 0.02²) parameters of ``cfg``'s shapes (jitting flax's init is slow to compile on CPU)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype),
+                                  model_lib.param_shapes(cfg))
+
+
 def _ram_batch(B=8, T=12, seed=0):
     """A random RAM batch: right-padded rows with prompt (masked) and response (trained) tokens."""
     rng = np.random.default_rng(seed)
@@ -36,7 +43,7 @@ def _ram_batch(B=8, T=12, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def _params0():
-    return jax.device_get(jax.jit(model_lib.init_params, static_argnums=0)(CFG, jax.random.key(0)))
+    return jax.device_get(random_params(CFG))
 
 
 def _setup(mesh, grad_accum=1, opt="sgd", lr=0.1):
@@ -134,3 +141,274 @@ def test_rmsprop_matches_torch_rule():
         v = 0.99 * v + 0.01 * g * g
         want = want - 0.01 * g / (np.sqrt(v) + 1e-8)
     np.testing.assert_allclose(np.asarray(p["w"]), want, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The training loop (train_lib.train): resume, signals, stages, bad inputs
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from ramjax import checkpoint as ckpt_lib  # noqa: E402
+from ramjax import config as config_lib  # noqa: E402
+from ramjax import metrics as metrics_lib  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tokenizer_fixtures  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALIGNER = model_lib.ModelConfig(vocab_size=640, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+_WORDS = "the quick brown fox jumps over lazy dog alignment residual model proposal aligner token".split()
+
+
+def make_fixture(root):
+    """A tokenizer, an initial aligner model directory and JSONL data for every stage under ``root``."""
+    import random
+
+    os.makedirs(root, exist_ok=True)
+    tokenizer_fixtures.make_hf_tokenizer(os.path.join(root, "tok"), kind="llama")
+    ckpt_lib.save_model_dir(os.path.join(root, "aligner0"), ALIGNER, random_params(ALIGNER, 1),
+                            tokenizer=os.path.join(root, "tok"))
+    rng = random.Random(0)
+
+    def sent(lo, hi):
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    rows = {"ram": lambda: {"prompt": sent(3, 5), "response": sent(2, 6), "proposal": sent(2, 6)},
+            "pref": lambda: {"prompt": sent(3, 5), "chosen": sent(2, 6), "rejected": sent(2, 6)},
+            "sft": lambda: {"prompt": sent(3, 5), "response": sent(2, 6)}}
+    for name, make in rows.items():
+        with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
+            for _ in range(48):
+                f.write(json.dumps(make()) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """The loop tests compile the same train step several times (straight, interrupted, resumed runs): a
+    persistent compilation cache for this module turns the repeats into cache hits."""
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return make_fixture(str(tmp_path_factory.mktemp("fx")))
+
+
+def ram_overrides(fx, run_dir, *extra):
+    return [f"run_dir={run_dir}", "stage=ram", f"model.init={fx}/aligner0", f"data.train_files=[{fx}/ram.jsonl]",
+            "data.max_len=24", "data.max_prompt_len=12", "data.batch_size=8", "steps=6", "optimizer.name=adamw",
+            "optimizer.lr=3e-3", "optimizer.grad_accum=2", "ram.alpha=0.01", "checkpoint.every=3",
+            "checkpoint.export_hf=false", "logging.every=1", "logging.tensorboard=false", "mesh.data=2",
+            "mesh.fsdp=2", "mesh.tensor=2", *extra]
+
+
+def _cfg(overrides):
+    return config_lib.load_config(config_lib.TrainConfig, None, overrides)
+
+
+def _losses(run_dir):
+    return [(r["step"], r["train/loss"], r["data/crc32"]) for r in metrics_lib.read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(fx, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("straight") / "run")
+    result = train_lib.train(_cfg(ram_overrides(fx, run_dir)))
+    return run_dir, result
+
+
+def test_ram_run_writes_everything(straight_run):
+    run_dir, result = straight_run
+    assert result.step == 6 and not result.interrupted
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "model/ramjax_model.json"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    meta = json.load(open(os.path.join(run_dir, "meta.json")))
+    assert meta["jax_version"] == jax.__version__ and meta["device_count"] == 8 and meta["process_count"] == 1
+    assert meta["final_step"] == 6 and meta["compiled_memory"]
+    recs = metrics_lib.read_metrics(run_dir)
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    for k in ("train/loss", "train/nll_data", "train/logq_neg", "train/grad_norm", "train/lr", "perf/tokens_per_s"):
+        assert np.isfinite(recs[-1][k]), k
+    r = recs[0]
+    assert r["train/loss"] == pytest.approx(r["train/nll_data"] + 0.01 * r["train/logq_neg"], rel=1e-6)
+    assert sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints"))) == [3, 6]
+    cfg = config_lib.load_config(config_lib.TrainConfig, os.path.join(run_dir, "config.yaml"))
+    assert cfg.ram.alpha == 0.01
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(fx, straight_run, tmp_path):
+    """SIGTERM at step 2 -> checkpoint at 2, interrupted; resuming runs 3..6 with the same losses, data order
+    and final parameters as the uninterrupted run (float32, 1e-6)."""
+    run_dir = str(tmp_path / "run")
+    cfg = _cfg(ram_overrides(fx, run_dir))
+
+    def progress(event):
+        if event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    r1 = train_lib.train(cfg, progress=progress)
+    assert r1.interrupted and r1.step == 2 and r1.model_dir is None
+    assert sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints"))) == [2]
+    r2 = train_lib.train(cfg)
+    assert r2.step == 6 and not r2.interrupted
+    _assert_same_run(run_dir, straight_run[0])
+
+
+def _assert_same_run(run_dir, ref_dir):
+    got, want = _losses(run_dir), _losses(ref_dir)
+    assert [s for s, _, _ in got] == [s for s, _, _ in want]
+    assert [c for _, _, c in got] == [c for _, _, c in want]  # same data order
+    np.testing.assert_allclose([l for _, l, _ in got], [l for _, l, _ in want], rtol=1e-6, atol=1e-6)
+    _, p_got = ckpt_lib.load_model_dir(os.path.join(run_dir, "model"))
+    _, p_want = ckpt_lib.load_model_dir(os.path.join(ref_dir, "model"))
+    _assert_trees_close(p_got, p_want, 1e-6)
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from ramjax import config, train_lib
+cfg = config.load_config(config.TrainConfig, None, {overrides!r})
+def progress(event):
+    if event["step"] == 4:  # the checkpoint of step 3 is committed; die without any cleanup
+        os.kill(os.getpid(), signal.SIGKILL)
+train_lib.train(cfg, progress=progress)
+"""
+
+
+def _env(devices=8):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_exact(fx, straight_run, tmp_path):
+    run_dir = str(tmp_path / "run")
+    overrides = ram_overrides(fx, run_dir)
+    p = subprocess.run([sys.executable, "-c", _KILL_SCRIPT.format(root=ROOT, overrides=overrides)], env=_env(),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert [r["step"] for r in metrics_lib.read_metrics(run_dir)] == [1, 2, 3, 4]
+    r = train_lib.train(_cfg(overrides))  # resumes from step 3; the logged step 4 of the dead run is replaced
+    assert r.step == 6
+    _assert_same_run(run_dir, straight_run[0])
+
+
+@pytest.mark.slow
+def test_train_py_sigterm_exits_zero_and_resumes(fx, tmp_path):
+    run_dir = str(tmp_path / "run")
+    # from scratch here (the fast tests start from a saved model directory, which compiles faster)
+    overrides = ram_overrides(fx, run_dir, "steps=400", "checkpoint.every=1000", "logging.every=1",
+                              "model.init=scratch", f"tokenizer={fx}/tok", "model.arch.vocab_size=640",
+                              "model.arch.hidden_size=32", "model.arch.head_dim=8", "model.arch.intermediate_size=64")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *overrides], env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and len(metrics_lib.read_metrics(run_dir)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "interrupted; checkpoint saved at step" in out
+    steps = ckpt_lib.CheckpointManager(os.path.join(run_dir, "checkpoints")).all_steps()
+    assert len(steps) == 1 and 3 <= steps[0] < 400
+    r = train_lib.train(_cfg(overrides + [f"steps={steps[0] + 2}"]))  # the later override wins
+    assert r.step == steps[0] + 2 and not r.interrupted
+
+
+def test_dpo_reference_and_trl_metrics(fx, tmp_path):
+    run_dir = str(tmp_path / "run")
+    over = [f"run_dir={run_dir}", "stage=dpo", f"model.init={fx}/aligner0", f"data.train_files=[{fx}/pref.jsonl]",
+            "data.max_len=24", "data.max_prompt_len=12", "data.batch_size=8", "steps=2", "optimizer.lr=1e-2",
+            "dpo.beta=0.5", "checkpoint.export_hf=false", "logging.every=1", "mesh.data=8", "mesh.fsdp=1"]
+    r = train_lib.train(_cfg(over))
+    recs = metrics_lib.read_metrics(run_dir)
+    # step 1 is evaluated at the initial params, which are the reference: every reward is 0 and the loss log 2
+    first = recs[0]
+    assert first["train/loss"] == pytest.approx(np.log(2.0), abs=1e-5)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert first[f"train/{k}"] == pytest.approx(0.0, abs=1e-5)
+    assert "train/rewards/accuracies" in first and "train/logps/chosen" in first and "train/logps/rejected" in first
+    table = np.load(os.path.join(run_dir, "ref_logps.npy"))
+    assert table.shape == (48, 2) and np.all(table < 0)
+    assert recs[1]["train/loss"] < np.log(2.0)
+    assert r.model_dir and ckpt_lib.read_model_config(r.model_dir).vocab_size == 640
+
+
+def test_dry_run_writes_nothing(fx, tmp_path):
+    run_dir = str(tmp_path / "run")
+    info = train_lib.dry_run(_cfg(ram_overrides(fx, run_dir, "model.init=scratch", f"tokenizer={fx}/tok",
+                                                "model.arch.vocab_size=640", "model.arch.hidden_size=32",
+                                                "model.arch.head_dim=8", "model.arch.intermediate_size=64")))
+    assert info["num_params"] == model_lib.count_params(model_lib.param_shapes(ALIGNER.replace(
+        max_position_embeddings=2048)))
+    assert info["total_steps"] == 6 and info["memory"]["temp_size_in_bytes"] > 0
+    assert not os.path.exists(run_dir)
+
+
+def _snapshot(d):
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, d)] = os.path.getmtime(p)
+    return out
+
+
+def test_bad_inputs_are_named_errors_and_write_nothing(fx, straight_run, tmp_path):
+    from ramjax import data as data_lib
+    from ramjax import loss as loss_lib
+    from ramjax import tokenizer as tok_lib
+
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(config_lib.ConfigError, match="ram.alpha"):
+        _cfg(ram_overrides(fx, run_dir, "ram.alpha=-1e-4"))
+    cfg = _cfg(ram_overrides(fx, run_dir))
+    import dataclasses
+
+    with pytest.raises((config_lib.ConfigError, loss_lib.LossConfigError), match="alpha"):  # config built in code
+        train_lib.train(dataclasses.replace(cfg, ram=dataclasses.replace(cfg.ram, alpha=-1.0)))
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'optimizer.lr'"):
+        _cfg(ram_overrides(fx, run_dir, "optimizer.lrr=1"))
+    with pytest.raises(config_lib.ConfigError, match="optimizer.lr"):
+        _cfg(ram_overrides(fx, run_dir, "optimizer.lr=fast"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b", "proposal": "c"}\n{"prompt": "a", "response": \n')
+    with pytest.raises(data_lib.DataError, match="bad.jsonl:2"):
+        train_lib.train(_cfg(ram_overrides(fx, run_dir, f"data.train_files=[{bad}]")))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"prompt": "a", "response": "b", "proposal": "c"}\n{"prompt": "a", "proposal": "c"}\n')
+    with pytest.raises(data_lib.DataError, match="missing.jsonl:2"):
+        train_lib.train(_cfg(ram_overrides(fx, run_dir, f"data.train_files=[{missing}]")))
+    other_tok = tmp_path / "proposal"
+    tokenizer_fixtures.make_hf_tokenizer(other_tok, kind="qwen")
+    with pytest.raises(tok_lib.VocabMismatchError):
+        train_lib.train(_cfg(ram_overrides(fx, run_dir, f"proposal={other_tok}")))
+    assert not os.path.exists(run_dir)
+    # a run directory holding a checkpoint of another shape: named error, the directory untouched
+    import shutil
+
+    other = str(tmp_path / "other")
+    shutil.copytree(straight_run[0], other)
+    before = _snapshot(other)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="layers/w_up"):
+        train_lib.train(_cfg(ram_overrides(fx, other, "model.init=scratch", f"tokenizer={fx}/tok",
+                                           "model.arch.vocab_size=640", "model.arch.hidden_size=32",
+                                           "model.arch.head_dim=8", "model.arch.intermediate_size=96")))
+    assert _snapshot(other) == before

@@ -1,0 +1,120 @@
+"""Train a model: ``python train.py [CONFIG.yaml] [key=value ...] [--dry-run]``.
+
+Stages (``stage=`` in the config): ``pretrain``, ``sft`` (P_M warm-up / SFT baseline), ``dpo`` (baseline) and
+``ram`` (the residual aligner Q_θ). The CLI only parses, prints and calls ``ramjax.train_lib``:
+
+    python train.py configs/ram.yaml optimizer.lr=1e-6 ram.alpha=1e-3 mesh.fsdp=8
+    python train.py configs/sft.yaml --dry-run     # validate, build shapes, print sizes and compiled memory
+
+With no arguments it runs ``configs/default.yaml`` if that file exists, else prints this help.
+Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.yaml")
+
+
+def _usage() -> str:
+    return __doc__.strip()
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    """A tqdm progress callback showing loss and tokens/s (process 0 only)."""
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
+
+    def progress(event):
+        bar.update(event["step"] - bar.n)
+        m = event.get("metrics")
+        if m:
+            post = {"loss": f"{m.get('train/loss', float('nan')):.4f}",
+                    "tok/s": f"{m.get('perf/tokens_per_s', 0.0):.0f}"}
+            if "train/nll_data" in m:
+                post["nll"] = f"{m['train/nll_data']:.3f}"
+            bar.set_postfix(post, refresh=False)
+
+    return progress, bar
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(_usage())
+        return 0
+    dry = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    if not argv and not dry:
+        if not os.path.isfile(DEFAULT_CONFIG):
+            print(_usage())
+            return 0
+        argv = [DEFAULT_CONFIG]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every array it writes at INFO
+
+    from ramjax import config as config_lib
+
+    try:
+        path, overrides = config_lib.split_cli_args(argv)
+        cfg = config_lib.load_config(config_lib.TrainConfig, path, overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.stage not in ("pretrain", "sft", "dpo", "ram"):
+        # other stages (trra) are run by their own modules; keep this dispatch the single place to plug them in
+        print(f"error: stage={cfg.stage!r} is not supported by train.py yet", file=sys.stderr)
+        return 2
+
+    from ramjax import train_lib
+
+    # The distributed runtime must start before JAX touches a device (printing the resolved config does not).
+    train_lib.initialize_distributed(cfg.distributed)
+    import jax
+
+    primary = jax.process_index() == 0
+    if primary:
+        print(config_lib.format_config(cfg), flush=True)
+    try:
+        if dry:
+            info = train_lib.dry_run(cfg)
+            if primary:
+                mem = info.pop("memory")
+                print(json.dumps(info, indent=2, default=str))
+                print(f"parameters: {info['num_params']:,}")
+                if mem:
+                    print("compiled train step per device: " + ", ".join(
+                        f"{k.replace('_in_bytes', '').replace('_bytes', '')} {v / 2**20:.1f} MiB"
+                        for k, v in mem.items()))
+            return 0
+        progress = None
+        if primary and cfg.logging.progress:
+            state = {"bar": None}
+
+            def progress(event):  # the bar is created on the first event, once the total and start step are known
+                if state["bar"] is None:
+                    state["cb"], state["bar"] = _bar(event["total_steps"], event["step"] - 1, True)
+                state["cb"](event)
+
+        result = train_lib.train(cfg, progress=progress)
+        if progress is not None and state["bar"] is not None:
+            state["bar"].close()
+    except ValueError as e:  # every input error in ramjax is a named ValueError subclass
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if primary:
+        what = "interrupted; checkpoint saved at" if result.interrupted else "finished at"
+        print(f"{what} step {result.step}/{result.total_steps}; run directory {result.run_dir}")
+        if result.model_dir:
+            print(f"model: {result.model_dir}" + (f"  (Hugging Face: {result.hf_dir})" if result.hf_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
