@@ -15,14 +15,18 @@ from ramjax import sharding as shd
 
 CFG = model_lib.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=8)
-CFG_BIAS = CFG.replace(architecture="qwen2", qkv_bias=True, o_bias=True, mlp_bias=True)
+# Llama with every bias (q/k/v/o and MLP): the layout in which zeroing must also cover bo and b_down.
+CFG_BIAS = CFG.replace(qkv_bias=True, o_bias=True, mlp_bias=True)
 
 
 # Jitted entry points: eager Flax applies with a scanned stack are slow op-by-op; compiled, each test is ~1 s.
 _fwd = jax.jit(model_lib.forward, static_argnums=0)
 _inra = jax.jit(realign.inra_forward, static_argnums=0, static_argnames=("last_only",))
 _adapter_fwd = jax.jit(realign.adapter_forward, static_argnums=0)
-_streams = jax.jit(realign.inra_stream_logits, static_argnums=0)
+# Jitted TrRa functions: one compile instead of dozens of op-by-op dispatches (test time is mostly compiling).
+_trra = jax.jit(realign.trra_loss, static_argnames=("direction", "temperature", "vocab_limit"))
+_teacher = jax.jit(realign.trra_teacher_logprobs, static_argnames=("temperature", "vocab_limit"))
+_topk = jax.jit(realign.trra_topk_teacher, static_argnums=3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,20 +52,20 @@ def test_teacher_matches_hand_formula_per_row_lambda_and_temperature():
     k1, k2 = jax.random.split(jax.random.key(0))
     h_ref, h_al = _logits(k1, (3, 5, 11)), _logits(k2, (3, 5, 11))
     lam = np.array([-0.5, 0.7, 4.0], np.float32)
-    got = realign.trra_teacher_logprobs(h_ref, h_al, lam, temperature=0.7)
+    got = _teacher(h_ref, h_al, lam, temperature=0.7)
     r, a = np.asarray(h_ref, np.float64), np.asarray(h_al, np.float64)
     want = _np_log_softmax((lam[:, None, None] * a + (1 - lam[:, None, None]) * r) / 0.7)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
     # scalar λ is broadcast to every row; padded vocabulary rows are dropped and the rest renormalised
-    got = realign.trra_teacher_logprobs(h_ref, h_al, 2.5, vocab_limit=9)
+    got = _teacher(h_ref, h_al, 2.5, vocab_limit=9)
     np.testing.assert_allclose(np.asarray(got), _np_log_softmax(2.5 * a[..., :9] - 1.5 * r[..., :9]), atol=2e-5)
 
 
 def test_teacher_endpoints_are_the_two_models():
     k1, k2 = jax.random.split(jax.random.key(1))
     h_ref, h_al = _logits(k1, (2, 4, 13)), _logits(k2, (2, 4, 13))
-    np.testing.assert_allclose(realign.trra_teacher_logprobs(h_ref, h_al, 0.0), jax.nn.log_softmax(h_ref), atol=1e-6)
-    np.testing.assert_allclose(realign.trra_teacher_logprobs(h_ref, h_al, 1.0), jax.nn.log_softmax(h_al), atol=1e-6)
+    np.testing.assert_allclose(_teacher(h_ref, h_al, 0.0), jax.nn.log_softmax(h_ref), atol=1e-6)
+    np.testing.assert_allclose(_teacher(h_ref, h_al, 1.0), jax.nn.log_softmax(h_al), atol=1e-6)
 
 
 def _np_kl(lp, lq):
@@ -77,7 +81,7 @@ def test_loss_matches_hand_kl_both_directions_and_metrics():
     lp = _np_log_softmax(1.5 * np.asarray(h_al, np.float64) - 0.5 * np.asarray(h_ref, np.float64))
     lq = _np_log_softmax(np.asarray(s, np.float64))
     for direction, kl in (("forward", _np_kl(lp, lq)), ("reverse", _np_kl(lq, lp))):
-        kl_sum, count, m = realign.trra_loss(s, (h_ref, h_al, 1.5), mask, targets=targets, direction=direction)
+        kl_sum, count, m = _trra(s, (h_ref, h_al, 1.5), mask, targets=targets, direction=direction)
         assert float(count) == mask.sum()
         np.testing.assert_allclose(float(kl_sum), (kl * mask).sum(), rtol=1e-5)
         np.testing.assert_allclose(float(m["trra/kl"]), (kl * mask).sum(), rtol=1e-5)
@@ -96,12 +100,12 @@ def test_loss_zero_when_student_equals_teacher():
     teacher_logits = realign.trra_teacher_logits(h_ref, h_al, lam)
     mask = jnp.ones((2, 5))
     for direction in ("forward", "reverse"):
-        kl, _, _ = realign.trra_loss(teacher_logits + 7.0, (h_ref, h_al, lam), mask, direction=direction)
+        kl, _, _ = _trra(teacher_logits + 7.0, (h_ref, h_al, lam), mask, direction=direction)
         assert abs(float(kl)) < 1e-5
-        kl, _, _ = realign.trra_loss(teacher_logits, realign.trra_topk_teacher(h_ref, h_al, lam, 3), mask,
+        kl, _, _ = _trra(teacher_logits, _topk(h_ref, h_al, lam, 3), mask,
                                      direction=direction)
         assert abs(float(kl)) < 1e-5
-    kl, _, _ = realign.trra_loss(h_ref, (h_ref, h_al, lam), mask)  # and not zero otherwise
+    kl, _, _ = _trra(h_ref, (h_ref, h_al, lam), mask)  # and not zero otherwise
     assert float(kl) > 0.1
 
 
@@ -113,8 +117,8 @@ def test_masked_positions_contribute_nothing_even_nan():
     junk = jnp.where(mask[..., None] > 0, 0.0, jnp.nan)
 
     def f(s, h_ref, h_al, teacher_kind):
-        teacher = (h_ref, h_al, 2.0) if teacher_kind == "full" else realign.trra_topk_teacher(h_ref, h_al, 2.0, 3)
-        return realign.trra_loss(s, teacher, mask, segment_ids=seg)[0]
+        teacher = (h_ref, h_al, 2.0) if teacher_kind == "full" else _topk(h_ref, h_al, 2.0, 3)
+        return _trra(s, teacher, mask, segment_ids=seg)[0]
 
     for kind in ("full", "topk"):
         base, g = jax.value_and_grad(f)(s, h_ref, h_al, kind)
@@ -123,8 +127,8 @@ def test_masked_positions_contribute_nothing_even_nan():
         np.testing.assert_allclose(np.asarray(g2), np.asarray(g), atol=1e-7)
         assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0)
     # segment id 0 masks too: a loss mask of 1 on padding is ignored
-    a = realign.trra_loss(s, (h_ref, h_al, 2.0), jnp.ones((2, 6)), segment_ids=seg)
-    b = realign.trra_loss(s, (h_ref, h_al, 2.0), (seg > 0).astype(jnp.float32))
+    a = _trra(s, (h_ref, h_al, 2.0), jnp.ones((2, 6)), segment_ids=seg)
+    b = _trra(s, (h_ref, h_al, 2.0), (seg > 0).astype(jnp.float32))
     np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-6)
     assert float(a[1]) == float(seg.astype(bool).sum())
 
@@ -133,14 +137,14 @@ def test_gradients_reach_only_the_student_and_match_analytic():
     ks = jax.random.split(jax.random.key(5), 3)
     s, h_ref, h_al = (_logits(k, (2, 4, 7)) for k in ks)
     mask = jnp.array([[0, 1, 1, 1], [1, 1, 0, 0]], jnp.float32)
-    f = lambda s, r, a, d: realign.trra_loss(s, (r, a, 2.0), mask, direction=d)[0]  # noqa: E731
+    f = lambda s, r, a, d: _trra(s, (r, a, 2.0), mask, direction=d)[0]  # noqa: E731
     gs, gr, ga = jax.grad(f, argnums=(0, 1, 2))(s, h_ref, h_al, "forward")
     assert not np.any(np.asarray(gr)) and not np.any(np.asarray(ga))
-    p = jnp.exp(realign.trra_teacher_logprobs(h_ref, h_al, 2.0))
+    p = jnp.exp(_teacher(h_ref, h_al, 2.0))
     np.testing.assert_allclose(np.asarray(gs), np.asarray((jax.nn.softmax(s) - p) * mask[..., None]), atol=1e-6)
     # reverse KL: central finite differences in float64 numpy on a few coordinates
     gs = np.asarray(jax.grad(f)(s, h_ref, h_al, "reverse"))
-    lp = np.asarray(realign.trra_teacher_logprobs(h_ref, h_al, 2.0), np.float64)
+    lp = np.asarray(_teacher(h_ref, h_al, 2.0), np.float64)
     s64, m = np.asarray(s, np.float64), np.asarray(mask)
 
     def rev(x):
@@ -157,7 +161,7 @@ def test_topk_teacher_is_the_coarsened_kl():
     ks = jax.random.split(jax.random.key(6), 3)
     s, h_ref, h_al = (_logits(k, (1, 3, 12)) for k in ks)
     mask = jnp.ones((1, 3))
-    tk = realign.trra_topk_teacher(h_ref, h_al, 0.5, 4)
+    tk = _topk(h_ref, h_al, 0.5, 4)
     lp = _np_log_softmax(0.5 * np.asarray(h_al, np.float64) + 0.5 * np.asarray(h_ref, np.float64))
     lq = _np_log_softmax(np.asarray(s, np.float64))
     want = {"forward": 0.0, "reverse": 0.0}
@@ -170,11 +174,11 @@ def test_topk_teacher_is_the_coarsened_kl():
         want["forward"] += np.sum(pc * np.log(pc / qc))
         want["reverse"] += np.sum(qc * np.log(qc / pc))
     for d in want:
-        got = realign.trra_loss(s, tk, mask, direction=d)[0]
+        got = _trra(s, tk, mask, direction=d)[0]
         np.testing.assert_allclose(float(got), want[d], rtol=1e-5)
     # k = V recovers the full KL
-    full = realign.trra_loss(s, (h_ref, h_al, 0.5), mask)[0]
-    np.testing.assert_allclose(float(realign.trra_loss(s, realign.trra_topk_teacher(h_ref, h_al, 0.5, 12),
+    full = _trra(s, (h_ref, h_al, 0.5), mask)[0]
+    np.testing.assert_allclose(float(_trra(s, _topk(h_ref, h_al, 0.5, 12),
                                                        mask)[0]), float(full), rtol=1e-5)
 
 
@@ -188,17 +192,18 @@ def test_bad_inputs_raise_named_errors():
         realign.trra_teacher_logprobs(x, jnp.zeros((2, 3, 6)), 1.0)
 
 
+@pytest.mark.slow
 def test_student_trains_toward_teacher_through_models():
     """End to end: teachers are frozen models evaluated outside value_and_grad; the student's KL falls."""
     cfg = CFG
     ref, aligned = _base(cfg, 0), _base(cfg, 1)
     tokens = jax.random.randint(jax.random.key(12), (2, 8), 0, cfg.vocab_size)
     mask = jnp.zeros((2, 8)).at[:, 3:].set(1.0)
-    teacher = realign.trra_teacher_logprobs(_fwd(cfg, ref, tokens)[0],
+    teacher = _teacher(_fwd(cfg, ref, tokens)[0],
                                             _fwd(cfg, aligned, tokens)[0], 3.0)
 
     def loss_fn(student):
-        kl, n, _ = realign.trra_loss(_fwd(cfg, student, tokens)[0], teacher, mask)
+        kl, n, _ = _trra(_fwd(cfg, student, tokens)[0], teacher, mask)
         return kl / n
 
     opt = optax.adam(3e-3)
@@ -227,40 +232,54 @@ def _randomise(adapter, seed):
     return jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG_BIAS], ids=["llama", "qwen2-bias"])
+def _tokens(seed, batch=3, seq=7):
+    # one shape for all InRa tests of a config, so the jitted forwards compile once
+    return jax.random.randint(jax.random.key(seed), (batch, seq), 0, CFG.vocab_size)
+
+
+def _lam(*values):
+    return jnp.asarray(values if len(values) > 1 else values * 3, jnp.float32)
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_BIAS], ids=["llama", "llama-bias"])
 def test_fresh_adapter_is_identity_for_every_lambda(cfg):
     params = _base(cfg)
     adapter = realign.build_adapter(cfg, params)
     for name in ("wo", "w_down") + (("bo", "b_down") if cfg.o_bias else ()):
         assert not np.any(np.asarray(adapter[name]))
     np.testing.assert_array_equal(np.asarray(adapter["wq"]), np.asarray(params["layers"]["wq"][0]))
-    tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, cfg.vocab_size)
+    tokens = _tokens(1)
     base, _ = _fwd(cfg, params, tokens)
-    for lam in (0.0, 0.5, 1.0, 2.0, -1.0, jnp.array([0.0, 0.3, 5.0])):
+    for lam in (_lam(0.0), _lam(0.5), _lam(1.0), _lam(2.0), _lam(-1.0), _lam(0.0, 0.3, 5.0)):
         got, _ = _inra(cfg, params, adapter, tokens, lam=lam)
         np.testing.assert_allclose(np.asarray(got), np.asarray(base), atol=1e-5)
 
 
-def test_adapter_forward_equals_merged_model_and_stream_logits():
+def test_adapter_forward_equals_merged_model_and_the_two_streams():
     params = _base(CFG)
     adapter = _randomise(realign.build_adapter(CFG, params), 3)
-    tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, CFG.vocab_size)
+    tokens = _tokens(2)
     cfg1, merged = realign.merge_adapter(CFG, params, adapter)
     assert cfg1.num_layers == CFG.num_layers + 1
     want, _ = _fwd(cfg1, merged, tokens)
     np.testing.assert_allclose(np.asarray(_adapter_fwd(CFG, params, adapter, tokens)), want, atol=1e-5)
-    h_a, h_b, _ = _streams(CFG, params, adapter, tokens)
+    h_a, _ = _inra(CFG, params, adapter, tokens, lam=_lam(1.0))  # λ = 1: the adapted model
+    h_b, _ = _inra(CFG, params, adapter, tokens, lam=_lam(0.0))  # λ = 0: the base model
     np.testing.assert_allclose(np.asarray(h_a), np.asarray(want), atol=1e-5)
     np.testing.assert_allclose(np.asarray(h_b), np.asarray(_fwd(CFG, params, tokens)[0]), atol=1e-5)
     assert np.abs(np.asarray(h_a - h_b)).max() > 1e-3  # the randomised adapter does change the model
+    # and in between, the mixture of the two
+    mid, _ = _inra(CFG, params, adapter, tokens, lam=_lam(-0.5, 0.25, 3.0))
+    lam = np.array([-0.5, 0.25, 3.0])[:, None, None]
+    np.testing.assert_allclose(np.asarray(mid), (1 - lam) * np.asarray(h_b) + lam * np.asarray(h_a), atol=1e-4)
 
 
 def test_training_touches_only_the_adapter_and_lambda0_stays_base():
     params = _base(CFG)
     adapter = realign.build_adapter(CFG, params)
-    tokens = jax.random.randint(jax.random.key(3), (4, 8), 0, CFG.vocab_size)
+    tokens = _tokens(3)
     targets = jnp.roll(tokens, -1, axis=1)
-    mask = jnp.zeros((4, 8)).at[:, 3:7].set(1.0)
+    mask = jnp.zeros(tokens.shape).at[:, 3:6].set(1.0)
 
     def loss_fn(adapter, params):
         logits = _adapter_fwd(CFG, params, adapter, tokens)
@@ -270,33 +289,32 @@ def test_training_touches_only_the_adapter_and_lambda0_stays_base():
     opt = optax.adam(1e-2)
     state = opt.init(adapter)  # optimizer state exists only for the adapter
     assert len(jax.tree_util.tree_leaves(state)) == 2 * len(jax.tree_util.tree_leaves(adapter)) + 1
-    g_params = jax.grad(loss_fn, argnums=1)(adapter, params)
-    assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(g_params))
 
     @jax.jit
     def step(adapter, state):
-        l, g = jax.value_and_grad(loss_fn)(adapter, params)
+        l, (g, g_params) = jax.value_and_grad(loss_fn, argnums=(0, 1))(adapter, params)
         upd, state = opt.update(g, state, adapter)
-        return optax.apply_updates(adapter, upd), state, l
+        return optax.apply_updates(adapter, upd), state, l, g_params
 
     losses = []
     for _ in range(4):
-        adapter, state, l = step(adapter, state)
+        adapter, state, l, g_params = step(adapter, state)
         losses.append(float(l))
+        assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(g_params))
     assert losses[-1] < losses[0]
     assert np.any(np.asarray(adapter["wo"])) and np.any(np.asarray(adapter["w_down"]))
     base, _ = _fwd(CFG, params, tokens)
-    got0, _ = _inra(CFG, params, adapter, tokens, lam=0.0)
+    got0, _ = _inra(CFG, params, adapter, tokens, lam=_lam(0.0))
     np.testing.assert_allclose(np.asarray(got0), np.asarray(base), atol=1e-5)
-    got1, _ = _inra(CFG, params, adapter, tokens, lam=1.0)
+    got1, _ = _inra(CFG, params, adapter, tokens, lam=_lam(1.0))
     assert np.abs(np.asarray(got1 - base)).max() > 1e-3
 
 
 def test_per_row_lambda_equals_separate_runs():
     params = _base(CFG)
     adapter = _randomise(realign.build_adapter(CFG, params), 4)
-    tokens = jax.random.randint(jax.random.key(5), (3, 6), 0, CFG.vocab_size)
-    lams = jnp.array([0.0, 0.5, 2.0])
+    tokens = _tokens(5)
+    lams = _lam(0.0, 0.5, 2.0)
     mixed, _ = _inra(CFG, params, adapter, tokens, lam=lams)
     for b, lam in enumerate(np.asarray(lams)):
         alone, _ = _inra(CFG, params, adapter, tokens[b:b + 1], lam=float(lam))
@@ -305,13 +323,13 @@ def test_per_row_lambda_equals_separate_runs():
 
 def test_cached_decode_equals_full_forward_with_left_padding():
     cfg = CFG_BIAS
-    params = _base(cfg, 1)
+    params = _base(cfg)
     adapter = _randomise(realign.build_adapter(cfg, params), 6)
-    B, P, N = 2, 5, 4
-    tokens = jax.random.randint(jax.random.key(7), (B, P + N), 0, cfg.vocab_size)
-    seg = jnp.ones((B, P + N), jnp.int32).at[1, :2].set(0)  # row 1: two left-pad slots
+    B, P, N = 3, 4, 3
+    tokens = _tokens(7)
+    seg = jnp.ones((B, P + N), jnp.int32).at[1, :2].set(0).at[2, :1].set(0)  # left padding in rows 1 and 2
     pos = model_lib.positions_from_segments(seg)
-    lams = jnp.array([0.3, 1.7])
+    lams = _lam(0.3, 1.7, -0.4)
     full, _ = _inra(cfg, params, adapter, tokens, pos, seg, lam=lams)
     fwd = jax.jit(lambda t, p, s, c: realign.inra_forward(cfg, params, adapter, t, p, s, c, lams, last_only=True))
     cache = realign.init_inra_cache(cfg, B, P + N)
@@ -329,14 +347,16 @@ def test_sharded_inra_equals_unsharded():
     mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
     params = _base(CFG)
     adapter = _randomise(realign.build_adapter(CFG, params), 8)
-    tokens = jax.random.randint(jax.random.key(9), (4, 6), 0, CFG.vocab_size)
+    tokens = _tokens(9, batch=4)
     lams = jnp.array([0.0, 0.5, 1.0, 2.0])
-    want, _ = _inra(CFG, params, adapter, tokens, lam=lams)
     p_sh = jax.device_put(params, model_lib.param_shardings(CFG, mesh))
     a_sh = jax.device_put(adapter, realign.adapter_shardings(CFG, mesh))
-    f = jax.jit(lambda p, a, t, l: realign.inra_forward(CFG, p, a, t, lam=l, mesh=mesh)[0])
-    got = f(p_sh, a_sh, jax.device_put(tokens, shd.named_sharding(mesh, ("act_batch", None))), lams)
+    f = jax.jit(lambda p, a, t, l, c: realign.inra_forward(CFG, p, a, t, None, None, c, l, mesh=mesh))
+    cache = jax.device_put(realign.init_inra_cache(CFG, 4, 8), realign.inra_cache_shardings(mesh, CFG, 4, 8))
+    got, cache = f(p_sh, a_sh, jax.device_put(tokens, shd.named_sharding(mesh, ("act_batch", None))), lams, cache)
+    want, _ = f(params, adapter, tokens, lams, None)  # same program without shardings on the inputs
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert cache.streams.k.sharding.spec[1] == ("data", "fsdp")
 
 
 def test_adapter_file_roundtrip_and_mismatch(tmp_path):
@@ -362,17 +382,14 @@ def test_build_adapter_rejects_wrong_config():
 
 @pytest.mark.skipif(importlib.util.find_spec("ramjax.hf") is None, reason="ramjax.hf not available yet")
 def test_exported_checkpoint_matches_adapter_path_in_transformers(tmp_path):
-    import torch
-    import transformers
+    from hf_fixtures import hf_logits, load_hf_reference
 
-    params = _base(CFG_BIAS, 1)
+    params = _base(CFG_BIAS)
     adapter = _randomise(realign.build_adapter(CFG_BIAS, params), 10)
     cfg1 = realign.export_inra_hf(tmp_path / "hf", CFG_BIAS, params, adapter)
     assert cfg1.num_layers == CFG_BIAS.num_layers + 1
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    hf_model = load_hf_reference(tmp_path / "hf")
     assert hf_model.config.num_hidden_layers == CFG_BIAS.num_layers + 1
-    tokens = np.asarray(jax.random.randint(jax.random.key(11), (2, 7), 0, CFG_BIAS.vocab_size))
-    with torch.no_grad():
-        want = hf_model(torch.tensor(tokens)).logits.numpy()
-    got, _ = _inra(CFG_BIAS, params, adapter, tokens, lam=1.0)
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+    tokens = _tokens(11)
+    got, _ = _inra(CFG_BIAS, params, adapter, tokens, lam=_lam(1.0))
+    np.testing.assert_allclose(np.asarray(got), hf_logits(hf_model, np.asarray(tokens)), atol=1e-4)
