@@ -6,7 +6,9 @@ Stages (``stage=`` in the config): ``pretrain``, ``sft`` (P_M warm-up / SFT base
     python train.py configs/ram.yaml optimizer.lr=1e-6 ram.alpha=1e-3 mesh.fsdp=8
     python train.py configs/sft.yaml --dry-run     # validate, build shapes, print sizes and compiled memory
 
-With no arguments it runs ``configs/default.yaml`` if that file exists, else prints this help.
+With no arguments it runs ``configs/default.yaml`` if that file exists, else prints this help. A config file with
+a top-level ``pipeline:`` section (like ``configs/default.yaml``) runs the whole embedded-default pipeline
+(``ramjax.pipeline``) instead of one stage.
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
 """
 from __future__ import annotations
@@ -44,6 +46,50 @@ def _bar(total: int, initial: int, enabled: bool):
     return progress, bar
 
 
+def _is_pipeline_config(path: str | None) -> bool:
+    """A YAML file with a top-level ``pipeline`` mapping is a pipeline config (``ramjax.pipeline``)."""
+    if path is None or not os.path.isfile(path):
+        return False
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError:
+        return False  # load_config reports the YAML error
+    return isinstance(data, dict) and isinstance(data.get("pipeline"), dict)
+
+
+def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
+    from ramjax import config as config_lib
+    from ramjax import pipeline
+
+    try:
+        run = config_lib.load_config(pipeline.DefaultRunConfig, path, overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(config_lib.format_config(run), flush=True)
+    if dry:
+        return 0
+
+    def on_stage(name, event, seconds):
+        print(f"[pipeline] {name}: {event}" + (f" ({seconds:.1f} s)" if seconds is not None else ""), flush=True)
+
+    try:
+        out = pipeline.run_pipeline(run, on_stage=on_stage)
+    except ValueError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 0
+    if out.get("table"):
+        print(out["table"])
+    print(f"report: {out.get('report')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -63,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path, overrides = config_lib.split_cli_args(argv)
+        if _is_pipeline_config(path):
+            return _run_pipeline(path, overrides, dry)
         cfg = config_lib.load_config(config_lib.TrainConfig, path, overrides)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

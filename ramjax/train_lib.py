@@ -458,24 +458,20 @@ def initialize_distributed(dist: Any) -> None:
     jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
 
 
-def _peek_model_config(path: str) -> tuple[model_lib.ModelConfig | None, bool]:
-    """``(ModelConfig or None, is_hf)`` of a model directory without loading its weights."""
+def _peek_model_config(path: str) -> tuple[model_lib.ModelConfig, bool]:
+    """``(ModelConfig, is_hf)`` of a ramjax or Hugging Face model directory, without loading its weights."""
+    import os
+
     from ramjax import checkpoint as ckpt_lib
 
     if ckpt_lib.is_model_dir(path):
         return ckpt_lib.read_model_config(path), False
-    try:
-        from ramjax import hf
-    except ImportError:
-        return None, True
-    for name in ("read_config", "load_config", "config_from_hf"):
-        fn = getattr(hf, name, None)
-        if callable(fn):
-            try:
-                return fn(path), True
-            except TypeError:
-                continue
-    return None, True
+    from ramjax import hf
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise TrainConfigError(f"model.init={path!r} is neither a ramjax model directory ({ckpt_lib.MODEL_JSON}) "
+                               f"nor a Hugging Face directory (config.json + safetensors), nor 'scratch'")
+    return hf.config_from_hf(hf.read_hf_config(path)), True
 
 
 def _embedding_rows(path: str) -> int | None:
@@ -568,9 +564,8 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
                                            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     else:
         model_cfg, source_is_hf = _peek_model_config(cfg.model.init)
-        if model_cfg is not None:
-            model_cfg = model_cfg.replace(**over)
-    if model_cfg is not None and model_cfg.vocab_size < tokenizer.vocab_size:
+        model_cfg = model_cfg.replace(**over)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
         raise tok_lib.VocabMismatchError(
             f"the model has {model_cfg.vocab_size} embedding rows but the tokenizer {tok_path!r} has "
             f"{tokenizer.vocab_size} ids; use the model's own tokenizer or set model.arch.vocab_size >= "
@@ -583,7 +578,7 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
             prop_tok = tok_lib.load_tokenizer(cfg.proposal)
             tok_lib.check_vocab_compatible(
                 prop_tok, tokenizer, proposal_rows=_embedding_rows(cfg.proposal) if os.path.isdir(cfg.proposal)
-                else None, aligner_rows=model_cfg.vocab_size if model_cfg is not None else None)
+                else None, aligner_rows=model_cfg.vocab_size)
         else:
             log.warning("stage=ram without proposal=PATH: the aligner's vocabulary is not checked against the "
                         "proposal's; set proposal to the proposal model directory")
@@ -609,7 +604,7 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
                                    f"or set checkpoint.resume=true")
         mngr = ckpt_lib.CheckpointManager(ckpt_dir)
         resume_step = mngr.latest_step()
-    if model_cfg is None or (load_params and not scratch and resume_step is None):
+    if load_params and not scratch and resume_step is None:
         from ramjax import api
 
         m = api.load_model(cfg.model.init, mesh=mesh, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
@@ -731,7 +726,8 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
     Resumes automatically from the latest checkpoint in ``run_dir/checkpoints`` (params, optimizer state, step,
     data iterator state, PRNG). Writes ``config.yaml``, ``meta.json``, ``metrics.jsonl`` and ``tb/`` (process 0),
     checkpoints every ``checkpoint.every`` steps, and at the end the final checkpoint, a ramjax model directory
-    ``run_dir/model`` and, with ``checkpoint.export_hf``, Hugging Face safetensors in ``run_dir/hf``.
+    ``run_dir/model`` and Hugging Face safetensors in ``run_dir/hf`` (when the model came from HF or with
+    ``checkpoint.export_hf``).
     SIGTERM/SIGINT: checkpoint after the current step and return with ``interrupted=True``.
 
     progress: called after every step with ``{"step", "total_steps"}`` plus, on logging steps, ``"metrics"``.
@@ -839,7 +835,7 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
         tok_src = cfg.tokenizer or (None if cfg.model.from_scratch else cfg.model.init)
         ckpt_lib.save_model_dir(model_dir, plan.model_cfg, state.params,
                                 tokenizer=tok_src if tok_src and os.path.isdir(tok_src) else plan.tokenizer)
-        if cfg.checkpoint.export_hf:
+        if plan.source_is_hf or cfg.checkpoint.export_hf:
             hf_dir = _export_hf(os.path.join(run_dir, "hf"), plan, state.params, tok_src)
     meta.update({"final_step": step, "interrupted": interrupted, "elapsed_s": round(time.time() - t_start, 2),
                  "last_metrics": last})
@@ -895,20 +891,11 @@ def _reference_table(plan: Plan, state: TrainState, run_dir: str, primary: bool,
     return table
 
 
-def _export_hf(path: str, plan: Plan, params: Any, tok_src: str | None) -> str | None:
-    """Hugging Face safetensors export via ``ramjax.hf.save_hf`` (process 0 writes; params gathered first)."""
+def _export_hf(path: str, plan: Plan, params: Any, tok_src: str | None) -> str:
+    """Hugging Face safetensors export via ``ramjax.hf.save_hf`` (every process calls it; process 0 writes)."""
     import os
 
-    try:
-        from ramjax import hf
-    except ImportError:
-        log.warning("ramjax.hf is not available: no Hugging Face export (the ramjax model directory is written)")
-        return None
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    from ramjax import hf
 
-        params = multihost_utils.process_allgather(params)
-    if jax.process_index() == 0:
-        hf.save_hf(path, plan.model_cfg, params, tokenizer_dir=tok_src if tok_src and os.path.isdir(tok_src)
-                   else None)
+    hf.save_hf(path, plan.model_cfg, params, tokenizer_dir=tok_src if tok_src and os.path.isdir(tok_src) else None)
     return path

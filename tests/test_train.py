@@ -412,3 +412,26 @@ def test_bad_inputs_are_named_errors_and_write_nothing(fx, straight_run, tmp_pat
                                            "model.arch.vocab_size=640", "model.arch.hidden_size=32",
                                            "model.arch.head_dim=8", "model.arch.intermediate_size=96")))
     assert _snapshot(other) == before
+
+
+def test_sft_from_hf_exports_hf_and_model_dir(fx, tmp_path):
+    """model.init is a Hugging Face directory (with embedding rows beyond the tokenizer): the run exports a ramjax
+    model directory and HF safetensors holding the same trained weights."""
+    import hf_fixtures
+
+    from ramjax import hf
+
+    hf_fixtures.make_hf_model(tmp_path / "hf_in", hf_fixtures.HFSpec(arch="qwen2", tokenizer="llama",
+                                                                     extra_vocab_rows=9))
+    run_dir = str(tmp_path / "run")
+    r = train_lib.train(_cfg([f"run_dir={run_dir}", "stage=sft", f"model.init={tmp_path}/hf_in",
+                              f"data.train_files=[{fx}/sft.jsonl]", "data.max_len=24", "data.max_prompt_len=12",
+                              "data.packing=true", "data.batch_size=8", "steps=2", "optimizer.lr=1e-2",
+                              "checkpoint.export_hf=false", "logging.every=1", "mesh.data=8", "mesh.fsdp=1"]))
+    assert r.hf_dir is not None  # exported because the model came from HF, although export_hf is off
+    cfg_m, p_m = ckpt_lib.load_model_dir(r.model_dir)
+    cfg_h, p_h = hf.load_hf(r.hf_dir)
+    assert cfg_m.vocab_size == cfg_h.vocab_size == 640 and cfg_m.qkv_bias
+    _assert_trees_close(p_h, p_m, 0.0)
+    _, p0 = hf.load_hf(tmp_path / "hf_in")
+    assert not np.allclose(np.asarray(p0["embed"]), np.asarray(p_m["embed"]))  # it trained
