@@ -235,6 +235,8 @@ def ensure_base(cfg: AblateConfig, size: AlignerSize) -> str:
     res = train_lib.train(tcfg)
     if res.interrupted or res.model_dir is None:
         raise AblationError(f"pretraining the {size.name} base was interrupted; rerun to resume it")
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return res.model_dir
 
 

@@ -136,3 +136,42 @@ def test_shipped_config_and_cell_train_config(tmp_path):
     assert tcfg.run_dir == str(tmp_path / "c" / "train")
     assert tcfg.data.train_files == (cfg.samples_file,) and tcfg.proposal == cfg.proposal
     assert tcfg.model.init == "/bases/h32/model" and tcfg.steps == 400
+
+
+@pytest.mark.slow
+def test_real_cells_end_to_end(tmp_path):
+    """The default runner with ramjax.train_lib and the sampler on tiny models: 2 sizes (one from a pretrained
+    base) × 1 α, then a rerun that reuses everything."""
+    pytest.importorskip("ramjax.sampler")
+    from ramjax import checkpoint, tasks
+    from ramjax.tokenizer import load_tokenizer
+    from test_evaluate import _tiny_model
+    from tokenizer_fixtures import make_sentencepiece
+
+    make_sentencepiece(tmp_path / "tok", chat_template=False)
+    V = load_tokenizer(tmp_path / "tok").vocab_size
+    pm = _tiny_model(0, V, V)
+    checkpoint.save_model_dir(tmp_path / "pm", pm.config, pm.params, tokenizer=str(tmp_path / "tok"))
+    S = tasks.alignment_set(24)
+    tasks.write_jsonl(tmp_path / "samples.jsonl", [{**r, "proposal": "x y"} for r in S])
+    tasks.write_jsonl(tmp_path / "eval.jsonl", tasks.eval_prompts(8))
+    tasks.write_jsonl(tmp_path / "pretrain.jsonl", tasks.pretrain_text(tasks.general_corpus(24)))
+    arch = ("model.arch.num_layers=1", "model.arch.num_heads=2", "model.arch.num_kv_heads=1", "model.arch.head_dim=16",
+            "model.arch.intermediate_size=32", "model.arch.max_position_embeddings=128")
+    common = ("steps=2", "data.batch_size=8", "data.max_len=64", "data.max_prompt_len=32", "checkpoint.every=0",
+              "logging.tensorboard=false", "logging.progress=false", "checkpoint.export_hf=false")
+    cfg = ablate.AblateConfig(
+        run_dir=str(tmp_path / "abl"), proposal=str(tmp_path / "pm"), samples_file=str(tmp_path / "samples.jsonl"),
+        eval_file=str(tmp_path / "eval.jsonl"), align_file=str(tmp_path / "samples.jsonl"),
+        pretrain_file=str(tmp_path / "pretrain.jsonl"), base_overrides=common, pretrain_overrides=common,
+        alphas=(1e-2,), sizes=(ablate.AlignerSize("s", ("model.arch.hidden_size=16", *arch)),
+                               ablate.AlignerSize("p", ("model.arch.hidden_size=32", *arch), pretrain=True)),
+        decodings=("greedy",), max_new_tokens=4, eval_batch_size=8, n_boot=50)
+    out = ablate.run_ablation(cfg)
+    assert out["ran"] == ["s-a0.01-s0", "p-a0.01-s0"] and len(out["rows"]) == 2
+    res = out["cells"]["p-a0.01-s0"]
+    assert res["train"]["init"].endswith("bases/p/model") and res["train"]["steps"] == 2
+    assert res["loglik"]["product"] < 0 and len(res["metrics"]["product"]["greedy"]["scores"]) == 8
+    assert not (tmp_path / "abl" / "cells" / "s-a0.01-s0" / "train" / "checkpoints").exists()
+    again = ablate.run_ablation(cfg)
+    assert again["ran"] == [] and again["table"] == out["table"]
