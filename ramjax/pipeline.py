@@ -152,6 +152,12 @@ def _write_jsonl(path: str, records) -> None:
     os.replace(tmp, path)
 
 
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
 def _write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
@@ -177,8 +183,16 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
 
     p = run.pipeline
     rd = run.run_dir
+    saved = os.path.join(rd, "pipeline_config.yaml")
+    if os.path.exists(saved):
+        # stages are skipped when their output exists: resuming with other settings would mix two experiments
+        old = config_lib.load_config(DefaultRunConfig, saved)
+        if config_lib.config_to_dict(old) != config_lib.config_to_dict(run):
+            diff = _diff(config_lib.config_to_dict(old), config_lib.config_to_dict(run))
+            raise ConfigError(f"{rd} holds a run made with other settings ({', '.join(diff[:5])}); pass a new "
+                              f"run_dir=... or delete {rd} to start over")
     os.makedirs(rd, exist_ok=True)
-    config_lib.save_config(run, os.path.join(rd, "pipeline_config.yaml"))
+    config_lib.save_config(run, saved)
     times: dict[str, float] = {}
     data_dir = os.path.join(rd, "data")
     costs: dict[str, dict] = {}
