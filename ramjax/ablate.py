@@ -48,6 +48,8 @@ __all__ = [
     "Cell",
     "cells",
     "cell_train_config",
+    "base_train_config",
+    "ensure_base",
     "run_cell",
     "run_baseline",
     "run_ablation",
@@ -119,7 +121,7 @@ class AblateConfig:
     base_overrides: tuple[str, ...] = ()
     proposal: str = "runs/default/warmup/model"
     tokenizer: str | None = None
-    samples_file: str = "runs/default/samples/proposal_samples.jsonl"
+    samples_file: str = "runs/default/data/align_samples.jsonl"
     eval_file: str = "runs/default/data/eval.jsonl"
     align_file: str | None = None
     alphas: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -219,18 +221,24 @@ def _base_dir(cfg: AblateConfig, size: AlignerSize) -> str:
     return os.path.join(cfg.run_dir, "bases", size.name)
 
 
+def base_train_config(cfg: AblateConfig, size: AlignerSize):
+    """The pretraining ``TrainConfig`` of a size's base: pretrain config + overrides + the size's architecture."""
+    from ramjax import config as config_lib
+
+    return config_lib.load_config(config_lib.TrainConfig, cfg.pretrain_config, [
+        *cfg.pretrain_overrides, *size.overrides, "stage=pretrain", f"run_dir={_base_dir(cfg, size)}",
+        f"tokenizer={_tokenizer_path(cfg)}", f"data.train_files={cfg.pretrain_file}", "model.init=scratch"])
+
+
 def ensure_base(cfg: AblateConfig, size: AlignerSize) -> str:
     """The pretrained base model directory of a size with ``pretrain: true`` (trained on first use)."""
-    from ramjax import config as config_lib
     from ramjax import train_lib
 
     out = _base_dir(cfg, size)
     model_dir = os.path.join(out, "model")
     if os.path.exists(os.path.join(model_dir, "ramjax_model.json")):
         return model_dir
-    tcfg = config_lib.load_config(config_lib.TrainConfig, cfg.pretrain_config, [
-        *cfg.pretrain_overrides, *size.overrides, "stage=pretrain", f"run_dir={out}",
-        f"tokenizer={_tokenizer_path(cfg)}", f"data.train_files={cfg.pretrain_file}", "model.init=scratch"])
+    tcfg = base_train_config(cfg, size)
     logger.info("pretraining the %s aligner base in %s", size.name, out)
     res = train_lib.train(tcfg)
     if res.interrupted or res.model_dir is None:

@@ -136,6 +136,15 @@ def test_shipped_config_and_cell_train_config(tmp_path):
     assert tcfg.run_dir == str(tmp_path / "c" / "train")
     assert tcfg.data.train_files == (cfg.samples_file,) and tcfg.proposal == cfg.proposal
     assert tcfg.model.init == "/bases/h32/model" and tcfg.steps == 400
+    # every size's cell config and (where pretrained) its base config validate; sizes really differ
+    hidden = set()
+    for size in cfg.sizes:
+        ablate.cell_train_config(cfg, ablate.Cell(size, 1e-4, 0), str(tmp_path / size.name))
+        if size.pretrain:
+            b = ablate.base_train_config(cfg, size)
+            assert b.stage == "pretrain" and b.data.train_files == (cfg.pretrain_file,)
+            hidden.add(b.model.arch.hidden_size)
+    assert len(hidden) >= 2
 
 
 @pytest.mark.slow
