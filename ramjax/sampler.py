@@ -722,7 +722,8 @@ def _plan(proposal, aligner, prompts, *, mode, n, max_new_tokens, num_samples, s
 
     rows = count * num_samples
     divisor = shd.batch_divisor(mesh, rules) if mesh is not None else 1
-    B = min(batch_size or rows, rows)
+    # An explicit batch_size fixes the compiled batch (short batches get inactive rows), so calls share compiles.
+    B = batch_size or rows
     B = -(-B // divisor) * divisor
     params_p = p.params if p is not None else None
     params_q = q.params if q is not None else None
@@ -816,7 +817,8 @@ _COMMON_DOC = """
         (the released code: P_M's logits with the aligner-side temperature, penalty and top-p).
     product_support: ``"nucleus"`` (default) or ``"full"`` vocabulary for mode ``product``.
     stop: stop strings (matched on the generated text, on device). ``eos_ids`` overrides the tokenizer's stop ids.
-    batch_size: rows per jitted call (default: all rows in one call); rows are ``len(prompts) * num_samples``.
+    batch_size: rows per jitted call, fixed (a short last batch gets inactive rows, so calls of one size share one
+        compile); default: all ``len(prompts) * num_samples`` rows in one call.
     example_offset: added to the prompt index in the PRNG key, so prompt i of a file slice keeps its samples.
 """
 
