@@ -128,7 +128,10 @@ def _mesh_size(mesh: Mesh, entry: Any) -> int:
 def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None,
                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES, path: str = "array") -> NamedSharding:
     """``NamedSharding`` for an array with logical ``axes``; checks divisibility when ``shape`` is given."""
-    spec = logical_to_pspec(axes, rules)
+    try:
+        spec = logical_to_pspec(axes, rules)
+    except ShardingError as e:  # name the array whose axes have no rule
+        raise ShardingError(f"{path}: logical axes {tuple(axes)}: {e}") from None
     if shape is not None:
         if len(shape) != len(axes):
             raise ShardingError(f"{path}: shape {tuple(shape)} has {len(shape)} dims but logical axes {tuple(axes)}")
