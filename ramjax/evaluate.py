@@ -17,8 +17,8 @@ temperature 0), so that a greedy RAM is only ever compared with a greedy baselin
 results hold: strict (and lenient) judge accuracy with a percentile-bootstrap 95% interval, accuracy per task
 kind, the pairwise win rate against the baseline on the same prompts (ties 0.5, with a paired-bootstrap interval),
 mean response length in tokens, the KL-fallback rate and ESS reported by the sampler (token-weighted), finish
-reasons, and sampling throughput (generated tokens / wall seconds; with ``warmup`` (default) each system first
-runs once on one batch, so compilation is not timed).
+reasons, and sampling throughput (generated tokens / wall seconds, leaving out the first batch, whose time includes
+compilation, when there are several; all prompts of a run are sampled in batches of one shape).
 Per system: the held-out per-token log-likelihood of the alignment set S (for RAM the per-token normalised
 product, see :func:`product_token_logprobs`) and the training cost given by the caller (:func:`training_cost`).
 
@@ -269,37 +269,75 @@ def _settings(system: System, decoding: str) -> dict[str, Any]:
 
 def _run_sampler(proposal: Any, aligner: Any, prompts: Sequence[str], mode: str, settings: Mapping[str, Any], *,
                  seed: int, max_new_tokens: int, stop: Sequence[str], batch_size: int, template: str
-                 ) -> list[Generation]:
+                 ) -> tuple[list[Generation], list[float]]:
+    """Samples one response per prompt, one sampler call per batch of ``batch_size`` prompts; returns the
+    generations and each batch's wall seconds.
+
+    The last batch is filled up with copies of its last prompt (their outputs dropped) so that every call has the
+    same shape and compiles once; ``example_offset`` keeps each prompt's random stream what a single call over all
+    prompts would give it.
+    """
     from ramjax import sampler  # imported here: tests with stub systems need no sampler
 
     kw = dict(settings)
     if mode in ("proposal", "aligner"):
         kw.pop("n", None), kw.pop("kl_threshold", None)
-    out = sampler.sample(proposal, aligner, list(prompts), mode=mode, max_new_tokens=max_new_tokens, num_samples=1,
-                         seed=seed, stop=list(stop), template=template, batch_size=batch_size, **kw)
-    return [_to_generation(r) for r in out]
+    prompts = list(prompts)
+    gens: list[Generation] = []
+    times: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        real = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - real)
+        t0 = time.perf_counter()
+        out = sampler.sample(proposal, aligner, chunk, mode=mode, max_new_tokens=max_new_tokens, num_samples=1,
+                             seed=seed, stop=list(stop), template=template, batch_size=batch_size,
+                             example_offset=start, **kw)
+        times.append(time.perf_counter() - t0)
+        gens += [_to_generation(r) for r in out[:real]]
+    return gens, times
 
 
 def _generate(system: System, prompts: Sequence[str], decoding: str, *, seed: int, max_new_tokens: int,
-              stop: Sequence[str], batch_size: int, template: str) -> list[Generation]:
+              stop: Sequence[str], batch_size: int, template: str) -> tuple[list[Generation], list[float] | None]:
+    """A system's responses to prompts, and the wall seconds per batch (None for a ``generate_fn``)."""
     settings = _settings(system, decoding)
+    times: list[float] | None
     if system.generate_fn is not None:
         out = system.generate_fn(list(prompts), decoding=decoding, settings=settings, seed=seed,
                                  max_new_tokens=max_new_tokens, stop=tuple(stop))
-        gens = [_to_generation(o) for o in out]
+        gens, times = [_to_generation(o) for o in out], None
     elif system.mode == "corrector":
-        drafts = _run_sampler(system.proposal, None, prompts, "proposal", settings, seed=seed,
-                              max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, template=template)
+        drafts, t_draft = _run_sampler(system.proposal, None, prompts, "proposal", settings, seed=seed,
+                                       max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
+                                       template=template)
         cprompts = [corrector_prompt(p, d.text) for p, d in zip(prompts, drafts)]
         # A different seed for the rewrite so that its random draws are not those of the draft.
-        gens = _run_sampler(system.corrector, None, cprompts, "proposal", settings, seed=seed + 1,
-                            max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, template=template)
+        gens, t_fix = _run_sampler(system.corrector, None, cprompts, "proposal", settings, seed=seed + 1,
+                                   max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
+                                   template=template)
+        times = [a + b for a, b in zip(t_draft, t_fix)]
     else:
-        gens = _run_sampler(system.proposal, system.aligner, prompts, system.mode, settings, seed=seed,
-                            max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, template=template)
+        gens, times = _run_sampler(system.proposal, system.aligner, prompts, system.mode, settings, seed=seed,
+                                   max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
+                                   template=template)
     if len(gens) != len(prompts):
         raise EvalError(f"system {system.name!r} returned {len(gens)} responses for {len(prompts)} prompts")
-    return gens
+    return gens, times
+
+
+def _throughput(gens: Sequence[Generation], times: Sequence[float] | None, seconds: float,
+                batch_size: int) -> tuple[float | None, bool]:
+    """Generated tokens per second, and whether the first batch was left out.
+
+    With two or more batches the first one is left out: it includes compilation. Otherwise all tokens over all
+    seconds (compilation included unless the caller warmed up).
+    """
+    if times is not None and len(times) >= 2:
+        toks = sum(g.num_tokens for g in gens[batch_size:])
+        return (toks / sum(times[1:]) if sum(times[1:]) > 0 else None), True
+    toks = sum(g.num_tokens for g in gens)
+    return (toks / seconds if seconds > 0 else None), False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -519,7 +557,7 @@ def evaluate_systems(
     batch_size: int = 32,
     template: str = "plain",
     n_boot: int = 1000,
-    warmup: bool = True,
+    warmup: bool = False,
     loglik_batch_size: int = 16,
     loglik_max_len: int = 512,
     progress: Callable[[str], None] | None = None,
@@ -530,9 +568,10 @@ def evaluate_systems(
     baseline_name: the system the win rates are against (default: the first); compared at the same decoding.
     align_records: {"prompt", "response"} records of S for the held-out log-likelihood (skipped if None).
     verifier: None = the task suite's judge; else ``tasks.make_verifier(...)`` for users' data.
-    warmup: before its first decoding, run each system once on the first ``batch_size`` prompts, untimed, so that
-        tokens/s excludes compilation (the decodings share compiled code: temperatures are traced). Batches whose
-        prompts fall in another length bucket may still compile inside the timed run.
+    warmup: before its first decoding, run each system once on the first ``batch_size`` prompts, untimed (useful
+        when all prompts fit in one batch; with several batches tokens/s already leaves the first, compiling, one
+        out). The decodings share compiled code: temperatures are traced. A batch whose prompts fall in another
+        length bucket may still compile inside the timed batches.
     progress: called with a short message before each (system, decoding) run.
 
     Returns::
@@ -542,6 +581,7 @@ def evaluate_systems(
                             "decodings": {dec: {"n", "accuracy": {mean, low, high}, "lenient", "by_kind",
                                                 "win_rate": {mean, low, high}, "mean_length", "kl_fallback_rate",
                                                 "ess_mean", "finish_reasons", "seconds", "tokens_per_s",
+                                                "first_batch_excluded", "first_batch_seconds",
                                                 "warmup_seconds"}}}},
          "outputs": {name: {dec: [{"prompt", "response", "kind", "strict", "lenient"?, "num_tokens",
                                    "finish_reason"}]}}}
@@ -606,11 +646,13 @@ def evaluate_systems(
                 _generate(sys_, prompts[:batch_size], dec, **gen_kw)
                 warm_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            gens = _generate(sys_, prompts, dec, **gen_kw)
+            gens, times = _generate(sys_, prompts, dec, **gen_kw)
             seconds = time.perf_counter() - t0
             texts = [g.text for g in gens]
             judged = judge_responses(records, texts, verifier)
             summary = _summarise(judged, gens, seconds, n_boot=n_boot, seed=seed)
+            summary["tokens_per_s"], summary["first_batch_excluded"] = _throughput(gens, times, seconds, batch_size)
+            summary["first_batch_seconds"] = times[0] if times else None
             summary["warmup_seconds"] = warm_s
             entry["decodings"][dec] = summary
             scores[(sys_.name, dec)] = [j["strict"] for j in judged]
@@ -831,8 +873,8 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any], stage_t
     """Writes ``results.json`` (everything but the responses), ``report.md`` and (with ``outputs``) the judged
     responses under ``outputs/``; returns the main markdown table (system × decoding) for the CLI to print.
 
-    stage_times: seconds per pipeline stage (a table in the report). plots: image paths to link (relative to
-    run_dir or absolute). cost_reference: the system the training-cost ratios are against (default: the costliest).
+    stage_times: seconds per pipeline stage (a table in the report). plots: image paths to link (existing paths are
+    made relative to run_dir; others are taken as relative to it already). cost_reference: the system the training-cost ratios are against (default: the costliest).
     """
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -863,8 +905,10 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any], stage_t
     if plots:
         parts += ["## Plots", ""]
         for p in plots:
-            rel = os.path.relpath(p, run_dir) if os.path.isabs(p) else p
-            parts.append(f"![{os.path.basename(p)}]({rel})")
+            # a path that exists (absolute, or relative to the cwd) is linked relative to report.md; any other is
+            # taken as already relative to run_dir
+            rel = os.path.relpath(os.path.abspath(p), os.path.abspath(run_dir)) if os.path.exists(p) else p
+            parts.append(f"![{os.path.basename(p)}]({rel.replace(os.sep, '/')})")
         parts.append("")
     with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(parts))
@@ -948,7 +992,7 @@ class EvalConfig:
     template: Literal["plain", "chat"] = "plain"
     max_examples: int = 0
     n_boot: int = 1000
-    warmup: bool = True
+    warmup: bool = False
     alpaca_eval: bool = True
 
     def validate(self) -> None:

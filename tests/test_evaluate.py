@@ -57,7 +57,7 @@ def stub_results():
         ev.System("good", mode="product", generate_fn=_canned(good, kl=kl, ess=ess)),
         ev.System("chatty", generate_fn=_canned(chatty), train_cost=ev.training_cost(12.0, params=1000, tokens=500)),
     ]
-    res = ev.evaluate_systems(systems, recs, baseline_name="base", seed=0, n_boot=300, batch_size=8)
+    res = ev.evaluate_systems(systems, recs, baseline_name="base", seed=0, n_boot=300, batch_size=8, warmup=True)
     return dict(res=res, recs=recs, base=base, good=good, chatty=chatty, right=right, kl=kl, ess=ess,
                 systems=systems)
 
@@ -108,7 +108,7 @@ def test_lengths_diagnostics_and_settings(stub_results):
     assert res["systems"]["base"]["decodings"]["sampled"]["kl_fallback_rate"] is None
     # the decodings set the temperatures on top of the defaults; the system's settings stay the same
     calls = stub_results["systems"][0].generate_fn.calls
-    # one untimed warm-up run on the first batch (8 prompts) before the first decoding only
+    # with warmup, one untimed run on the first batch (8 prompts) before the first decoding only
     assert [(c["decoding"], c["n"]) for c in calls] == [("sampled", 8), ("sampled", 28), ("greedy", 28)]
     assert s["warmup_seconds"] is not None and res["systems"]["good"]["decodings"]["greedy"]["warmup_seconds"] is None
     assert calls[1]["settings"]["proposal_temperature"] == 1.0 and calls[2]["settings"]["aligner_temperature"] == 0.0
@@ -121,7 +121,10 @@ def test_lengths_diagnostics_and_settings(stub_results):
 
 def test_report_files(stub_results, tmp_path):
     res = stub_results["res"]
-    table = ev.write_report(tmp_path, res, stage_times={"pretrain": 10.0, "ram": 2.5}, plots=["plots/acc.png"])
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "curves.png").write_bytes(b"png")
+    table = ev.write_report(tmp_path, res, stage_times={"pretrain": 10.0, "ram": 2.5},
+                            plots=["plots/acc.png", str(tmp_path / "plots" / "curves.png")])
     data = json.loads((tmp_path / "results.json").read_text())
     assert "outputs" not in data and data["stage_times"] == {"pretrain": 10.0, "ram": 2.5}
     assert data["systems"]["good"]["decodings"]["greedy"]["accuracy"]["mean"] == 1.0
@@ -131,7 +134,7 @@ def test_report_files(stub_results, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert table in md and "## Stage times" in md and "| **total** | 12.5 |" in md
     assert "## Training cost" in md and "| chatty | 12.0 | 1,000 | 500 | 3.00e+06 |" in md  # 6 · 1000 params · 500 tokens
-    assert "## Strict accuracy per task kind" in md and "![acc.png](plots/acc.png)" in md
+    assert "## Strict accuracy per task kind" in md and "![acc.png](plots/acc.png)" in md and "![curves.png](plots/curves.png)" in md
     # judged outputs and AlpacaEval files
     rows_out = tasks.read_jsonl(tmp_path / "outputs" / "good.greedy.jsonl")
     assert len(rows_out) == len(stub_results["recs"])
@@ -183,18 +186,22 @@ def test_corrector_system_runs_draft_then_rewrite(monkeypatch):
     def fake_sampler(proposal, aligner, prompts, mode, settings, **kw):
         calls.append((proposal, list(prompts), mode, kw["seed"]))
         if proposal == "PM":
-            return [ev.Generation(text=f"draft{i}", num_tokens=2) for i in range(len(prompts))]
-        return [ev.Generation(text=tasks.canonical_answer(p.split("\n\nDraft:")[0]), num_tokens=3) for p in prompts]
+            return [ev.Generation(text=f"draft{i}", num_tokens=2) for i in range(len(prompts))], [1.0, 1.0]
+        return ([ev.Generation(text=tasks.canonical_answer(p.split("\n\nDraft:")[0]), num_tokens=3) for p in prompts],
+                [2.0, 0.5])
 
     monkeypatch.setattr(ev, "_run_sampler", fake_sampler)
     recs = _records(7)
     res = ev.evaluate_systems([ev.System("corr", proposal="PM", corrector="C", mode="corrector")], recs,
-                              decoding=("greedy",), seed=5, warmup=False)
+                              decoding=("greedy",), seed=5, batch_size=4)
     assert [c[0] for c in calls] == ["PM", "C"]
     assert calls[1][1][0] == f"{recs[0]['prompt']}\n\nDraft: draft0"
     assert calls[0][3] != calls[1][3]  # the rewrite draws with its own seed
     s = res["systems"]["corr"]["decodings"]["greedy"]
     assert s["accuracy"]["mean"] == 1.0 and s["mean_length"] == 3.0
+    # batch times of draft and rewrite add up; the first (compiling) batch is left out of tokens/s
+    assert s["first_batch_excluded"] and s["first_batch_seconds"] == 3.0
+    assert s["tokens_per_s"] == pytest.approx(3 * 3 / 1.5)  # prompts 4..6 (3 tokens each) in 0.5 + 1.0 s
     assert res["systems"]["corr"]["loglik"] is None
 
 
@@ -375,7 +382,8 @@ def test_with_the_real_sampler(tmp_path):
     pm.tokenizer = q.tokenizer = tok
     recs = _records(7)
     sysm = ev.System("ram", proposal=pm, aligner=q, mode="product", sampling={"kl_threshold": 0.5})
-    res = ev.evaluate_systems([sysm], recs, max_new_tokens=6, batch_size=8, n_boot=50, seed=3)
+    # batches of 4 (the last one filled up with a copy) against one direct call with all 7 prompts
+    res = ev.evaluate_systems([sysm], recs, max_new_tokens=6, batch_size=4, n_boot=50, seed=3)
     direct = sampler.sample(pm, q, [r["prompt"] for r in recs], mode="product", max_new_tokens=6, seed=3,
                             batch_size=8, **{**ev.SAMPLING_DEFAULTS, "kl_threshold": 0.5, "n": 1},
                             **ev.DECODINGS["greedy"])
@@ -384,4 +392,9 @@ def test_with_the_real_sampler(tmp_path):
     assert [o["num_tokens"] for o in out] == [d[0].length for d in direct]
     s = res["systems"]["ram"]["decodings"]["sampled"]
     assert s["kl_fallback_rate"] is not None and 0.0 <= s["kl_fallback_rate"] <= 1.0
-    assert sum(s["finish_reasons"].values()) == 7 and s["tokens_per_s"] > 0
+    assert sum(s["finish_reasons"].values()) == 7 and s["tokens_per_s"] > 0 and s["first_batch_excluded"]
+    # sampled: the same random stream per prompt whatever the batching (example_offset)
+    direct_s = sampler.sample(pm, q, [r["prompt"] for r in recs], mode="product", max_new_tokens=6, seed=3,
+                              batch_size=8, **{**ev.SAMPLING_DEFAULTS, "kl_threshold": 0.5, "n": 1},
+                              **ev.DECODINGS["sampled"])
+    assert [o["response"] for o in res["outputs"]["ram"]["sampled"]] == [d[0].text for d in direct_s]
