@@ -398,3 +398,14 @@ def test_with_the_real_sampler(tmp_path):
                               batch_size=8, **{**ev.SAMPLING_DEFAULTS, "kl_threshold": 0.5, "n": 1},
                               **ev.DECODINGS["sampled"])
     assert [o["response"] for o in res["outputs"]["ram"]["sampled"]] == [d[0].text for d in direct_s]
+
+
+def test_shipped_eval_config():
+    from ramjax.config import ConfigError, load_config
+
+    cfg = load_config(ev.EvalConfig, "configs/eval.yaml")
+    modes = {s.mode for s in cfg.systems}
+    assert {"proposal", "par", "product", "corrector"} <= modes and cfg.decodings == ("sampled", "greedy")
+    assert load_config(ev.EvalConfig, "configs/eval.yaml", ["systems=[]"]).systems == ()
+    with pytest.raises(ConfigError, match="baseline 'nope' is not among the systems"):
+        load_config(ev.EvalConfig, "configs/eval.yaml", ["baseline=nope"])
