@@ -889,7 +889,9 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any], stage_t
              f"{results.get('n_prompts', '?')} held-out prompts; decodings: {', '.join(results.get('decodings', []))}"
              f" (sampled = temperature 1, greedy = temperature 0, the same for every system); win rate against "
              f"**{results.get('baseline')}** at the same decoding, ties 0.5. Intervals: 95% percentile bootstrap "
-             f"over prompts (paired for win rates). Length in tokens; tok/s = generated tokens / wall seconds. "
+             f"over prompts (paired for win rates). Length in tokens (EOS included); tok/s = generated tokens / "
+             f"wall seconds of sampling in batches of one shape, the first (compiling) batch left out when there "
+             f"are several. "
              f"S loglik/tok: held-out log-likelihood of the alignment set per response token (RAM: the per-token "
              f"normalised product softmax(log p_M + log q)).", "", table, ""]
     if notes:
