@@ -13,7 +13,8 @@ line per size, with 95% intervals).
 
 Resuming. A cell is done iff its ``result.json`` exists; it is written atomically (temp file + rename) after the
 cell finished, so rerunning the same command after an interruption redoes only unfinished cells (and an
-interrupted training run inside a cell resumes from its own checkpoints). Sizes with ``pretrain: true`` first
+interrupted training run inside a cell resumes from its own checkpoints). A reused cell whose settings fingerprint
+(data, evaluation and training overrides) differs from the current config's is logged as a warning. Sizes with ``pretrain: true`` first
 pretrain a base model of that size on the corpus (``bases/<size>/``, once per size and seed-independent; the
 paper's aligners are small pretrained models of the proposal's family) and train every α from it.
 
@@ -333,6 +334,20 @@ def run_baseline(cfg: AblateConfig, out_dir: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Settings that change what a cell's result means; a reused cell made under others is reported (not redone).
+_FINGERPRINT_KEYS = ("base_config", "base_overrides", "proposal", "samples_file", "eval_file", "max_eval", "modes",
+                     "decodings", "n", "kl_threshold", "max_new_tokens", "stop", "eval_seed", "pretrain_config",
+                     "pretrain_overrides", "pretrain_file")
+
+
+def _fingerprint(cfg: AblateConfig, cell: Cell) -> str:
+    import hashlib
+
+    d = {k: getattr(cfg, k) for k in _FINGERPRINT_KEYS}
+    d["size"] = dataclasses.asdict(cell.size)
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _read_result(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -381,6 +396,9 @@ def run_ablation(cfg: AblateConfig, *, cell_fn: CellFn = run_cell, baseline_fn: 
             results[cell.name] = _read_result(path)
             reused.append(cell.name)
             logger.info("cell %s is done (%s); skipped", cell.name, path)
+            if results[cell.name].get("fingerprint") not in (None, _fingerprint(cfg, cell)):
+                logger.warning("cell %s was run with other settings (data, evaluation or training overrides) than "
+                               "this config; its result is reused as is. Delete %s to redo it", cell.name, cdir)
             continue
         say(f"cell {i + 1}/{len(grid)}: {cell.name}")
         os.makedirs(cdir, exist_ok=True)
@@ -388,6 +406,7 @@ def run_ablation(cfg: AblateConfig, *, cell_fn: CellFn = run_cell, baseline_fn: 
         res = _check_result(cell_fn(cfg, cell, cdir), "cell_fn")
         res["cell"] = cell.info()
         res["seconds"] = time.perf_counter() - t0
+        res["fingerprint"] = _fingerprint(cfg, cell)
         write_json_atomic(path, _plain(res))  # last: the cell counts as done only once this file exists
         results[cell.name] = _read_result(path)
         ran.append(cell.name)

@@ -184,3 +184,15 @@ def test_real_cells_end_to_end(tmp_path):
     assert not (tmp_path / "abl" / "cells" / "s-a0.01-s0" / "train" / "checkpoints").exists()
     again = ablate.run_ablation(cfg)
     assert again["ran"] == [] and again["table"] == out["table"]
+
+
+def test_reused_cell_with_other_settings_is_reported(tmp_path, caplog):
+    cfg = _cfg(tmp_path, alphas=(1e-3,), sizes=(ablate.AlignerSize("small"),))
+    ablate.run_ablation(cfg, cell_fn=FakeCell(), baseline_fn=None)
+    fake = FakeCell()
+    with caplog.at_level("WARNING", logger="ramjax.ablate"):
+        ablate.run_ablation(cfg, cell_fn=fake, baseline_fn=None)
+        assert not caplog.records
+        changed = _cfg(tmp_path, alphas=(1e-3,), sizes=(ablate.AlignerSize("small"),), max_new_tokens=99)
+        ablate.run_ablation(changed, cell_fn=fake, baseline_fn=None)
+    assert fake.calls == [] and "small-a0.001-s0 was run with other settings" in caplog.text
