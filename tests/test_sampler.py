@@ -466,3 +466,83 @@ def test_bad_inputs_raise_named_errors(models, text_models):
     q_other = Model(config=m.config.replace(vocab_size=other.vocab_size), params=m.params, tokenizer=other)
     with pytest.raises(VocabMismatchError):
         S.sample(m, q_other, ["hi"], mode="sparse")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample.py and the JSONL loop
+
+
+@pytest.fixture(scope="module")
+def model_dir(text_models, tmp_path_factory):
+    from ramjax import checkpoint
+
+    m, tok = text_models
+    d = tmp_path_factory.mktemp("model") / "pm"
+    checkpoint.save_model_dir(d, m.config, m.params, tok)
+    return d
+
+
+def _write_jsonl(path, rows):
+    import json
+
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+RECORDS = [
+    {"prompt": "the quick brown fox", "response": "jumps"},
+    {"instruction": "add the numbers", "input": "2 and 3", "output": "5"},
+    {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hi"}]},
+    {"prompt": "sort the letters", "response": "abc"},
+    {"prompt": "copy the word alignment", "response": "alignment"},
+]
+
+
+def test_sample_py_writes_samples_alpaca_and_resumable_training_data(model_dir, tmp_path):
+    import json
+
+    import sample as sample_cli
+    from ramjax import data as data_lib
+
+    prompts = tmp_path / "prompts.jsonl"
+    _write_jsonl(prompts, RECORDS)
+    common = [f"proposal={model_dir}", f"prompts_file={prompts}", "mode=proposal", "max_new_tokens=6",
+              "proposal_temperature=1.0", "seed=3"]
+    out, alpaca = tmp_path / "out" / "samples.jsonl", tmp_path / "out" / "alpaca.json"
+    assert sample_cli.main(common + [f"output_file={out}", f"alpaca_output={alpaca}", "num_samples=2",
+                                     "batch_size=4", "generator=tiny"]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(d["index"], d["sample_index"]) for d in lines] == [(i, j) for i in range(5) for j in range(2)]
+    assert all(set(d) >= {"prompt", "text", "token_ids", "finish_reason", "length", "kl_fallback_rate",
+                          "ess_mean"} for d in lines)
+    assert lines[2]["prompt"] == "add the numbers\n\n2 and 3"
+    assert lines[4]["prompt"] == [{"role": "user", "content": "hello world"}]  # the reference turn is left out
+    ae = json.loads(alpaca.read_text())
+    assert [a["instruction"] for a in ae] == ["the quick brown fox", "add the numbers\n\n2 and 3", "hello world",
+                                              "sort the letters", "copy the word alignment"]
+    assert all(a["generator"] == "tiny" and isinstance(a["output"], str) for a in ae)
+
+    # Training data: every example with P_M's sample; an interrupted run continues without duplicates or losses.
+    train_args = common + ["batch_size=2", "--training-data"]
+    full = tmp_path / "full.jsonl"
+    assert sample_cli.main(train_args + [f"output_file={full}"]) == 0
+    reference = full.read_text()
+    part = tmp_path / "part.jsonl"
+    ref_lines = reference.splitlines(keepends=True)
+    part.write_text("".join(ref_lines[:3]) + ref_lines[3][:10])  # killed while writing the 4th line
+    assert sample_cli.main(train_args + [f"output_file={part}"]) == 0
+    assert part.read_text() == reference
+    assert sample_cli.main(train_args + [f"output_file={part}"]) == 0  # nothing left to do
+    assert part.read_text() == reference
+    recs = data_lib.read_jsonl(str(full))
+    assert [r.format for r in recs] == ["proposal_samples"] * 5
+    assert all(isinstance(r.data["proposal"], str) for r in recs)
+    assert recs[2].data["messages"][-1] == {"role": "assistant", "content": "hi"}  # the original example is kept
+
+
+def test_sample_py_reports_bad_config(tmp_path, capsys):
+    import sample as sample_cli
+
+    assert sample_cli.main([f"prompts_file={tmp_path}/p.jsonl", "proposal=x", "mode=beam"]) == 2
+    assert "mode" in capsys.readouterr().err

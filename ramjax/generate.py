@@ -1,0 +1,218 @@
+"""Batch sampling over JSONL files: what ``sample.py`` runs, reusable from Python.
+
+Two outputs, both resumable:
+
+* ``samples`` (evaluation): one line per sample, ``{"index", "sample_index", "prompt", "text", "token_ids",
+  "finish_reason", "length", "kl_fallback_rate", "ess_mean"}``, plus (optionally) an AlpacaEval JSON list
+  ``[{"instruction", "output", "generator"}]`` with each prompt's first sample.
+* ``training``: one line per input example, the example unchanged plus ``"proposal"`` (the sample's text; a list
+  when ``num_samples > 1``), ``"proposal_token_ids"`` (the sampled ids, when the text was not cut at a stop string,
+  so training sees exactly the sampled tokens) and ``"proposal_finish_reason"``. This is the file the ``ram``
+  training stage reads (``ramjax.data`` format ``proposal_samples``).
+
+Input lines carry the prompt as ``prompt`` (a string), ``messages`` (``{role, content}`` turns; a final assistant
+turn is the reference response and is left out of the prompt) or ``instruction`` (+ ``input``, Alpaca).
+
+Resuming. Results are appended and flushed once per batch. On start, the output's complete lines are counted (a
+torn last line from a killed run is cut off, as is a partial group of a prompt's samples), and that many inputs
+are skipped; the PRNG key of every example is tied to its line number (``example_offset``), so a resumed run
+writes exactly the lines an uninterrupted one would: no duplicates, no lost rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GenerateError", "GenerateSummary", "read_prompt_records", "prompt_of", "generate_jsonl",
+           "write_alpaca_eval"]
+
+
+class GenerateError(ValueError):
+    """A prompts file or output file cannot be used (missing, malformed line, no prompt field)."""
+
+
+@dataclasses.dataclass
+class GenerateSummary:
+    """What one ``generate_jsonl`` call did."""
+
+    total: int  # input examples
+    skipped: int  # already in the output (resumed)
+    written: int  # examples written by this call
+    output_file: str
+    alpaca_output: str | None = None
+
+
+def read_prompt_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (blank lines skipped); errors name ``file:line``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise GenerateError(f"prompts file {path!r} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GenerateError(f"{path}:{i}: not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise GenerateError(f"{path}:{i}: each line must be a JSON object, got {type(obj).__name__}")
+            prompt_of(obj, f"{path}:{i}")  # validate now, not after hours of sampling
+            out.append(obj)
+    return out
+
+
+def prompt_of(record: Mapping[str, Any], where: str = "record") -> str | list[dict[str, str]]:
+    """The prompt of one record: ``prompt`` (str), ``messages`` (without a final assistant turn) or
+    ``instruction`` (+ ``input``, joined by a blank line as in ``ramjax.data``)."""
+    if "prompt" in record:
+        p = record["prompt"]
+        if not isinstance(p, str):
+            raise GenerateError(f"{where}: field 'prompt' must be a str, got {type(p).__name__}")
+        return p
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise GenerateError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} strings")
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise GenerateError(f"{where}: field 'messages' has no turn before the assistant's")
+        return msgs
+    if "instruction" in record:
+        inst, extra = record["instruction"], record.get("input") or ""
+        if not isinstance(inst, str) or not isinstance(extra, str):
+            raise GenerateError(f"{where}: fields 'instruction' and 'input' must be strings")
+        return inst + ("\n\n" + extra if extra else "")
+    raise GenerateError(f"{where}: no prompt field; expected 'prompt', 'messages' or 'instruction' (found "
+                        f"{sorted(record)})")
+
+
+def _resume(path: str, per_record: int) -> int:
+    """Number of input records already written to ``path``; cuts a torn last line and partial sample groups."""
+    if not os.path.exists(path):
+        return 0
+    keep = 0  # byte offset after the last complete line
+    lines = 0
+    offsets = [0]
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                json.loads(raw)
+            except ValueError:
+                break
+            keep += len(raw)
+            lines += 1
+            offsets.append(keep)
+    done = lines // per_record
+    cut = offsets[done * per_record]
+    if cut != os.path.getsize(path):
+        log.warning("%s: dropping %d bytes after the last complete example (an interrupted write)", path,
+                    os.path.getsize(path) - cut)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+    return done
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and x != x:  # NaN is not JSON
+        return None
+    return x
+
+
+def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_file: str | os.PathLike, *,
+                   output: Literal["samples", "training"] = "samples", batch_size: int = 8, num_samples: int = 1,
+                   alpaca_output: str | os.PathLike | None = None, generator: str = "ramjax",
+                   progress: Callable[[int, int], None] | None = None, **sample_kwargs: Any) -> GenerateSummary:
+    """Samples every prompt of ``prompts_file`` and appends the results to ``output_file`` (see the module doc).
+
+    proposal, aligner: ``ramjax.api.Model`` s (``aligner`` may be None in mode ``proposal``).
+    batch_size: prompts per jitted call (each with ``num_samples`` rows).
+    progress: called as ``progress(done, total)`` (examples in the output, examples in all) once after resuming and
+        after every batch.
+    sample_kwargs: passed to ``ramjax.sampler.sample`` (mode, n, temperatures, top-p, stop, seed, template...).
+    """
+    from ramjax import sampler
+
+    if output not in ("samples", "training"):
+        raise GenerateError(f"output={output!r}; expected 'samples' or 'training'")
+    prompts_file, output_file = os.fspath(prompts_file), os.fspath(output_file)
+    if os.path.abspath(prompts_file) == os.path.abspath(output_file):
+        raise GenerateError(f"output_file {output_file!r} is the prompts file; choose another path")
+    records = read_prompt_records(prompts_file)
+    per_record = num_samples if output == "samples" else 1
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    done = _resume(output_file, per_record)
+    if done > len(records):
+        raise GenerateError(f"{output_file} already holds {done} examples but {prompts_file} has only "
+                            f"{len(records)}; it belongs to another prompts file: choose a new output_file")
+    if done:
+        log.info("resuming %s: %d of %d examples already written", output_file, done, len(records))
+    written = 0
+    if progress is not None:
+        progress(done, len(records))
+    with open(output_file, "a", encoding="utf-8") as out:
+        for start in range(done, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            prompts = [prompt_of(r) for r in chunk]
+            results = sampler.sample(proposal, aligner, prompts, num_samples=num_samples,
+                                     batch_size=batch_size * num_samples, example_offset=start, **sample_kwargs)
+            lines = []
+            for k, (rec, prompt, samples) in enumerate(zip(chunk, prompts, results)):
+                if output == "training":
+                    texts = [s.text for s in samples]
+                    line = dict(rec)
+                    line["proposal"] = texts[0] if num_samples == 1 else texts
+                    first = samples[0]
+                    if first.finish_reason != "stop":  # a stop string cuts the text inside the tokens
+                        line["proposal_token_ids"] = first.token_ids
+                    line["proposal_finish_reason"] = first.finish_reason
+                    lines.append(line)
+                else:
+                    for s in samples:
+                        d = {"index": start + k, "sample_index": s.sample_index, "prompt": prompt}
+                        d.update({key: _jsonable(v) for key, v in s.to_dict().items()})
+                        lines.append(d)
+            out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+            out.flush()
+            os.fsync(out.fileno())
+            written += len(chunk)
+            if progress is not None:
+                progress(done + written, len(records))
+    summary = GenerateSummary(total=len(records), skipped=done, written=written, output_file=output_file)
+    if alpaca_output is not None and output == "samples":
+        summary.alpaca_output = write_alpaca_eval(output_file, alpaca_output, generator)
+    return summary
+
+
+def write_alpaca_eval(samples_file: str | os.PathLike, path: str | os.PathLike, generator: str) -> str:
+    """AlpacaEval's model-output JSON (``instruction``, ``output``, ``generator``; each prompt's first sample) from
+    a ``samples`` JSONL. Message prompts become their last user turn."""
+    path = os.fspath(path)
+    rows = []
+    with open(samples_file, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            if d.get("sample_index", 0) != 0:
+                continue
+            prompt = d["prompt"]
+            if isinstance(prompt, list):
+                prompt = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+            rows.append({"instruction": prompt, "output": d["text"] or "", "generator": generator})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(rows, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+    return path
