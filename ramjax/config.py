@@ -44,7 +44,7 @@ __all__ = [
     "format_config", "validate_config", "split_cli_args",
     "TrainConfig", "SampleConfig", "ModelSection", "ArchConfig", "RopeScalingConfig", "DataConfig",
     "OptimizerConfig", "ScheduleConfig", "MeshSection", "CheckpointConfig", "LoggingConfig", "RamConfig",
-    "DpoConfig", "TrraConfig", "DistributedConfig",
+    "DpoConfig", "TrraConfig", "InraConfig", "DistributedConfig",
 ]
 
 _INCLUDE_KEYS = ("include", "base")
@@ -807,11 +807,13 @@ class DpoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrraConfig:
-    """Training-time realignment: the teacher is softmax(lam·h_aligned + (1-lam)·h_reference / temperature).
+    """Training-time realignment: the teacher is softmax((lam·h_aligned + (1-lam)·h_reference) / temperature).
 
-    lam > 1 extrapolates past the aligned model (paper: 0.5 … 10). ``direction``: ``forward`` = KL(teacher ‖
-    student), ``reverse`` = KL(student ‖ teacher). ``reference`` and ``aligned`` are model directories; the
-    student starts from ``model.init`` (normally the reference).
+    lam > 1 extrapolates past the aligned model (paper: 0.5 … 10); any real value is allowed. ``direction``:
+    ``forward`` = KL(teacher ‖ student), ``reverse`` = KL(student ‖ teacher). ``reference`` and ``aligned`` are
+    model directories (ramjax or Hugging Face) sharing the student's vocabulary; the student starts from
+    ``model.init`` (normally the reference). ``iterations > 1`` is iterated TrRa: round r trains a fresh student
+    (from ``model.init``) in ``run_dir/round_r`` against the teacher whose aligned model is round r−1's student.
     """
 
     lam: float = 2.0
@@ -819,9 +821,27 @@ class TrraConfig:
     temperature: float = 1.0
     reference: str | None = None
     aligned: str | None = None
+    iterations: int = 1
 
     def validate(self) -> None:
         _check(self.temperature > 0, f"trra.temperature={self.temperature} must be positive")
+        _check(self.lam == self.lam and abs(self.lam) != float("inf"), f"trra.lam={self.lam} must be finite")
+        _check(self.iterations >= 1, f"trra.iterations={self.iterations} must be >= 1 (1 = plain TrRa)")
+
+
+@dataclasses.dataclass(frozen=True)
+class InraConfig:
+    """Inference-time realignment: train only an InRa adapter layer (any stage but pretrain).
+
+    With ``enabled``, a copy of the bottom decoder layer with zeroed attention-output and MLP-down projections is
+    inserted below layer 0 of ``model.init`` (so training starts from the identity) and only it trains; the
+    optimizer state exists for the adapter alone. ``adapter_init``: an adapter file (``run_dir/adapter.safetensors``
+    of an earlier run) to start from instead. The run writes ``run_dir/adapter.safetensors`` and the L+1-layer
+    model as ``run_dir/model`` (and ``run_dir/hf``); sample it with ``mode=inra``.
+    """
+
+    enabled: bool = False
+    adapter_init: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -883,6 +903,7 @@ class TrainConfig:
     ram: RamConfig = dataclasses.field(default_factory=RamConfig)
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
     trra: TrraConfig = dataclasses.field(default_factory=TrraConfig)
+    inra: InraConfig = dataclasses.field(default_factory=InraConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
@@ -912,6 +933,11 @@ class TrainConfig:
         if self.stage == "trra":
             _check(self.trra.reference is not None and self.trra.aligned is not None,
                    "stage=trra needs trra.reference and trra.aligned (model directories)")
+        if self.inra.enabled:
+            _check(self.stage != "pretrain", "inra.enabled trains an adapter on top of a trained model; use it with "
+                                             "stage=sft, dpo, ram or trra, not pretrain")
+            _check(not self.model.from_scratch, "inra.enabled needs model.init=PATH (the model the adapter "
+                                                "realigns), not scratch")
 
 
 # ------------------------------------------------------------------------------------------------------------

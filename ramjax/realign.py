@@ -275,11 +275,15 @@ def adapter_logical_axes(cfg: ModelConfig) -> dict:
                                   is_leaf=lambda x: isinstance(x, tuple))
 
 
+def adapter_shapes(cfg: ModelConfig) -> dict:
+    """``ShapeDtypeStruct`` pytree of the adapter (one layer of ``cfg``), without allocating it."""
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
+                                  model_lib.param_shapes(cfg)["layers"])
+
+
 def adapter_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = shd.DEFAULT_RULES) -> dict:
     """``NamedSharding`` pytree of the adapter on ``mesh`` (same rules as the base layers)."""
-    shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
-                                    model_lib.param_shapes(cfg)["layers"])
-    return shd.tree_shardings(mesh, adapter_logical_axes(cfg), shapes, rules)
+    return shd.tree_shardings(mesh, adapter_logical_axes(cfg), adapter_shapes(cfg), rules)
 
 
 def merge_adapter(cfg: ModelConfig, params: dict, adapter: dict) -> tuple[ModelConfig, dict]:
@@ -534,6 +538,6 @@ def lambda_sweep(lams: Iterable[float], run: Callable[[float], Mapping[str, Any]
 
 
 __all__ = ["RealignError", "trra_teacher_logits", "trra_teacher_logprobs", "TopKTeacher", "trra_topk_teacher",
-           "trra_loss", "build_adapter", "adapter_logical_axes", "adapter_shardings", "merge_adapter",
+           "trra_loss", "build_adapter", "adapter_shapes", "adapter_logical_axes", "adapter_shardings", "merge_adapter",
            "adapter_forward", "InraCache", "init_inra_cache", "inra_cache_shardings", "inra_stream_logits",
            "mix_logits", "inra_forward", "save_adapter", "load_adapter", "export_inra_hf", "lambda_sweep"]

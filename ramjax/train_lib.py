@@ -26,12 +26,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ramjax import loss as loss_lib
 from ramjax import model as model_lib
+from ramjax import realign
 from ramjax import sharding as shd
 
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, Any]
-STAGES = ("pretrain", "sft", "ram", "dpo")
+STAGES = ("pretrain", "sft", "ram", "dpo", "trra")
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 DECAYS = ("constant", "linear", "cosine")
 
@@ -266,6 +267,45 @@ def dpo_objective(cfg: model_lib.ModelConfig, beta: float, label_smoothing: floa
     return Objective("dpo", normalizers, loss, keys, tokens_key="chosen_loss_mask")
 
 
+def trra_objective(cfg: model_lib.ModelConfig, ref_cfg: model_lib.ModelConfig, aligned_cfg: model_lib.ModelConfig,
+                   lam: float, *, direction: str = "forward", temperature: float = 1.0, mesh: Mesh | None = None,
+                   rules=shd.DEFAULT_RULES, vocab_limit: int | None = None) -> Objective:
+    """TrRa (``realign.trra_loss``): the student matches softmax((λ·h_aligned + (1−λ)·h_ref)/T) on response
+    tokens, a token mean over the global batch. The two teachers' params arrive in ``frozen["trra_reference"]`` and
+    ``frozen["trra_aligned"]`` (not differentiated; held under stop_gradient too); their logits are computed per
+    micro-batch, so the full teacher never exists for the whole batch at once."""
+    vocab = vocab_limit or min(cfg.vocab_size, ref_cfg.vocab_size, aligned_cfg.vocab_size)
+
+    def normalizers(b):
+        return {"tokens": jnp.sum((b["loss_mask"] > 0) & (b["segment_ids"] > 0)).astype(jnp.float32)}
+
+    def loss(params, b, norms, frozen, key):
+        logits = _fwd(cfg, params, b, "", mesh, rules)
+        h_ref = _fwd(ref_cfg, jax.lax.stop_gradient(frozen["trra_reference"]), b, "", mesh, rules)
+        h_al = _fwd(aligned_cfg, jax.lax.stop_gradient(frozen["trra_aligned"]), b, "", mesh, rules)
+        kl, _, m = realign.trra_loss(logits, (h_ref[..., :vocab], h_al[..., :vocab], lam), b["loss_mask"],
+                                     targets=b["targets"], segment_ids=b["segment_ids"], direction=direction,
+                                     temperature=temperature, vocab_limit=vocab)
+        denom = jnp.maximum(norms["tokens"], 1.0)
+        metrics = {k: v / denom for k, v in m.items()}
+        metrics["loss"] = kl / denom
+        return kl / denom, metrics
+
+    return Objective("trra", normalizers, loss, _LM_KEYS)
+
+
+def inra_objective(inner: Objective, base_cfg: model_lib.ModelConfig) -> Objective:
+    """Trains only an InRa adapter: ``inner`` (built for the L+1-layer model) sees the adapter inserted below layer
+    0 of the frozen base params ``frozen["inra_base"]``; the trained pytree (and so the optimizer state) is the
+    adapter alone."""
+
+    def loss(adapter, b, norms, frozen, key):
+        _, merged = realign.merge_adapter(base_cfg, jax.lax.stop_gradient(frozen["inra_base"]), adapter)
+        return inner.loss(merged, b, norms, frozen, key)
+
+    return dataclasses.replace(inner, name=inner.name + "+inra", loss=loss)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The train step
 
@@ -432,6 +472,10 @@ class Plan:
     params: Any = None             # loaded initial params (model.init is a checkpoint), or None
     source_is_hf: bool = False
     vocab_limit: int | None = None
+    trained_shapes: Any = None     # shapes of the trained pytree when it is not the model (the InRa adapter)
+    frozen_abstract: Any = None    # {name: abstract params with shardings} of frozen models (TrRa teachers, InRa base)
+    frozen: Any = None             # the loaded frozen params (same names), or None (dry run)
+    inra: bool = False
 
 
 @dataclasses.dataclass
@@ -518,6 +562,12 @@ def build_objective(plan_like: Any, cfg: Any, model_cfg: model_lib.ModelConfig, 
     if cfg.stage == "dpo":
         return dpo_objective(model_cfg, cfg.dpo.beta, cfg.dpo.label_smoothing, mesh=mesh, rules=rules,
                              vocab_limit=vocab_limit)
+    if cfg.stage == "trra":
+        (ref_cfg, _), (al_cfg, _) = (_peek_model_config(cfg.trra.reference), _peek_model_config(cfg.trra.aligned))
+        over = dict(dtype=cfg.model.dtype, remat=False)
+        return trra_objective(model_cfg, ref_cfg.replace(**over), al_cfg.replace(**over), cfg.trra.lam,
+                              direction=cfg.trra.direction, temperature=cfg.trra.temperature, mesh=mesh,
+                              rules=rules, vocab_limit=vocab_limit)
     raise TrainConfigError(f"stage={cfg.stage!r} is not implemented by the trainer (supported: {STAGES})")
 
 
@@ -612,15 +662,81 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
         model_cfg = m.config.replace(**over)
         params = m.params if (load_params and resume_step is None) else None
     p_sh = model_lib.param_shardings(model_cfg, mesh, rules)
+    frozen_models = _frozen_models(cfg, model_cfg, tokenizer, mesh, rules)
+    frozen = {} if load_params else None
+    for name, (path, fcfg) in frozen_models.items():
+        if load_params:
+            if name == "inra_base" and params is not None:
+                frozen[name] = params  # model.init was loaded above: the base of the adapter
+            else:
+                from ramjax import api
+
+                frozen[name] = api.load_model(path, mesh=mesh, dtype=cfg.model.dtype,
+                                              param_dtype=cfg.model.param_dtype, rules=rules).params
+    frozen_abstract = {name: _abstract_params(fcfg, mesh, rules) for name, (_, fcfg) in frozen_models.items()}
+    trained_shapes = None
+    if cfg.inra.enabled:
+        trained_shapes = realign.adapter_shapes(model_cfg)
+        p_sh = realign.adapter_shardings(model_cfg, mesh, rules)
+        params = None
+        if load_params and resume_step is None:
+            params = _initial_adapter(cfg, model_cfg, frozen["inra_base"], p_sh)
     if resume_step is not None:
-        ckpt_lib.compare_shapes(mngr.stored_param_shapes(resume_step), model_lib.param_shapes(model_cfg),
+        ckpt_lib.compare_shapes(mngr.stored_param_shapes(resume_step),
+                                trained_shapes if trained_shapes is not None else model_lib.param_shapes(model_cfg),
                                 f"checkpoint {ckpt_dir}/{resume_step}")
     vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < model_cfg.vocab_size else None
-    objective = build_objective(None, cfg, model_cfg, mesh, rules, vocab_limit)
+    if cfg.stage == "trra":
+        vocab_limit = tokenizer.vocab_size  # the teachers may pad their embeddings differently from the student
+    if cfg.inra.enabled:
+        inner_cfg = model_cfg.replace(num_layers=model_cfg.num_layers + 1)
+        objective = inra_objective(build_objective(None, cfg, inner_cfg, mesh, rules, vocab_limit), model_cfg)
+    else:
+        objective = build_objective(None, cfg, model_cfg, mesh, rules, vocab_limit)
     return Plan(cfg=cfg, model_cfg=model_cfg, tokenizer=tokenizer, iterator=iterator, mesh=mesh, rules=rules,
                 param_shardings=p_sh, objective=objective, optimizer=optimizer, schedule=schedule,
                 total_steps=total, warmup_steps=warmup, resume_step=resume_step, params=params,
-                source_is_hf=source_is_hf, vocab_limit=vocab_limit)
+                source_is_hf=source_is_hf, vocab_limit=vocab_limit, trained_shapes=trained_shapes,
+                frozen_abstract=frozen_abstract or None, frozen=frozen or None, inra=cfg.inra.enabled)
+
+
+def _abstract_params(cfg: model_lib.ModelConfig, mesh: Mesh, rules) -> Any:
+    sh = model_lib.param_shardings(cfg, mesh, rules)
+    return jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                                  model_lib.param_shapes(cfg), sh)
+
+
+def _frozen_models(cfg: Any, model_cfg: model_lib.ModelConfig, tokenizer: Any, mesh: Mesh, rules
+                   ) -> dict[str, tuple[str, model_lib.ModelConfig]]:
+    """``{name: (path, config)}`` of the frozen models a run needs: the TrRa reference and aligned models, the
+    InRa base (``model.init``). Their vocabularies must cover the tokenizer's."""
+    import os
+
+    from ramjax import tokenizer as tok_lib
+
+    out = {}
+    if cfg.stage == "trra":
+        for name, path in (("trra_reference", cfg.trra.reference), ("trra_aligned", cfg.trra.aligned)):
+            if not os.path.isdir(path):
+                raise TrainConfigError(f"trra.{name[5:]}={path!r} is not a model directory")
+            fcfg, _ = _peek_model_config(path)
+            if fcfg.vocab_size < tokenizer.vocab_size:
+                raise tok_lib.VocabMismatchError(
+                    f"trra.{name[5:]}={path!r} has {fcfg.vocab_size} embedding rows but the tokenizer has "
+                    f"{tokenizer.vocab_size} ids; TrRa needs the student, reference and aligned models to share "
+                    f"one vocabulary")
+            out[name] = (path, fcfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=False))
+    if cfg.inra.enabled:
+        out["inra_base"] = (cfg.model.init, model_cfg)
+    return out
+
+
+def _initial_adapter(cfg: Any, model_cfg: model_lib.ModelConfig, base: Any, shardings: Any) -> Any:
+    """The adapter to start from: ``inra.adapter_init`` if given, else a fresh identity copy of layer 0."""
+    if cfg.inra.adapter_init:
+        adapter = realign.load_adapter(cfg.inra.adapter_init, model_cfg)
+        return jax.device_put(adapter, shardings)
+    return jax.jit(lambda p: realign.build_adapter(model_cfg, p), out_shardings=shardings)(base)
 
 
 def _abstract_batch(plan: Plan) -> tuple[dict, dict]:
@@ -636,19 +752,28 @@ def _abstract_batch(plan: Plan) -> tuple[dict, dict]:
 
 
 def _state_abstract(plan: Plan) -> tuple[TrainState, TrainState]:
-    shapes = jax.eval_shape(lambda: init_state(model_lib.param_shapes(plan.model_cfg), plan.optimizer,
-                                               jax.random.key(0)))
+    trained = plan.trained_shapes if plan.trained_shapes is not None else model_lib.param_shapes(plan.model_cfg)
+    shapes = jax.eval_shape(lambda: init_state(trained, plan.optimizer, jax.random.key(0)))
     sh = state_shardings(shapes, plan.param_shardings, plan.mesh)
     abstract = jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), shapes, sh)
     return abstract, sh
 
 
 def _frozen_abstract(plan: Plan) -> tuple[Any, Any]:
+    abstract, sh = {}, {}
     if plan.cfg.stage == "dpo":
         n = len(plan.iterator.data)
-        sh = {"ref_logps": _replicated(plan.mesh)}
-        return {"ref_logps": jax.ShapeDtypeStruct((n, 2), jnp.float32, sharding=sh["ref_logps"])}, sh
-    return None, None
+        sh["ref_logps"] = _replicated(plan.mesh)
+        abstract["ref_logps"] = jax.ShapeDtypeStruct((n, 2), jnp.float32, sharding=sh["ref_logps"])
+    for name, tree in (plan.frozen_abstract or {}).items():  # frozen models: TrRa teachers, InRa base
+        abstract[name] = tree
+        sh[name] = jax.tree_util.tree_map(lambda a: a.sharding, tree)
+    return (abstract, sh) if abstract else (None, None)
+
+
+def _trained_count(plan: Plan) -> int:
+    return model_lib.count_params(plan.trained_shapes if plan.trained_shapes is not None
+                                  else model_lib.param_shapes(plan.model_cfg))
 
 
 def compile_step(plan: Plan):
@@ -673,7 +798,7 @@ def dry_run(cfg: Any) -> dict[str, Any]:
     data statistics and the compiled memory estimate."""
     plan = build(cfg, load_params=False)
     _, mem, _ = compile_step(plan)
-    n = model_lib.count_params(model_lib.param_shapes(plan.model_cfg))
+    n = _trained_count(plan)
     return {"stage": cfg.stage, "num_params": n, "model": dataclasses.asdict(plan.model_cfg),
             "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps, "resume_step": plan.resume_step,
             "batches_per_epoch": plan.iterator.batches_per_epoch(0), "data": plan.iterator.stats.as_dict(),
@@ -740,13 +865,15 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
     from ramjax import config as config_lib
     from ramjax import metrics as metrics_lib
 
+    if cfg.stage == "trra" and cfg.trra.iterations > 1:
+        return _train_trra_rounds(cfg, progress)
     t_start = time.time()
     plan = build(cfg)
     primary = jax.process_index() == 0
     run_dir = cfg.run_dir
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     compiled, mem, (state_sh, batch_sh, frozen_sh) = compile_step(plan)
-    num_params = model_lib.count_params(model_lib.param_shapes(plan.model_cfg))
+    num_params = _trained_count(plan)
 
     # --- from here on the run directory is written
     if primary:
@@ -784,10 +911,11 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
                         donate_argnums=(0,))(params)
     plan.params = params = None  # the state owns the params now
 
-    frozen = None
+    frozen = dict(plan.frozen or {})
     if cfg.stage == "dpo":
-        frozen = {"ref_logps": _reference_table(plan, state, run_dir, primary, k_params)}
-        frozen = {"ref_logps": jax.device_put(frozen["ref_logps"], frozen_sh["ref_logps"])}
+        frozen["ref_logps"] = jax.device_put(_reference_table(plan, state, run_dir, primary, k_params),
+                                             frozen_sh["ref_logps"])
+    frozen = frozen or None
 
     step = int(jax.device_get(state.step))
     thr = metrics_lib.Throughput()
@@ -833,10 +961,20 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
     if not interrupted:
         model_dir = os.path.join(run_dir, "model")
         tok_src = cfg.tokenizer or (None if cfg.model.from_scratch else cfg.model.init)
-        ckpt_lib.save_model_dir(model_dir, plan.model_cfg, state.params,
+        out_cfg, out_params = plan.model_cfg, state.params
+        if plan.inra:  # the adapter alone, and the adapted L+1-layer model as the run's model
+            adapter = state.params
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                adapter = multihost_utils.process_allgather(adapter)
+            if primary:
+                realign.save_adapter(os.path.join(run_dir, "adapter.safetensors"), adapter, plan.model_cfg)
+            out_cfg, out_params = realign.merge_adapter(plan.model_cfg, plan.frozen["inra_base"], state.params)
+        ckpt_lib.save_model_dir(model_dir, out_cfg, out_params,
                                 tokenizer=tok_src if tok_src and os.path.isdir(tok_src) else plan.tokenizer)
         if plan.source_is_hf or cfg.checkpoint.export_hf:
-            hf_dir = _export_hf(os.path.join(run_dir, "hf"), plan, state.params, tok_src)
+            hf_dir = _export_hf(os.path.join(run_dir, "hf"), plan, out_params, tok_src, out_cfg)
     meta.update({"final_step": step, "interrupted": interrupted, "elapsed_s": round(time.time() - t_start, 2),
                  "last_metrics": last})
     if primary:
@@ -872,7 +1010,8 @@ def _reference_table(plan: Plan, state: TrainState, run_dir: str, primary: bool,
             return table
         log.warning("%s has shape %s, expected %s: recomputing", path, table.shape, (n, 2))
     if int(jax.device_get(state.step)) == 0:
-        params = state.params
+        # InRa: the reference is the base model (which the identity-initialised adapted model equals at step 0)
+        params = plan.frozen["inra_base"] if plan.inra else state.params
     else:  # resumed without the saved table: recompute from the initial weights
         if plan.cfg.model.from_scratch:
             params = model_lib.init_params_sharded(plan.model_cfg, k_params, plan.mesh, plan.rules)
@@ -891,11 +1030,54 @@ def _reference_table(plan: Plan, state: TrainState, run_dir: str, primary: bool,
     return table
 
 
-def _export_hf(path: str, plan: Plan, params: Any, tok_src: str | None) -> str:
+def _export_hf(path: str, plan: Plan, params: Any, tok_src: str | None,
+               model_cfg: model_lib.ModelConfig | None = None) -> str:
     """Hugging Face safetensors export via ``ramjax.hf.save_hf`` (every process calls it; process 0 writes)."""
     import os
 
     from ramjax import hf
 
-    hf.save_hf(path, plan.model_cfg, params, tokenizer_dir=tok_src if tok_src and os.path.isdir(tok_src) else None)
+    hf.save_hf(path, model_cfg or plan.model_cfg, params, tokenizer_dir=tok_src if tok_src and os.path.isdir(tok_src) else None)
     return path
+
+
+def _train_trra_rounds(cfg: Any, progress: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+    """Iterated TrRa: round r (1-based) trains in ``run_dir/round_r`` a student from ``model.init`` against the
+    teacher whose aligned model is round r−1's student (round 1: ``trra.aligned``). A finished round (its
+    ``meta.json`` says so) is skipped on restart. Returns the last round's result; ``run_dir/rounds.json`` lists
+    every round's model directory and final metrics."""
+    import json
+    import os
+
+    aligned = cfg.trra.aligned
+    rounds = []
+    result = None
+    for r in range(1, cfg.trra.iterations + 1):
+        rdir = os.path.join(cfg.run_dir, f"round_{r}")
+        meta_path = os.path.join(rdir, "meta.json")
+        done = None
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if meta.get("interrupted") is False and os.path.isdir(os.path.join(rdir, "model")):
+                done = meta
+        if done is not None:
+            log.info("trra round %d already finished in %s", r, rdir)
+            model_dir, metrics = os.path.join(rdir, "model"), done.get("last_metrics", {})
+        else:
+            rcfg = dataclasses.replace(cfg, run_dir=rdir, trra=dataclasses.replace(cfg.trra, aligned=aligned,
+                                                                                    iterations=1))
+            result = train(rcfg, progress=progress)
+            if result.interrupted:
+                return result
+            model_dir, metrics = result.model_dir, result.metrics
+        rounds.append({"round": r, "aligned": aligned, "model_dir": model_dir, "metrics": metrics})
+        aligned = model_dir
+    if jax.process_index() == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        _write_json_atomic(os.path.join(cfg.run_dir, "rounds.json"), {"rounds": rounds})
+    if result is None:  # every round had finished before
+        last = rounds[-1]
+        result = TrainResult(run_dir=os.path.dirname(last["model_dir"]), step=0, total_steps=0, interrupted=False,
+                             metrics=last["metrics"], memory={}, num_params=0, model_dir=last["model_dir"])
+    return result
