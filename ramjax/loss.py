@@ -189,5 +189,13 @@ def validate_dpo(beta: float, label_smoothing: float) -> None:
         raise LossConfigError(f"dpo.label_smoothing={label_smoothing!r} must be in [0, 0.5)")
 
 
+# ------------------------------------------------------------------------------------------------------------
+# TrRa (training-time realignment). Implemented in ``ramjax.realign`` next to the teacher it distils and the InRa
+# adapter; re-exported so every objective is reachable from this module. ``trra_loss`` returns
+# ``(Σ KL over response tokens, token count, metric sums)`` like the objectives above.
+
+from ramjax.realign import TopKTeacher, trra_loss, trra_teacher_logprobs, trra_topk_teacher  # noqa: E402
+
 __all__: list[Any] = ["LossConfigError", "token_logprobs", "sequence_logprobs", "count_examples", "sft_loss",
-                      "pretrain_loss", "validate_alpha", "ram_sums", "ram_loss", "dpo_loss", "validate_dpo"]
+                      "pretrain_loss", "validate_alpha", "ram_sums", "ram_loss", "dpo_loss", "validate_dpo",
+                      "trra_loss", "trra_teacher_logprobs", "trra_topk_teacher", "TopKTeacher"]
