@@ -1,5 +1,8 @@
 """The trainer: train state, optimizers and schedules, the jitted train step, and the training loop.
 
+    cfg = config.load_config(config.TrainConfig, "configs/ram.yaml", ["ram.alpha=1e-3"])
+    result = train_lib.train(cfg)          # or train_lib.dry_run(cfg): validate, build shapes, compile, write nothing
+
 One step = one optimizer update on one *global* batch ``[B, T]``. Inside the jitted step the batch is split into
 ``grad_accum`` micro-batches that a ``lax.scan`` walks through, summing gradients. Every objective (``loss.py``)
 yields sums; their normalisers (token or example counts, data only) are computed over the whole global batch
@@ -552,9 +555,9 @@ def _total_steps(cfg: Any, iterator: Any) -> int:
     return max(1, int(math.ceil(cfg.epochs * iterator.batches_per_epoch(0))))
 
 
-def build_objective(plan_like: Any, cfg: Any, model_cfg: model_lib.ModelConfig, mesh: Mesh, rules,
-                    vocab_limit: int | None) -> Objective:
-    """The ``Objective`` of ``cfg.stage``."""
+def build_objective(cfg: Any, model_cfg: model_lib.ModelConfig, mesh: Mesh, rules=shd.DEFAULT_RULES,
+                    vocab_limit: int | None = None) -> Objective:
+    """The ``Objective`` of ``cfg.stage`` (a ``TrainConfig``); new stages plug in here."""
     if cfg.stage in ("sft", "pretrain"):
         return lm_objective(model_cfg, name=cfg.stage, mesh=mesh, rules=rules, vocab_limit=vocab_limit)
     if cfg.stage == "ram":
@@ -690,9 +693,9 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
         vocab_limit = tokenizer.vocab_size  # the teachers may pad their embeddings differently from the student
     if cfg.inra.enabled:
         inner_cfg = model_cfg.replace(num_layers=model_cfg.num_layers + 1)
-        objective = inra_objective(build_objective(None, cfg, inner_cfg, mesh, rules, vocab_limit), model_cfg)
+        objective = inra_objective(build_objective(cfg, inner_cfg, mesh, rules, vocab_limit), model_cfg)
     else:
-        objective = build_objective(None, cfg, model_cfg, mesh, rules, vocab_limit)
+        objective = build_objective(cfg, model_cfg, mesh, rules, vocab_limit)
     return Plan(cfg=cfg, model_cfg=model_cfg, tokenizer=tokenizer, iterator=iterator, mesh=mesh, rules=rules,
                 param_shardings=p_sh, objective=objective, optimizer=optimizer, schedule=schedule,
                 total_steps=total, warmup_steps=warmup, resume_step=resume_step, params=params,

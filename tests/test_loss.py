@@ -54,6 +54,7 @@ def _np_logsoftmax(x):
 
 
 _fwd = jax.jit(lambda p, t, s: model_lib.forward(CFG, p, t, segment_ids=s)[0])
+_fwd_packed = jax.jit(lambda p, t, pos, s: model_lib.forward(CFG, p, t, pos, s)[0])
 
 
 def _hand_seq_logprob(params, prompt, response):
@@ -103,13 +104,12 @@ def test_ram_gradient_matches_finite_differences(params):
     b = {k: jnp.asarray(v) for k, v in b.items()}
     f = lambda p: _ram_loss(p, b, 0.5)[0]  # noqa: E731
     g = jax.jit(jax.grad(f))(params)
-    keys = jax.random.split(jax.random.key(1), 3)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    for key in keys:
-        ks = jax.random.split(key, len(leaves))
-        d = jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(ks, leaves)])
-        norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(d)))
-        d = jax.tree_util.tree_map(lambda x: x / norm, d)
+    rng = np.random.default_rng(1)
+    g_dir = jax.tree_util.tree_map(np.asarray, g)  # the steepest direction, then two random ones
+    for i in range(3):
+        d = g_dir if i == 0 else jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+        norm = np.sqrt(sum(np.sum(x * x) for x in jax.tree_util.tree_leaves(d)))
+        d = jax.tree_util.tree_map(lambda x: jnp.asarray(x / norm), d)
         eps = 1e-2
         plus = f(jax.tree_util.tree_map(lambda p, v: p + eps * v, params, d))
         minus = f(jax.tree_util.tree_map(lambda p, v: p - eps * v, params, d))
@@ -120,7 +120,7 @@ def test_ram_gradient_matches_finite_differences(params):
 
 def test_sequence_logprobs_per_segment(params):
     b = _batch([DATA, [NEG[0]]])
-    logits, _ = model_lib.forward(CFG, params, b["tokens"], b["positions"], b["segment_ids"])
+    logits = _fwd_packed(params, b["tokens"], b["positions"], b["segment_ids"])
     per_seg = np.asarray(loss_lib.sequence_logprobs(logits, b["targets"], b["loss_mask"], b["segment_ids"],
                                                     max_segments=3))
     want = [[_hand_seq_logprob(params, *DATA[0]), _hand_seq_logprob(params, *DATA[1]), 0.0],
@@ -134,7 +134,7 @@ def test_sequence_logprobs_per_segment(params):
 
 def test_sft_loss_is_token_mean(params):
     b = _batch([[DATA[0]], [DATA[1]]])
-    logits, _ = model_lib.forward(CFG, params, b["tokens"], b["positions"], b["segment_ids"])
+    logits = _fwd_packed(params, b["tokens"], b["positions"], b["segment_ids"])
     s, n = loss_lib.sft_loss(logits, b["targets"], b["loss_mask"], b["segment_ids"])
     lq = [_hand_seq_logprob(params, p, r) for p, r in DATA]
     assert float(n) == sum(len(r) for _, r in DATA)

@@ -435,3 +435,11 @@ def test_sft_from_hf_exports_hf_and_model_dir(fx, tmp_path):
     _assert_trees_close(p_h, p_m, 0.0)
     _, p0 = hf.load_hf(tmp_path / "hf_in")
     assert not np.allclose(np.asarray(p0["embed"]), np.asarray(p_m["embed"]))  # it trained
+
+
+def test_alpha_term_domination_warns(caplog):
+    with caplog.at_level("WARNING", logger="ramjax.train_lib"):
+        assert train_lib._warn_alpha({"train/nll_data": 10.0, "train/logq_neg": -50.0}, 0.1, 0) == 0
+        assert not caplog.records
+        assert train_lib._warn_alpha({"train/nll_data": 10.0, "train/logq_neg": -50.0}, 0.5, 0) == 1
+    assert "alpha term dominates" in caplog.text
