@@ -29,10 +29,22 @@ _teacher = jax.jit(realign.trra_teacher_logprobs, static_argnames=("temperature"
 _topk = jax.jit(realign.trra_topk_teacher, static_argnums=3)
 
 
+def random_params(cfg, seed=0):
+    """Random params of ``cfg``'s shapes drawn with numpy (compiling flax's init costs seconds on CPU): norm scales
+    1 + N(0, 0.1²), every other weight N(0, 0.1²), so the logits are far from uniform."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        norm = "norm" in jax.tree_util.keystr(path)
+        return jnp.asarray((1.0 if norm else 0.0) + rng.normal(0, 0.1, s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, model_lib.param_shapes(cfg))
+
+
 @functools.lru_cache(maxsize=None)
 def _base(cfg, seed=0):
-    """Random base params, built once per (config, seed) and shared: initialising is the slow part here."""
-    return jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+    """Random base params, built once per (config, seed) and shared between tests."""
+    return random_params(cfg, seed)
 
 
 def _np_log_softmax(x):
@@ -227,9 +239,9 @@ def test_student_trains_toward_teacher_through_models():
 
 
 def _randomise(adapter, seed):
-    leaves, tree = jax.tree_util.tree_flatten(adapter)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    """A 'trained' adapter: every weight perturbed (so wo/w_down are no longer zero)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda x: x + jnp.asarray(rng.normal(0, 0.05, x.shape), x.dtype), adapter)
 
 
 def _tokens(seed, batch=3, seq=7):
@@ -393,3 +405,156 @@ def test_exported_checkpoint_matches_adapter_path_in_transformers(tmp_path):
     tokens = _tokens(11)
     got, _ = _inra(CFG_BIAS, params, adapter, tokens, lam=_lam(1.0))
     np.testing.assert_allclose(np.asarray(got), hf_logits(hf_model, np.asarray(tokens)), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer: stage trra, iterated TrRa, InRa adapter training (tiny models, real train_lib runs)
+
+TRAIN_CFG = model_lib.ModelConfig(vocab_size=640, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def train_fx(tmp_path_factory):
+    """A tokenizer, reference and aligned model directories and SFT-format JSONL data."""
+    import json
+    import os
+    import random
+    import sys
+
+    from ramjax import checkpoint as ckpt_lib
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import tokenizer_fixtures
+
+    root = str(tmp_path_factory.mktemp("realign_fx"))
+    tokenizer_fixtures.make_hf_tokenizer(f"{root}/tok", kind="llama")
+    ckpt_lib.save_model_dir(f"{root}/ref", TRAIN_CFG, random_params(TRAIN_CFG, 1), tokenizer=f"{root}/tok")
+    ckpt_lib.save_model_dir(f"{root}/aligned", TRAIN_CFG, random_params(TRAIN_CFG, 2), tokenizer=f"{root}/tok")
+    words = "the quick brown fox jumps over lazy dog alignment residual model proposal".split()
+    rng = random.Random(0)
+
+    def sent(lo, hi):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    with open(f"{root}/sft.jsonl", "w") as f:
+        for _ in range(32):
+            f.write(json.dumps({"prompt": sent(3, 5), "response": sent(2, 6)}) + "\n")
+    return root
+
+
+@pytest.fixture()
+def compile_cache(tmp_path_factory):
+    """Persistent compilation cache: the rounds of iterated TrRa compile the same step."""
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def _train_cfg(fx, run_dir, *extra):
+    from ramjax import config as config_lib
+
+    over = [f"run_dir={run_dir}", f"model.init={fx}/ref", f"data.train_files=[{fx}/sft.jsonl]", "data.max_len=24",
+            "data.max_prompt_len=12", "data.batch_size=8", "steps=2", "optimizer.lr=1e-2", "optimizer.grad_accum=2",
+            "checkpoint.export_hf=false", "logging.every=1", "logging.tensorboard=false", "logging.progress=false",
+            "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *extra]
+    return config_lib.load_config(config_lib.TrainConfig, None, over)
+
+
+def _first_batch(cfg):
+    """The first global batch a run of ``cfg`` trains on (single process: the local batch is the global one) and
+    the tokenizer's vocabulary size (the trainer's softmax runs over those ids only)."""
+    import dataclasses
+
+    from ramjax import train_lib
+
+    fresh = dataclasses.replace(cfg, run_dir=cfg.run_dir + "_probe")  # no checkpoint: the iterator starts at 0
+    plan = train_lib.build(fresh, load_params=False)
+    return {k: jnp.asarray(v) for k, v in next(plan.iterator).items()}, plan.tokenizer.vocab_size
+
+
+def test_trra_stage_first_step_is_the_hand_kl(train_fx, tmp_path):
+    from ramjax import checkpoint as ckpt_lib
+    from ramjax import metrics as metrics_lib
+    from ramjax import train_lib
+
+    lam = 2.5
+    cfg = _train_cfg(train_fx, str(tmp_path / "run"), "stage=trra", f"trra.reference={train_fx}/ref",
+                     f"trra.aligned={train_fx}/aligned", f"trra.lam={lam}")
+    result = train_lib.train(cfg)
+    assert result.num_params == model_lib.count_params(model_lib.param_shapes(TRAIN_CFG))
+
+    # Step 1 is evaluated at the initial student (= the reference): its loss is the token-mean
+    # KL(teacher ‖ reference) on the first batch, computed here independently of the trainer, in float64.
+    b, V = _first_batch(cfg)
+    _, ref = ckpt_lib.load_model_dir(f"{train_fx}/ref")
+    _, al = ckpt_lib.load_model_dir(f"{train_fx}/aligned")
+    logits = {}
+    for name, p in (("ref", ref), ("al", al)):
+        logits[name] = np.asarray(_fwd(TRAIN_CFG, p, b["tokens"], b["positions"], b["segment_ids"])[0], np.float64)
+    lp = _np_log_softmax(lam * logits["al"][..., :V] + (1 - lam) * logits["ref"][..., :V])
+    lq = _np_log_softmax(logits["ref"][..., :V])
+    mask = np.asarray(b["loss_mask"]) * (np.asarray(b["segment_ids"]) > 0)
+    want = float((_np_kl(lp, lq) * mask).sum() / mask.sum())
+    recs = metrics_lib.read_metrics(cfg.run_dir)
+    assert recs[0]["train/loss"] == pytest.approx(want, rel=1e-4)
+    assert recs[0]["train/trra/kl"] == pytest.approx(want, rel=1e-4)
+    ent = float((-(np.exp(lp) * lp).sum(-1) * mask).sum() / mask.sum())
+    assert recs[0]["train/trra/teacher_entropy"] == pytest.approx(ent, rel=1e-4)
+    _, student = ckpt_lib.load_model_dir(result.model_dir)  # the student trained; the teachers are untouched
+    assert not np.allclose(np.asarray(student["embed"]), np.asarray(ref["embed"]))
+
+
+@pytest.mark.slow
+def test_iterated_trra_rounds(train_fx, tmp_path, compile_cache):
+    import json
+
+    from ramjax import config as config_lib
+    from ramjax import train_lib
+
+    cfg = _train_cfg(train_fx, str(tmp_path / "run"), "stage=trra", f"trra.reference={train_fx}/ref",
+                     f"trra.aligned={train_fx}/aligned", "trra.lam=2.0", "trra.iterations=2")
+    result = train_lib.train(cfg)
+    r1, r2 = tmp_path / "run" / "round_1", tmp_path / "run" / "round_2"
+    rounds = json.loads((tmp_path / "run" / "rounds.json").read_text())["rounds"]
+    assert [r["aligned"] for r in rounds] == [f"{train_fx}/aligned", str(r1 / "model")]
+    assert result.model_dir == str(r2 / "model")
+    assert config_lib.load_config(config_lib.TrainConfig, str(r2 / "config.yaml")).trra.aligned == str(r1 / "model")
+    # a restart skips the finished rounds
+    again = train_lib.train(cfg)
+    assert again.model_dir == str(r2 / "model") and again.step == 0
+
+
+def test_inra_stage_trains_only_the_adapter_and_exports(train_fx, tmp_path):
+    from ramjax import checkpoint as ckpt_lib
+    from ramjax import metrics as metrics_lib
+    from ramjax import train_lib
+
+    cfg = _train_cfg(train_fx, str(tmp_path / "run"), "stage=sft", "inra.enabled=true")
+    result = train_lib.train(cfg)
+    adapter_count = model_lib.count_params(realign.adapter_shapes(TRAIN_CFG))
+    assert result.num_params == adapter_count  # the train state (and optimizer state) holds the adapter only
+    adapter = realign.load_adapter(tmp_path / "run" / "adapter.safetensors", TRAIN_CFG)
+    assert np.any(np.asarray(adapter["wo"])) and np.any(np.asarray(adapter["w_down"]))  # it trained
+    _, base = ckpt_lib.load_model_dir(f"{train_fx}/ref")
+    np.testing.assert_array_equal(np.asarray(adapter["wq"]) != np.asarray(base["layers"]["wq"][0]), True)
+    # the run's model directory is the adapted L+1-layer model: adapter below the untouched base layers
+    cfg_m, merged = ckpt_lib.load_model_dir(result.model_dir)
+    assert cfg_m.num_layers == TRAIN_CFG.num_layers + 1
+    np.testing.assert_array_equal(np.asarray(merged["layers"]["wo"][0]), np.asarray(adapter["wo"]))
+    np.testing.assert_array_equal(np.asarray(merged["layers"]["wo"][1:]), np.asarray(base["layers"]["wo"]))
+    np.testing.assert_array_equal(np.asarray(merged["embed"]), np.asarray(base["embed"]))
+    # step 1 ran the identity adapter: its loss is the base model's SFT loss on the first batch
+    b, V = _first_batch(cfg)
+    assert V < TRAIN_CFG.vocab_size  # padded embedding rows: the trainer excludes them from the softmax
+    logits, _ = _fwd(TRAIN_CFG, base, b["tokens"], b["positions"], b["segment_ids"])
+    s, n = loss_lib.sft_loss(logits, b["targets"], b["loss_mask"], b["segment_ids"], V)
+    first = metrics_lib.read_metrics(str(tmp_path / "run"))[0]["train/loss"]
+    assert first == pytest.approx(float(s / n), rel=1e-5)
+    # after training, InRa at λ = 0 is still exactly the base model
+    tokens = b["tokens"][:3]
+    got, _ = _inra(TRAIN_CFG, base, adapter, tokens, lam=_lam(0.0))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(_fwd(TRAIN_CFG, base, tokens)[0]), atol=1e-5)
