@@ -127,16 +127,11 @@ def _threshold(keys_bv: jax.Array, weights_bv: jax.Array, target_b: jax.Array) -
     return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
 
 
-def nucleus_mask(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
-    """Tokens kept by top-k then top-p of ``softmax(z)`` (``z`` tempered; ``-inf`` = already excluded), ``[B, V]``.
+FAST_K = 64  # candidates of the top-k fast path of ``nucleus_mask``
 
-    Top-k keeps every token at least as large as the k-th largest. Top-p keeps the largest tokens down to the
-    first one at which the (top-k renormalised) mass reaches ``top_p``, i.e. HF's rule: a token goes when the
-    mass of the tokens ranked below it, itself included, is ``<= 1 - top_p``. Ties at the boundary are all kept.
-    Each filter runs only when some row uses it (``top_k > 0``, ``top_p < 1``).
-    """
-    keys = order_keys(z_bv)
-    valid = z_bv > -jnp.inf
+
+def _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b):
+    """``nucleus_mask`` by exact bisection over the float order (any k, any nucleus size)."""
     lowest = jnp.zeros(z_bv.shape[:1], jnp.uint32)
 
     def top_k(_):
@@ -155,9 +150,47 @@ def nucleus_mask(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax
     return in_k & (keys >= cut[:, None]) & valid
 
 
-def filter_logits(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+def nucleus_mask(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, *, fast_k: int = FAST_K) -> jax.Array:
+    """Tokens kept by top-k then top-p of ``softmax(z)`` (``z`` tempered; ``-inf`` = already excluded), ``[B, V]``.
+
+    Top-k keeps every token at least as large as the k-th largest. Top-p keeps the largest tokens down to the
+    first one at which the (top-k renormalised) mass reaches ``top_p``, i.e. HF's rule: a token goes when the
+    mass of the tokens ranked below it, itself included, is ``<= 1 - top_p``. Ties at the boundary are all kept.
+
+    Fast path: the ``fast_k`` largest logits (``lax.top_k``) decide both filters whenever, in every row, top-k is
+    off or ``<= fast_k`` and those candidates already hold ``top_p`` of the mass (peaked distributions, the usual
+    case for trained models). Otherwise the exact bisection runs (``fast_k=0`` forces it). Both give the same set.
+    """
+    B, V = z_bv.shape
+    keys = order_keys(z_bv)
+    valid = z_bv > -jnp.inf
+    K = min(fast_k, V)
+    if K == 0:
+        return _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b)
+    top_v, _ = jax.lax.top_k(z_bv, K)  # [B, K] descending
+    k_on = top_k_b > 0
+    kth = jnp.where(k_on, jnp.take_along_axis(top_v, jnp.clip(top_k_b - 1, 0, K - 1)[:, None], axis=-1)[:, 0],
+                    NEG_INF)
+    in_k = top_v >= kth[:, None]
+    # Normaliser of the top-k distribution: over the candidates when top-k is on (all of it lies among them unless
+    # ties run past the K-th; checked below), else over the whole vocabulary.
+    lse = jnp.where(k_on, jax.nn.logsumexp(jnp.where(in_k, top_v, NEG_INF), axis=-1),
+                    jax.nn.logsumexp(z_bv, axis=-1))
+    probs = jnp.where(in_k, jnp.exp(top_v - lse[:, None]), 0.0)
+    cum = jnp.cumsum(probs, axis=-1)
+    p_on = top_p_b < 1.0
+    n_keep = jnp.maximum(jnp.sum(in_k & ((cum - probs) < top_p_b[:, None]), axis=-1), 1)
+    cut = jnp.where(p_on, jnp.take_along_axis(top_v, (n_keep - 1)[:, None], axis=-1)[:, 0], kth)
+    k_ok = ~k_on | ((top_k_b <= K) & ((top_v[:, -1] < kth) | (K == V)))
+    p_ok = ~p_on | (cum[:, -1] >= top_p_b) | (K == V)
+    fast_ok = jnp.all(k_ok & p_ok)
+    return jax.lax.cond(fast_ok, lambda: valid & (z_bv >= cut[:, None]),
+                        lambda: _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b))
+
+
+def filter_logits(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, *, fast_k: int = FAST_K) -> jax.Array:
     """Tempered logits with everything outside top-k/top-p set to ``-inf``."""
-    return jnp.where(nucleus_mask(z_bv, top_k_b, top_p_b), z_bv, NEG_INF)
+    return jnp.where(nucleus_mask(z_bv, top_k_b, top_p_b, fast_k=fast_k), z_bv, NEG_INF)
 
 
 def kl_divergence(zp_bv: jax.Array, zq_bv: jax.Array) -> jax.Array:
@@ -295,13 +328,18 @@ def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv:
 
     if not kl_monitor:
         return TokenChoice(tok, no, ess, nan)
+    if kl_fallback not in FALLBACKS:
+        raise ValueError(f"unknown kl_fallback {kl_fallback!r}; expected one of {FALLBACKS}")
     kl = kl_divergence(zp_bv, zq_bv)
     fired = kl > params.kl_threshold
-    if kl_fallback == "proposal":
-        fb_logits = proposal_logits
-    elif kl_fallback == "paper":
-        fb_logits = filter_logits(zp_pen / t_q, jnp.zeros_like(params.top_k), params.aligner_top_p)
-    else:
-        raise ValueError(f"unknown kl_fallback {kl_fallback!r}; expected one of {FALLBACKS}")
-    fb_tok = draw(u_fallback, fb_logits, greedy)
+
+    def fallback_draw():
+        if kl_fallback == "proposal":
+            fb_logits = proposal_logits
+        else:
+            fb_logits = filter_logits(zp_pen / t_q, jnp.zeros_like(params.top_k), params.aligner_top_p)
+        return draw(u_fallback, fb_logits, greedy)
+
+    # The fallback rule runs only in steps where some row needs it.
+    fb_tok = jax.lax.cond(jnp.any(fired), fallback_draw, lambda: tok)
     return TokenChoice(jnp.where(fired, fb_tok, tok), fired, jnp.where(fired, jnp.nan, ess), kl)

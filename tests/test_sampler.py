@@ -118,24 +118,28 @@ def hf_process(z: np.ndarray, *, temperature=1.0, top_k=0, top_p=1.0, penalty=1.
     return scores[0].numpy()
 
 
-def test_filters_match_hugging_face():
-    """Penalty, temperature, top-k, top-p per row equal transformers' processors (kept set and values)."""
+@pytest.mark.parametrize("fast_k", [0, 4, R.FAST_K])
+def test_filters_match_hugging_face(fast_k):
+    """Penalty, temperature, top-k, top-p per row equal transformers' processors (kept set and values), by the
+    exact bisection (fast_k=0), the top-k fast path (peaked rows with fast_k=4; all rows when fast_k >= V) and
+    the mix the batch-wide switch picks."""
     rng = np.random.default_rng(1)
     B = 16
-    z = (2.0 * rng.standard_normal((B, V))).astype(np.float32)
-    seen = rng.random((B, V)) < 0.2
-    temps = rng.choice([0.5, 1.0, 1.7], B)
-    ks = rng.choice([0, 1, 5, 20], B)
-    ps = rng.choice([1.0, 0.9, 0.5, 0.05], B)
-    pens = rng.choice([1.0, 1.3], B)
-    zp = R.repetition_penalty(jnp.asarray(z), jnp.asarray(seen), jnp.asarray(pens, jnp.float32))
-    ours = np.asarray(R.filter_logits(zp / jnp.asarray(temps, jnp.float32)[:, None], jnp.asarray(ks, jnp.int32),
-                                      jnp.asarray(ps, jnp.float32)))
-    for b in range(B):
-        ref = hf_process(z[b], temperature=temps[b], top_k=int(ks[b]), top_p=ps[b], penalty=pens[b],
-                         seen_ids=np.flatnonzero(seen[b]).tolist())
-        np.testing.assert_array_equal(np.isfinite(ours[b]), np.isfinite(ref), err_msg=f"row {b}")
-        np.testing.assert_allclose(ours[b][np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-6)
+    for scale, ks, ps in ((2.0, [0, 1, 5, 20], [1.0, 0.9, 0.5, 0.05]), (8.0, [0, 1, 3], [1.0, 0.6, 0.3])):
+        z = (scale * rng.standard_normal((B, V))).astype(np.float32)
+        seen = rng.random((B, V)) < 0.2
+        temps = rng.choice([0.5, 1.0, 1.7], B)
+        k = rng.choice(ks, B)
+        p = rng.choice(ps, B)
+        pens = rng.choice([1.0, 1.3], B)
+        zp = R.repetition_penalty(jnp.asarray(z), jnp.asarray(seen), jnp.asarray(pens, jnp.float32))
+        ours = np.asarray(R.filter_logits(zp / jnp.asarray(temps, jnp.float32)[:, None], jnp.asarray(k, jnp.int32),
+                                          jnp.asarray(p, jnp.float32), fast_k=fast_k))
+        for b in range(B):
+            ref = hf_process(z[b], temperature=temps[b], top_k=int(k[b]), top_p=p[b], penalty=pens[b],
+                             seen_ids=np.flatnonzero(seen[b]).tolist())
+            np.testing.assert_array_equal(np.isfinite(ours[b]), np.isfinite(ref), err_msg=f"row {b}")
+            np.testing.assert_allclose(ours[b][np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-6)
 
 
 def test_draws_follow_the_distribution_and_never_excluded_ids(logits):

@@ -1,0 +1,290 @@
+"""Sampler benchmark on the mission's shapes: tokens/s and first-token latency of every decoding mode.
+
+    python bench/sample.py [--batches 1,8,32] [--modes proposal,sparse,par8,par32,product] [--reps 3] [--quick]
+
+Models (random weights, float32, 8192-token vocabulary, built with transformers and loaded through ``ramjax.hf``
+so that the torch baselines run the very same weights):
+
+* proposal P_M: Llama 512 wide, 8 layers, MLP 1408, 8 heads / 2 KV heads (≈31M parameters);
+* aligner "1/4": 256 wide, 4 layers, MLP 704, 4 heads / 1 KV head (≈7M, the authors' benchmark aligner);
+* aligner "1/8": 192 wide, 2 layers, MLP 528, 3 heads / 1 KV head (≈3.9M).
+
+Measured (each: compile once, untimed warm-up, best of ``--reps`` runs; 16-token prompts, 64 new tokens, no EOS):
+
+1. tokens/s (``rows × 64 / wall time`` of ``ramjax.sample``) and first-token latency (``ramjax.stream``: time to
+   the first token, i.e. one prefill and one step) for each mode and batch size; compile time separately;
+2. each RAM mode's throughput relative to proposal-only at the same batch (target ≥ 0.8× when Q ≤ 1/4 P_M);
+3. proposal-only vs ``transformers`` ``generate`` (torch CPU, same weights and sampling settings; target ≥ 2× at
+   batch 8) and vs a batch-1 Python loop of transformers forward calls doing par (n=8) with the KL monitor, the
+   authors' decoder design (their reported 90–100 tok/s; target ≥ 10× at batch 8);
+4. first-token latency of RAM (par) vs a sequence-level corrector (P_M drafts the whole response, then Q_θ
+   starts its rewrite) at 64 and 256 new tokens, batch 1.
+
+Prints a table and writes ``bench/results/sample-<time>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VOCAB = 8192
+PROMPT_LEN = 16
+NEW = 64
+PROPOSAL = dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
+                num_key_value_heads=2)
+ALIGNERS = {
+    "1/4": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704, num_attention_heads=4,
+                num_key_value_heads=1),
+    "1/8": dict(hidden_size=192, num_hidden_layers=2, intermediate_size=528, num_attention_heads=3,
+                num_key_value_heads=1),
+}
+MODES = {"proposal": dict(mode="proposal"), "sparse": dict(mode="sparse"), "par8": dict(mode="par", n=8),
+         "par32": dict(mode="par", n=32), "product": dict(mode="product")}
+# The released settings (ramjax defaults): proposal T 0.5 / top-p 0.95, aligner T 0.5 / top-p 0.9, penalty 1.05,
+# KL monitor at 0.1.
+SETTINGS = dict(proposal_temperature=0.5, aligner_temperature=0.5, proposal_top_p=0.95, aligner_top_p=0.9,
+                repetition_penalty=1.05, kl_threshold=0.1)
+
+
+def build_hf(directory: str, shape: dict, seed: int):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, head_dim=64,
+                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **shape)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float32).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def prompts(batch: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, VOCAB, (batch, PROMPT_LEN)).tolist()
+
+
+def best_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_mode(ramjax, proposal, aligner, mode_kw: dict, batch: int, reps: int, new: int = NEW) -> dict:
+    ps = prompts(batch)
+    kw = dict(SETTINGS, max_new_tokens=new, eos_ids=[], seed=0, batch_size=batch, **mode_kw)
+    al = aligner if mode_kw["mode"] != "proposal" else None
+    t = time.perf_counter()
+    out = ramjax.sample(proposal, al, ps, **kw)
+    first_call = time.perf_counter() - t
+    assert all(len(r[0].token_ids) == new for r in out)
+    run = best_time(lambda: ramjax.sample(proposal, al, ps, **kw), reps)
+
+    skw = {k: v for k, v in kw.items() if k != "batch_size"}
+
+    def first_token():
+        it = ramjax.stream(proposal, al, ps, **skw)
+        next(it)
+        it.close()
+
+    t = time.perf_counter()
+    first_token()  # compiles prefill and step
+    stream_compile = time.perf_counter() - t
+    ftl = best_time(first_token, reps)
+    return dict(batch=batch, tokens_per_s=batch * new / run, run_s=run, compile_s=max(first_call - run, 0.0),
+                first_token_s=ftl, stream_compile_s=max(stream_compile - ftl, 0.0),
+                kl_fallback_rate=float(np.mean([r[0].kl_fallback_rate or 0.0 for r in out])),
+                ess_mean=(float(np.mean([r[0].ess_mean for r in out])) if out[0][0].ess_mean is not None
+                          else None))
+
+
+def bench_hf_generate(model, batch: int, reps: int) -> dict:
+    import torch
+
+    ids = torch.tensor(prompts(batch))
+    kw = dict(do_sample=True, temperature=SETTINGS["proposal_temperature"], top_p=SETTINGS["proposal_top_p"],
+              top_k=0, repetition_penalty=SETTINGS["repetition_penalty"], max_new_tokens=NEW, min_new_tokens=NEW,
+              pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        model.generate(ids, **kw)  # warm-up
+        run = best_time(lambda: model.generate(ids, **kw), reps)
+    return dict(batch=batch, tokens_per_s=batch * NEW / run, run_s=run)
+
+
+def bench_torch_par_loop(p_model, q_model, reps: int, n: int = 8) -> dict:
+    """The authors' decoder design: batch 1, a Python loop of transformers forward calls with KV caches, par with
+    n candidates from P_M's top-p nucleus, weights from Q_θ, and the KL monitor."""
+    import torch
+
+    ids = torch.tensor(prompts(1))
+    g = torch.Generator().manual_seed(0)
+    t_m, t_q, top_p = SETTINGS["proposal_temperature"], SETTINGS["aligner_temperature"], SETTINGS["proposal_top_p"]
+
+    def run_once():
+        with torch.no_grad():
+            out_p = p_model(ids, use_cache=True)
+            out_q = q_model(ids, use_cache=True)
+            past_p, past_q = out_p.past_key_values, out_q.past_key_values
+            zp, zq = out_p.logits[0, -1], out_q.logits[0, -1]
+            first = None
+            for step in range(NEW):
+                lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
+                kl = torch.sum(lp.exp() * (lp - lq))
+                probs = torch.softmax(zp / t_m, -1)
+                sp, si = torch.sort(probs, descending=True)
+                keep = (torch.cumsum(sp, -1) - sp) < top_p
+                nucleus = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+                if kl > SETTINGS["kl_threshold"]:
+                    tok = torch.multinomial(nucleus, 1, generator=g)
+                else:
+                    cand = torch.multinomial(nucleus, n, replacement=True, generator=g)
+                    w = torch.softmax(zq[cand] / t_q, -1)
+                    tok = cand[torch.multinomial(w, 1, generator=g)]
+                if first is None:
+                    first = time.perf_counter()
+                out_p = p_model(tok[None], past_key_values=past_p, use_cache=True)
+                out_q = q_model(tok[None], past_key_values=past_q, use_cache=True)
+                past_p, past_q = out_p.past_key_values, out_q.past_key_values
+                zp, zq = out_p.logits[0, -1], out_q.logits[0, -1]
+        return first
+
+    run_once()
+    times, firsts = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        first = run_once()
+        times.append(time.perf_counter() - t)
+        firsts.append(first - t)
+    return dict(batch=1, tokens_per_s=NEW / min(times), run_s=min(times), first_token_s=min(firsts))
+
+
+def bench_corrector(ramjax, proposal, aligner, new: int, reps: int) -> dict:
+    """First-token latency at batch 1: RAM (par, token level) vs a sequence-level corrector, which drafts the whole
+    response with P_M and only then starts the rewrite with Q_θ (prefill over prompt + draft, one step)."""
+    ps = prompts(1)
+    kw = dict(SETTINGS, eos_ids=[], seed=0)
+
+    def ram_first():
+        it = ramjax.stream(proposal, aligner, ps, mode="par", n=8, max_new_tokens=new, **kw)
+        next(it)
+        it.close()
+
+    def corrector_first():
+        draft = ramjax.sample(proposal, None, ps, mode="proposal", max_new_tokens=new, **kw)[0][0].token_ids
+        it = ramjax.stream(aligner, None, [ps[0] + draft], mode="proposal", max_new_tokens=new, **kw)
+        next(it)
+        it.close()
+
+    ram_first(), corrector_first()  # compile
+    return dict(new_tokens=new, ram_first_token_s=best_time(ram_first, reps),
+                corrector_first_token_s=best_time(corrector_first, reps))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--aligners", default="1/4,1/8")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="batch 8 only, 2 reps, no 256-token corrector run")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.reps = "8", 2
+    batches = [int(b) for b in args.batches.split(",")]
+    modes = args.modes.split(",")
+    aligner_names = args.aligners.split(",")
+
+    import jax
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    import ramjax
+    from ramjax import model as model_lib
+    from ramjax import sampler
+
+    tmp = tempfile.mkdtemp(prefix="ramjax-bench-")
+    hf_p = build_hf(os.path.join(tmp, "p"), PROPOSAL, 0)
+    proposal = ramjax.load_model(os.path.join(tmp, "p"))
+    hf_q, aligners = {}, {}
+    for i, name in enumerate(aligner_names):
+        hf_q[name] = build_hf(os.path.join(tmp, f"q{i}"), ALIGNERS[name], i + 1)
+        aligners[name] = ramjax.load_model(os.path.join(tmp, f"q{i}"))
+    n_p = model_lib.count_params(proposal.params)
+    sizes = {name: model_lib.count_params(m.params) for name, m in aligners.items()}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"proposal {n_p / 1e6:.1f}M params; aligners " + ", ".join(
+        f"{k}: {v / 1e6:.1f}M ({v / n_p:.2f}×)" for k, v in sizes.items()) + f"; jax {jax.__version__} on "
+        f"{jax.devices()[0].platform} ({os.cpu_count()} cores, load {load})", flush=True)
+
+    results: dict = dict(meta=dict(time=datetime.datetime.now().isoformat(timespec="seconds"),
+                                   machine=platform.machine(), cpus=os.cpu_count(), load_before=load,
+                                   jax=jax.__version__, device=str(jax.devices()[0]), proposal_params=n_p,
+                                   aligner_params=sizes, prompt_len=PROMPT_LEN, new_tokens=NEW, settings=SETTINGS),
+                         modes=[], hf_generate=[], torch_par_loop=None, corrector=[])
+    rows = []
+    for batch in batches:
+        for mode in modes:
+            names = [None] if mode == "proposal" else aligner_names
+            for name in names:
+                r = bench_mode(sampler, proposal, aligners[name] if name else None, MODES[mode], batch, args.reps)
+                r.update(mode=mode, aligner=name)
+                results["modes"].append(r)
+                rows.append(r)
+                print(f"  {mode:9s} Q={name or '-':4s} B={batch:3d}: {r['tokens_per_s']:8.1f} tok/s, first token "
+                      f"{r['first_token_s'] * 1e3:7.1f} ms, compile {r['compile_s']:5.1f}s", flush=True)
+    for b in sorted({1, 8} & set(batches)) or [batches[0]]:
+        r = bench_hf_generate(hf_p, b, args.reps)
+        results["hf_generate"].append(r)
+        print(f"  transformers generate B={b}: {r['tokens_per_s']:.1f} tok/s", flush=True)
+    if aligner_names:
+        results["torch_par_loop"] = bench_torch_par_loop(hf_p, hf_q[aligner_names[0]], args.reps)
+        print(f"  torch par loop (authors' design) B=1: {results['torch_par_loop']['tokens_per_s']:.1f} tok/s",
+              flush=True)
+        for new in ([64] if args.quick else [64, 256]):
+            r = bench_corrector(sampler, proposal, aligners[aligner_names[0]], new, args.reps)
+            results["corrector"].append(r)
+            print(f"  first token, {new} new: RAM {r['ram_first_token_s'] * 1e3:.1f} ms vs corrector "
+                  f"{r['corrector_first_token_s'] * 1e3:.1f} ms", flush=True)
+
+    # Ratios and table
+    prop = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "proposal"}
+    for r in rows:
+        r["vs_proposal"] = r["tokens_per_s"] / prop[r["batch"]] if r["batch"] in prop else None
+    hf = {r["batch"]: r["tokens_per_s"] for r in results["hf_generate"]}
+    loop = results["torch_par_loop"]["tokens_per_s"] if results["torch_par_loop"] else None
+    results["summary"] = dict(
+        proposal_vs_hf_generate={b: prop[b] / hf[b] for b in hf if b in prop},
+        proposal_b8_vs_authors_90_100=(prop[8] / 95.0) if 8 in prop else None,
+        par8_b8_vs_torch_par_loop=next((r["tokens_per_s"] / loop for r in rows if r["mode"] == "par8"
+                                        and r["batch"] == 8 and loop), None),
+        load_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    print("\n| mode | Q | batch | tok/s | × proposal | first token (ms) | compile (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['vs_proposal']:.2f}" if r["vs_proposal"] is not None else "-"
+        print(f"| {r['mode']} | {r['aligner'] or '-'} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} | "
+              f"{r['first_token_s'] * 1e3:.1f} | {r['compile_s']:.1f} |")
+    print(json.dumps(results["summary"], indent=1))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"sample-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
