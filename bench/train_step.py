@@ -13,8 +13,9 @@ Systems (one process, same batch of examples, each step one jitted ``train_lib``
 Shapes: the mission's proposal (Llama, 512 wide, 8 layers, MLP 1408, 8 heads / 2 KV heads, 8k vocabulary) and
 aligners of 256 wide × 4 layers (~1/4.4) and 176 wide × 3 layers (~1/8). All systems are compiled first, then
 timed round-robin (one step of each in turn, ``--repeats`` rounds) so load drift on a shared machine hits them
-alike. Reported: compile seconds, median step seconds, examples/s, input tokens/s, the compiled per-device memory estimate, and the cost ratios
-(proposal step time / aligner step time). The paper reports RAM training 4× (vs SFT) to 13× (vs DPO) cheaper.
+alike. Reported: compile seconds, median step seconds, examples/s, input tokens/s, the compiled per-device memory
+estimate, and the cost ratios (proposal step time / aligner step time). The paper reports RAM training 4× (vs SFT)
+to 13× (vs DPO) cheaper.
 
     python bench/train_step.py [--batch 8] [--seq 128] [--repeats 3] [--dtype float32] [--json out.json]
 """

@@ -1040,7 +1040,8 @@ def _export_hf(path: str, plan: Plan, params: Any, tok_src: str | None,
 
     from ramjax import hf
 
-    hf.save_hf(path, model_cfg or plan.model_cfg, params, tokenizer_dir=tok_src if tok_src and os.path.isdir(tok_src) else None)
+    hf.save_hf(path, model_cfg or plan.model_cfg, params,
+               tokenizer_dir=tok_src if tok_src and os.path.isdir(tok_src) else None)
     return path
 
 
