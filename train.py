@@ -75,11 +75,26 @@ def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
     if dry:
         return 0
 
+    bars: dict = {}
+
     def on_stage(name, event, seconds):
+        if name in bars:
+            bars.pop(name).close()
         print(f"[pipeline] {name}: {event}" + (f" ({seconds:.1f} s)" if seconds is not None else ""), flush=True)
 
+    def train_progress(name, info):
+        from tqdm import tqdm
+
+        if name not in bars:
+            bars[name] = tqdm(total=info.get("total_steps"), desc=name, dynamic_ncols=True, leave=False)
+        bar = bars[name]
+        bar.update(info["step"] - bar.n)
+        m = info.get("metrics")
+        if m and "train/loss" in m:
+            bar.set_postfix({"loss": f"{m['train/loss']:.4f}"}, refresh=False)
+
     try:
-        out = pipeline.run_pipeline(run, on_stage=on_stage)
+        out = pipeline.run_pipeline(run, on_stage=on_stage, train_progress=train_progress)
     except ValueError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -88,6 +103,9 @@ def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
         return 0
     if out.get("table"):
         print(out["table"])
+    if out.get("stage_times"):
+        print("\ntime per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in out["stage_times"].items())
+              + f"; total {sum(out['stage_times'].values()):.0f}")
     print(f"report: {out.get('report')}")
     return 0
 
