@@ -46,13 +46,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-MODES = ("proposal", "aligner", "par", "sparse", "product")
+MODES = ("proposal", "aligner", "par", "sparse", "product", "inra")
 RAM_MODES = ("par", "sparse", "product")
 FALLBACKS = ("proposal", "paper")
 SUPPORTS = ("nucleus", "full")
 NEG_INF = -jnp.inf
 
-Mode = Literal["proposal", "aligner", "par", "sparse", "product"]
+Mode = Literal["proposal", "aligner", "par", "sparse", "product", "inra"]
 
 
 @flax.struct.dataclass
@@ -65,6 +65,8 @@ class RowParams:
     repetition_penalty: float32 > 0, 1 = off.
     kl_threshold: float32; ``inf`` = monitor off.
     greedy: bool, argmax instead of a draw.
+    inra_lambda: float32, InRa's mixing weight λ per row (mode ``inra``: the model mixes its two streams'
+        logits as ``(1−λ)·h_bypass + λ·h_adapter`` before the proposal-side processing); None elsewhere.
     """
 
     proposal_temperature: jax.Array
@@ -75,6 +77,7 @@ class RowParams:
     repetition_penalty: jax.Array
     kl_threshold: jax.Array
     greedy: jax.Array
+    inra_lambda: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -303,7 +306,7 @@ def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv:
     zp_t = zp_pen / safe_temperature(params.proposal_temperature)
     nucleus = nucleus_mask(zp_t, params.top_k, params.proposal_top_p)
     proposal_logits = jnp.where(nucleus, zp_t, NEG_INF)
-    if mode == "proposal":
+    if mode in ("proposal", "inra"):  # InRa: zp already holds the λ-mixed logits of its two streams
         return TokenChoice(draw(u_main, proposal_logits, greedy), no, nan, nan)
 
     t_q = safe_temperature(params.aligner_temperature)

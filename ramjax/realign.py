@@ -21,6 +21,7 @@ as a Hugging Face checkpoint, ``save_adapter``/``load_adapter`` the adapter alon
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -419,6 +420,71 @@ def inra_forward(cfg: ModelConfig, params: dict, adapter: dict, tokens: jax.Arra
 
 
 # ------------------------------------------------------------------------------------------------------------
+# The InRa model as one sampler slot
+
+
+@dataclasses.dataclass(frozen=True)
+class InraSpec:
+    """Stands in for a ``ModelConfig`` where a decoder holds one model: the base architecture plus an adapter.
+
+    Hashable (a static argument of ``jax.jit``); attribute reads it does not define (``vocab_size``,
+    ``max_position_embeddings``, ``eos_token_id`` ...) are the base config's. Its params are
+    ``{"base": base params, "adapter": adapter}`` and its cache an ``InraCache``; ``forward`` takes λ per row.
+    """
+
+    base: ModelConfig
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base":  # not yet set (unpickling): avoid recursing
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> InraCache:
+        return init_inra_cache(self.base, batch, max_len, dtype)
+
+    def cache_shardings(self, mesh: Mesh, batch: int, max_len: int, rules: Rules = shd.DEFAULT_RULES) -> InraCache:
+        return inra_cache_shardings(mesh, self.base, batch, max_len, rules)
+
+    def param_shapes(self) -> dict:
+        return {"base": model_lib.param_shapes(self.base), "adapter": adapter_shapes(self.base)}
+
+    def param_shardings(self, mesh: Mesh, rules: Rules = shd.DEFAULT_RULES) -> dict:
+        return {"base": model_lib.param_shardings(self.base, mesh, rules),
+                "adapter": adapter_shardings(self.base, mesh, rules)}
+
+    def forward(self, params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                cache: InraCache | None, lam: Any, *, last_only: bool = False, mesh: Mesh | None = None,
+                rules: Rules = shd.DEFAULT_RULES) -> tuple[jax.Array, InraCache | None]:
+        """``inra_forward`` with this spec's base config and ``params = {"base", "adapter"}``."""
+        return inra_forward(self.base, params["base"], params["adapter"], tokens, positions, segment_ids, cache,
+                            lam, last_only=last_only, mesh=mesh, rules=rules)
+
+
+def inra_model(model: Any, adapter: dict) -> Any:
+    """An ``api.Model`` whose config is an ``InraSpec`` and params ``{"base", "adapter"}``: the base ``model`` (an
+    ``api.Model``) with ``adapter``, for ``sampler.sample(..., mode="inra")``. On a mesh the adapter is placed with
+    the base layers' shardings."""
+    from ramjax import api
+
+    if not isinstance(model.config, ModelConfig):
+        raise RealignError("inra_model needs a plain base model (its config a ModelConfig)")
+    if model.mesh is not None:
+        adapter = jax.device_put(adapter, adapter_shardings(model.config, model.mesh))
+    return api.Model(config=InraSpec(model.config), params={"base": model.params, "adapter": adapter},
+                     tokenizer=model.tokenizer, vocab_limit=model.vocab_limit, mesh=model.mesh, source=model.source)
+
+
+def load_inra_model(base_path: str | os.PathLike, adapter_path: str | os.PathLike, *, mesh: Mesh | None = None,
+                    rules: Rules = shd.DEFAULT_RULES) -> Any:
+    """Loads a base model directory (Hugging Face or ramjax) and an adapter file (``save_adapter``) as one InRa
+    ``api.Model`` (see ``inra_model``); the adapter is checked against the base architecture."""
+    from ramjax import api
+
+    base = api.load_model(base_path, mesh=mesh, rules=rules)
+    return inra_model(base, load_adapter(adapter_path, base.config))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Adapter files
 
 
@@ -538,6 +604,7 @@ def lambda_sweep(lams: Iterable[float], run: Callable[[float], Mapping[str, Any]
 
 
 __all__ = ["RealignError", "trra_teacher_logits", "trra_teacher_logprobs", "TopKTeacher", "trra_topk_teacher",
-           "trra_loss", "build_adapter", "adapter_shapes", "adapter_logical_axes", "adapter_shardings", "merge_adapter",
-           "adapter_forward", "InraCache", "init_inra_cache", "inra_cache_shardings", "inra_stream_logits",
-           "mix_logits", "inra_forward", "save_adapter", "load_adapter", "export_inra_hf", "lambda_sweep"]
+           "trra_loss", "build_adapter", "adapter_shapes", "adapter_logical_axes", "adapter_shardings",
+           "merge_adapter", "adapter_forward", "InraCache", "init_inra_cache", "inra_cache_shardings",
+           "inra_stream_logits", "mix_logits", "inra_forward", "InraSpec", "inra_model", "load_inra_model",
+           "save_adapter", "load_adapter", "export_inra_hf", "lambda_sweep"]

@@ -1,6 +1,8 @@
 """The jitted two-model decoder: P_M and Q_θ advance in lockstep, each with its own KV cache, and every token is
 drawn by one of the rules of ``ramjax.decode_rules`` (``proposal``, ``aligner``, ``par``, ``sparse``,
-``product``, with the KL monitor).
+``product``, with the KL monitor), or by InRa (``inra``: the proposal slot holds ``realign.inra_model(base,
+adapter)``, two streams with their own KV caches whose logits are mixed per row with ``inra_lambda``, then drawn
+with the proposal-side temperature/top-k/top-p/penalty).
 
 Public API::
 
@@ -103,7 +105,7 @@ def bucket_length(n: int, minimum: int = _MIN_PROMPT_BUCKET) -> int:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = list(bs)
     extra = 0
     for b in range(256):
@@ -300,24 +302,50 @@ class _Static:
     rules: tuple
 
 
-def _forward(cfg, params, tokens, positions, segment_ids, cache, vocab, static: _Static):
-    logits, cache = model_lib.forward(cfg, params, tokens, positions, segment_ids, cache, last_only=True,
-                                      mesh=static.mesh, rules=static.rules)
+def _forward(cfg, params, tokens, positions, segment_ids, cache, vocab, static: _Static, lam=None):
+    if isinstance(cfg, model_lib.ModelConfig):
+        logits, cache = model_lib.forward(cfg, params, tokens, positions, segment_ids, cache, last_only=True,
+                                          mesh=static.mesh, rules=static.rules)
+    else:  # a realign.InraSpec: two streams, logits mixed per row by λ
+        logits, cache = cfg.forward(params, tokens, positions, segment_ids, cache, lam, last_only=True,
+                                    mesh=static.mesh, rules=static.rules)
     return logits[:, 0, :vocab], cache
 
 
-def _prefill(st: _Static, params_p, params_q, batch: _Batch, seed_key) -> DecodeState:
+def _init_cache(cfg, batch: int, max_len: int):
+    if isinstance(cfg, model_lib.ModelConfig):
+        return model_lib.init_cache(cfg, batch, max_len)
+    return cfg.init_cache(batch, max_len)
+
+
+def _cache_shardings(mesh, cfg, batch: int, max_len: int, rules):
+    if isinstance(cfg, model_lib.ModelConfig):
+        return model_lib.cache_shardings(mesh, cfg, batch, max_len, rules)
+    return cfg.cache_shardings(mesh, batch, max_len, rules)
+
+
+def _param_shardings(cfg, mesh, rules):
+    if isinstance(cfg, model_lib.ModelConfig):
+        return model_lib.param_shardings(cfg, mesh, rules)
+    return cfg.param_shardings(mesh, rules)
+
+
+def _param_shapes(cfg):
+    return model_lib.param_shapes(cfg) if isinstance(cfg, model_lib.ModelConfig) else cfg.param_shapes()
+
+
+def _prefill(st: _Static, params_p, params_q, batch: _Batch, seed_key, rowp: RowParams) -> DecodeState:
     """Runs both models over the left-padded prompts, filling their caches and the logits of the first token."""
     B, P, N, V = st.batch, st.prompt_len, st.max_new, st.vocab
     seg = batch.segment_ids
     positions = model_lib.positions_from_segments(seg)
     zp = zq = cache_p = cache_q = None
     if st.cfg_p is not None:
-        zp, cache_p = _forward(st.cfg_p, params_p, batch.tokens, positions, seg,
-                               model_lib.init_cache(st.cfg_p, B, P + N), V, st)
+        zp, cache_p = _forward(st.cfg_p, params_p, batch.tokens, positions, seg, _init_cache(st.cfg_p, B, P + N),
+                               V, st, rowp.inra_lambda)
     if st.cfg_q is not None:
-        zq, cache_q = _forward(st.cfg_q, params_q, batch.tokens, positions, seg,
-                               model_lib.init_cache(st.cfg_q, B, P + N), V, st)
+        zq, cache_q = _forward(st.cfg_q, params_q, batch.tokens, positions, seg, _init_cache(st.cfg_q, B, P + N),
+                               V, st)
     rows = jnp.arange(B)[:, None]
     seen = jnp.zeros((B, V), bool).at[rows, batch.tokens].set(seg > 0, mode="drop")
     keys = jax.vmap(lambda e, s: jax.random.fold_in(jax.random.fold_in(seed_key, e), s))(
@@ -362,7 +390,7 @@ def _step(st: _Static, params_p, params_q, state: DecodeState, tables: _Tables, 
     seg = jnp.ones((B, 1), jnp.int32)
     zp, cache_p, zq, cache_q = state.logits_p, state.cache_p, state.logits_q, state.cache_q
     if st.cfg_p is not None:
-        zp, cache_p = _forward(st.cfg_p, params_p, tok[:, None], pos, seg, cache_p, st.vocab, st)
+        zp, cache_p = _forward(st.cfg_p, params_p, tok[:, None], pos, seg, cache_p, st.vocab, st, rowp.inra_lambda)
     if st.cfg_q is not None:
         zq, cache_q = _forward(st.cfg_q, params_q, tok[:, None], pos, seg, cache_q, st.vocab, st)
     step = state.step + 1
@@ -377,7 +405,7 @@ def _step(st: _Static, params_p, params_q, state: DecodeState, tables: _Tables, 
 
 def _generate(st: _Static, params_p, params_q, batch: _Batch, tables: _Tables, rowp: RowParams, seed_key, max_new):
     """Prefill, then the decode loop until every row is done; returns the state without caches and logits."""
-    state = _prefill(st, params_p, params_q, batch, seed_key)
+    state = _prefill(st, params_p, params_q, batch, seed_key, rowp)
 
     def cond(s):
         return jnp.logical_and(s.step < max_new, ~jnp.all(s.done))
@@ -405,9 +433,9 @@ def _shardings(st: _Static, tree: Any, cache_fields: bool = True) -> Any:
         out = jax.tree_util.tree_map(leaf, tree.replace(cache_p=None, cache_q=None))
         cp = cq = None
         if tree.cache_p is not None:
-            cp = model_lib.cache_shardings(mesh, st.cfg_p, st.batch, st.prompt_len + st.max_new, rules)
+            cp = _cache_shardings(mesh, st.cfg_p, st.batch, st.prompt_len + st.max_new, rules)
         if tree.cache_q is not None:
-            cq = model_lib.cache_shardings(mesh, st.cfg_q, st.batch, st.prompt_len + st.max_new, rules)
+            cq = _cache_shardings(mesh, st.cfg_q, st.batch, st.prompt_len + st.max_new, rules)
         return out.replace(cache_p=cp, cache_q=cq)
     return jax.tree_util.tree_map(leaf, tree)
 
@@ -431,17 +459,18 @@ def _compiled(st: _Static):
 
     mesh, rules = st.mesh, st.rules
     a = _abstract_inputs(st)
-    psh = model_lib.param_shardings(st.cfg_p, mesh, rules) if st.cfg_p is not None else None
-    qsh = model_lib.param_shardings(st.cfg_q, mesh, rules) if st.cfg_q is not None else None
+    psh = _param_shardings(st.cfg_p, mesh, rules) if st.cfg_p is not None else None
+    qsh = _param_shardings(st.cfg_q, mesh, rules) if st.cfg_q is not None else None
     batch_sh = _shardings(st, a["batch"])
     tables_sh = jax.tree_util.tree_map(lambda _: _replicated(mesh), a["tables"])
     rowp_sh = _shardings(st, a["rowp"])
     rep = _replicated(mesh)
-    state_sh = _shardings(st, jax.eval_shape(pre, a["params_p"], a["params_q"], a["batch"], a["seed_key"]))
+    state_sh = _shardings(st, jax.eval_shape(pre, a["params_p"], a["params_q"], a["batch"], a["seed_key"],
+                                             a["rowp"]))
     out_sh = _shardings(st, jax.eval_shape(gen, *a.values()))
     col_sh = shd.batch_sharding(mesh, 1, rules)
     gen_j = jax.jit(gen, in_shardings=(psh, qsh, batch_sh, tables_sh, rowp_sh, rep, rep), out_shardings=out_sh)
-    pre_j = jax.jit(pre, in_shardings=(psh, qsh, batch_sh, rep), out_shardings=state_sh)
+    pre_j = jax.jit(pre, in_shardings=(psh, qsh, batch_sh, rep, rowp_sh), out_shardings=state_sh)
     step_j = jax.jit(step, in_shardings=(psh, qsh, state_sh, tables_sh, rowp_sh, rep),
                      out_shardings=(state_sh, col_sh), donate_argnums=(2,))
     return gen_j, pre_j, step_j
@@ -455,14 +484,14 @@ def _abstract_inputs(st: _Static) -> dict[str, Any]:
     i32 = jnp.int32
     f32 = jnp.float32
     return dict(
-        params_p=model_lib.param_shapes(st.cfg_p) if st.cfg_p is not None else None,
-        params_q=model_lib.param_shapes(st.cfg_q) if st.cfg_q is not None else None,
+        params_p=_param_shapes(st.cfg_p) if st.cfg_p is not None else None,
+        params_q=_param_shapes(st.cfg_q) if st.cfg_q is not None else None,
         batch=_Batch(tokens=sds((B, P), i32), segment_ids=sds((B, P), i32), example_index=sds((B,), i32),
                      sample_index=sds((B,), i32), active=sds((B,), bool)),
         tables=_Tables(is_eos=sds((V,), bool), head=sds((Vt, L), jnp.int16), tail=sds((Vt, L), jnp.int16),
                        nbytes=sds((Vt,), i32), inside=sds((Vt,), bool), stops=sds((max(st.n_stops, 1), L), jnp.int16)),
         rowp=RowParams(*(sds((B,), f32),) * 4, top_k=sds((B,), i32), repetition_penalty=sds((B,), f32),
-                       kl_threshold=sds((B,), f32), greedy=sds((B,), bool)),
+                       kl_threshold=sds((B,), f32), greedy=sds((B,), bool), inra_lambda=sds((B,), f32)),
         seed_key=jax.eval_shape(lambda: jax.random.key(0)),
         max_new=sds((), i32),
     )
@@ -603,7 +632,13 @@ def _resolve_models(proposal, aligner, mode: str):
     if mode not in MODES:
         raise ModeError(f"unknown mode {mode!r}; expected one of {MODES}")
     need_p = mode != "aligner"
-    need_q = mode != "proposal"
+    need_q = mode not in ("proposal", "inra")
+    inra = proposal is not None and not isinstance(proposal.config, model_lib.ModelConfig)
+    if mode == "inra" and proposal is not None and not inra:
+        raise ModeError("mode='inra' needs the InRa model as the proposal: pass "
+                        "proposal=ramjax.realign.load_inra_model(base_dir, adapter_file) (or realign.inra_model)")
+    if inra and mode != "inra":
+        raise ModeError(f"the proposal is an InRa model; sample it with mode='inra', not {mode!r}")
     if need_p and proposal is None:
         raise ModeError(f"mode={mode!r} needs the proposal model; pass proposal=ramjax.load_model(...)")
     if need_q and aligner is None:
@@ -631,7 +666,8 @@ def _resolve_models(proposal, aligner, mode: str):
 
 def _plan(proposal, aligner, prompts, *, mode, n, max_new_tokens, num_samples, seed, proposal_temperature,
           aligner_temperature, proposal_top_p, aligner_top_p, kl_threshold, kl_fallback, product_support, stop,
-          top_k, repetition_penalty, template, batch_size, greedy, eos_ids, example_offset, rules) -> _Plan:
+          top_k, repetition_penalty, template, batch_size, greedy, eos_ids, example_offset, rules,
+          inra_lambda=1.0) -> _Plan:
     p, q, mesh = _resolve_models(proposal, aligner, mode)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise SamplingParameterError(f"n={n!r} must be an integer >= 1 (candidates per token in mode 'par')")
@@ -680,6 +716,8 @@ def _plan(proposal, aligner, prompts, *, mode, n, max_new_tokens, num_samples, s
                                        lambda v: v > 0 and math.isfinite(v), "a finite penalty > 0 (1 = off)"),
         kl_threshold=_per_prompt("kl_threshold", math.inf if kl_threshold is None else kl_threshold, count,
                                  lambda v: v >= 0, "a threshold >= 0, or None (off)"),
+        inra_lambda=_per_prompt("inra_lambda", inra_lambda, count, math.isfinite,
+                                "a finite λ (0 = the base model, 1 = the adapted model; any real value mixes)"),
     )
     if isinstance(greedy, (list, tuple, np.ndarray)):
         if len(greedy) != count:
@@ -690,7 +728,7 @@ def _plan(proposal, aligner, prompts, *, mode, n, max_new_tokens, num_samples, s
     zero_t = np.zeros(count, bool)
     if mode != "aligner":
         zero_t |= rowp["proposal_temperature"] == 0
-    if mode != "proposal":
+    if mode not in ("proposal", "inra"):
         zero_t |= rowp["aligner_temperature"] == 0
     rowp["greedy"] = g | zero_t
     kl_monitor = mode in RAM_MODES and bool(np.any(np.isfinite(rowp["kl_threshold"])))
@@ -729,9 +767,9 @@ def _plan(proposal, aligner, prompts, *, mode, n, max_new_tokens, num_samples, s
     params_q = q.params if q is not None else None
     if mesh is not None:
         if p is not None:
-            params_p = jax.device_put(params_p, model_lib.param_shardings(p.config, mesh, rules))
+            params_p = jax.device_put(params_p, _param_shardings(p.config, mesh, rules))
         if q is not None:
-            params_q = jax.device_put(params_q, model_lib.param_shardings(q.config, mesh, rules))
+            params_q = jax.device_put(params_q, _param_shardings(q.config, mesh, rules))
     static_base = dict(mode=mode, n=int(n) if mode == "par" else 1, kl_monitor=kl_monitor, kl_fallback=kl_fallback,
                        product_support=product_support, cfg_p=p.config if p is not None else None,
                        cfg_q=q.config if q is not None else None, vocab=vocab, batch=B,
@@ -803,10 +841,15 @@ def _results(plan: _Plan, rows, out: dict[str, np.ndarray], kl_monitor: bool, mo
 _COMMON_DOC = """
     proposal, aligner: ``ramjax.api.Model`` (from ``ramjax.load_model``); ``aligner`` may be None in mode
         ``proposal`` and ``proposal`` None in mode ``aligner``. They must share one vocabulary.
-    prompts: strings (rendered with ``template``: ``"plain"`` = the authors' ``"\\n\\nHuman: {prompt}\\n\\nAssistant: "``
-        or ``"chat"`` = the tokenizer's chat template; BOS added as in training), ``{role, content}`` message lists,
+    prompts: strings (rendered with ``template``: ``"plain"`` = the authors'
+        ``"\\n\\nHuman: {prompt}\\n\\nAssistant: "`` or ``"chat"`` = the tokenizer's chat template; BOS added as in
+        training), ``{role, content}`` message lists,
         or token-id lists (used as-is).
-    mode: ``proposal`` | ``aligner`` | ``par`` | ``sparse`` | ``product`` (see ``ramjax.decode_rules``).
+    mode: ``proposal`` | ``aligner`` | ``par`` | ``sparse`` | ``product`` (see ``ramjax.decode_rules``) | ``inra``
+        (``proposal`` is an InRa model from ``ramjax.realign.load_inra_model``; ``aligner`` is unused; tokens are
+        drawn from the λ-mixed logits with the proposal-side settings).
+    inra_lambda: mode ``inra`` only: λ, one value or one per prompt (0 = the base model, 1 = the adapted model,
+        other values interpolate or extrapolate); a traced array, so changing it never recompiles.
     n: candidates per token in ``par`` (a compile-time constant).
     max_new_tokens, num_samples, seed: generation length, samples per prompt, PRNG seed.
     proposal_temperature, aligner_temperature, proposal_top_p, aligner_top_p, top_k, repetition_penalty,
@@ -830,8 +873,8 @@ def sample(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: i
            kl_fallback: str = "proposal", product_support: str = "nucleus", stop: Sequence[str] | str = (),
            top_k: int | Sequence[int] = 0, repetition_penalty: float | Sequence[float] = 1.05,
            template: str = "plain", batch_size: int | None = None, greedy: bool | Sequence[bool] = False,
-           eos_ids: Sequence[int] | None = None, example_offset: int = 0,
-           rules=shd.DEFAULT_RULES) -> list[list[SampleResult]]:
+           eos_ids: Sequence[int] | None = None, example_offset: int = 0, rules=shd.DEFAULT_RULES,
+           inra_lambda: float | Sequence[float] = 1.0) -> list[list[SampleResult]]:
     """Samples ``num_samples`` responses per prompt; returns ``results[prompt][sample]`` (``SampleResult``).
     """
     plan = _plan(proposal, aligner, prompts, mode=mode, n=n, max_new_tokens=max_new_tokens, num_samples=num_samples,
@@ -839,7 +882,7 @@ def sample(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: i
                  proposal_top_p=proposal_top_p, aligner_top_p=aligner_top_p, kl_threshold=kl_threshold,
                  kl_fallback=kl_fallback, product_support=product_support, stop=stop, top_k=top_k,
                  repetition_penalty=repetition_penalty, template=template, batch_size=batch_size, greedy=greedy,
-                 eos_ids=eos_ids, example_offset=example_offset, rules=rules)
+                 eos_ids=eos_ids, example_offset=example_offset, rules=rules, inra_lambda=inra_lambda)
     all_rows = [(i, j) for i in range(len(plan.prompts)) for j in range(num_samples)]
     seed_key = jax.random.key(seed)
     out: list[list[SampleResult | None]] = [[None] * num_samples for _ in plan.prompts]
@@ -868,7 +911,8 @@ def stream(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: i
            kl_fallback: str = "proposal", product_support: str = "nucleus", stop: Sequence[str] | str = (),
            top_k: int | Sequence[int] = 0, repetition_penalty: float | Sequence[float] = 1.05,
            template: str = "plain", greedy: bool | Sequence[bool] = False, eos_ids: Sequence[int] | None = None,
-           example_offset: int = 0, rules=shd.DEFAULT_RULES) -> Iterator[StreamEvent]:
+           example_offset: int = 0, rules=shd.DEFAULT_RULES, inra_lambda: float | Sequence[float] = 1.0
+           ) -> Iterator[StreamEvent]:
     """Yields a ``StreamEvent`` per generated token, for all rows decoded together as one batch.
 
     The first event comes after one prefill (which also draws the first token); every later event is one call of
@@ -880,12 +924,12 @@ def stream(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: i
                  proposal_top_p=proposal_top_p, aligner_top_p=aligner_top_p, kl_threshold=kl_threshold,
                  kl_fallback=kl_fallback, product_support=product_support, stop=stop, top_k=top_k,
                  repetition_penalty=repetition_penalty, template=template, batch_size=None, greedy=greedy,
-                 eos_ids=eos_ids, example_offset=example_offset, rules=rules)
+                 eos_ids=eos_ids, example_offset=example_offset, rules=rules, inra_lambda=inra_lambda)
     rows = [(i, j) for i in range(len(plan.prompts)) for j in range(num_samples)]
     st, batch, rowp = _chunk_inputs(plan, rows)
     _, prefill, step = _compiled(st)
     max_new = np.int32(plan.max_new)
-    state = prefill(plan.params_p, plan.params_q, batch, jax.random.key(seed))
+    state = prefill(plan.params_p, plan.params_q, batch, jax.random.key(seed), rowp)
     state, col = step(plan.params_p, plan.params_q, state, plan.tables, rowp, max_new)
     R = len(rows)
     ids: list[list[int]] = [[] for _ in range(R)]
