@@ -65,21 +65,21 @@ class PipelineConfig:
     aligner_arch: ArchConfig = dataclasses.field(default_factory=lambda: _arch(64, 3, 4, 1, 176))
     aligner_init: str = "pretrained"
     batch_size: int = 32
-    proposal_steps: int = 1200
+    proposal_steps: int = 800
     proposal_lr: float = 3e-3
     warmup_fraction: float = 0.1
     warmup_steps: int = 40
     warmup_lr: float = 3e-4
-    aligner_pretrain_steps: int = 600
-    ram_steps: int = 400
+    aligner_pretrain_steps: int = 400
+    ram_steps: int = 300
     ram_lr: float = 1e-3
     alpha: float = 1e-4
-    sft_steps: int = 300
+    sft_steps: int = 200
     sft_lr: float = 3e-4
-    dpo_steps: int = 200
+    dpo_steps: int = 150
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
-    corrector_steps: int = 400
+    corrector_steps: int = 250
     corrector_lr: float = 1e-3
     sample_temperature: float = 1.0
     max_new_tokens: int = 24
