@@ -50,6 +50,7 @@ class PipelineConfig:
     aligner_init: ``pretrained`` (pretrain the aligner on D first, the paper's setting) or ``scratch`` (ablation).
     *_steps: optimizer steps per stage; *_lr: learning rates (tiny models need far larger rates than the paper's).
     eval_modes: RAM sampling modes to evaluate; n: candidates per step for ``par``.
+    baselines: also train and evaluate the SFT, DPO and corrector baselines (off: P_M, Q and RAM only).
     """
 
     n_corpus: int = 20000
@@ -87,6 +88,7 @@ class PipelineConfig:
     n: int = 16
     kl_threshold: float | None = None
     eval_batch_size: int = 64
+    baselines: bool = True
 
     def validate(self):
         if self.aligner_init not in ("pretrained", "scratch"):
@@ -169,6 +171,22 @@ def _read_json(path: str) -> Any:
         return None
     with open(path) as fh:
         return json.load(fh)
+
+
+def _baseline_systems(load: Callable[[str], Any], warm: Any, aligner: Any, ram_sampling: dict,
+                      cost: Callable[..., dict | None]) -> list:
+    """The paper's comparisons: SFT and DPO of the warmed-up P_M, RAM on top of each, the sequence-level corrector."""
+    from ramjax import evaluate
+
+    sft, dpo, corr = load("sft"), load("dpo"), load("corrector")
+    return [evaluate.System("SFT", proposal=sft, train_cost=cost("sft")),
+            evaluate.System("SFT + RAM (par)", proposal=sft, aligner=aligner, mode="par",
+                            sampling=ram_sampling, train_cost=cost("sft", "ram")),
+            evaluate.System("DPO", proposal=dpo, train_cost=cost("dpo")),
+            evaluate.System("DPO + RAM (par)", proposal=dpo, aligner=aligner, mode="par",
+                            sampling=ram_sampling, train_cost=cost("dpo", "ram")),
+            evaluate.System("Corrector", proposal=warm, corrector=corr, mode="corrector",
+                            train_cost=cost("corrector"))]
 
 
 def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float | None], None] | None = None,
@@ -280,10 +298,11 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
         extra={"ram": {"alpha": p.alpha, "negatives": "proposal"}, "proposal": _model_dir(run, "warmup")})))
 
     # 8. baselines: SFT and DPO of the warmed-up proposal ----------------------------------------------------------
-    stage("sft", _model_dir(run, "sft"), lambda: train("sft", _train_cfg(
+    baseline_stage = stage if p.baselines else (lambda name, output, fn: notify(name, "skip", None))
+    baseline_stage("sft", _model_dir(run, "sft"), lambda: train("sft", _train_cfg(
         run, "sft", "sft", init=_model_dir(run, "warmup"), arch=None, files=[f["align"]], steps=p.sft_steps,
         lr=p.sft_lr)))
-    stage("dpo", _model_dir(run, "dpo"), lambda: train("dpo", _train_cfg(
+    baseline_stage("dpo", _model_dir(run, "dpo"), lambda: train("dpo", _train_cfg(
         run, "dpo", "dpo", init=_model_dir(run, "warmup"), arch=None, files=[f["pref"]], steps=p.dpo_steps,
         lr=p.dpo_lr, extra={"dpo": {"beta": p.dpo_beta}})))
 
@@ -297,27 +316,20 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
         train("corrector", _train_cfg(run, "sft", "corrector", init=init,
                                       arch=p.aligner_arch if init == "scratch" else None, files=[corr_path],
                                       steps=p.corrector_steps, lr=p.corrector_lr))
-    stage("corrector", _model_dir(run, "corrector"), make_corrector)
+    baseline_stage("corrector", _model_dir(run, "corrector"), make_corrector)
 
     # 10. evaluation ----------------------------------------------------------------------------------------------
     def make_eval():
         load = lambda name: api.load_model(_model_dir(run, name))  # noqa: E731
         base, warm, aligner = load("proposal"), load("warmup"), load("ram")
-        sft, dpo, corr = load("sft"), load("dpo"), load("corrector")
         ram_sampling = {"n": p.n, "kl_threshold": p.kl_threshold}
         systems = [evaluate.System("P_M (warmed up)", proposal=warm),
                    evaluate.System("P_M (pretrained)", proposal=base),
                    evaluate.System("Q alone", aligner=aligner, mode="aligner")]
         systems += [evaluate.System(f"P_M + RAM ({m})", proposal=warm, aligner=aligner, mode=m,
                                     sampling=ram_sampling, train_cost=cost("ram")) for m in p.eval_modes]
-        systems += [evaluate.System("SFT", proposal=sft, train_cost=cost("sft")),
-                    evaluate.System("SFT + RAM (par)", proposal=sft, aligner=aligner, mode="par",
-                                    sampling=ram_sampling, train_cost=cost("sft", "ram")),
-                    evaluate.System("DPO", proposal=dpo, train_cost=cost("dpo")),
-                    evaluate.System("DPO + RAM (par)", proposal=dpo, aligner=aligner, mode="par",
-                                    sampling=ram_sampling, train_cost=cost("dpo", "ram")),
-                    evaluate.System("Corrector", proposal=warm, corrector=corr, mode="corrector",
-                                    train_cost=cost("corrector"))]
+        if p.baselines:
+            systems += _baseline_systems(load, warm, aligner, ram_sampling, cost)
         results = evaluate.evaluate_systems(
             systems, tasks.read_jsonl(f["eval"]), seed=run.seed, max_new_tokens=p.max_new_tokens,
             stop=["\n\nHuman:"], baseline_name="P_M (warmed up)", align_records=tasks.read_jsonl(f["align"])[:200],
