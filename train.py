@@ -10,7 +10,8 @@ and calls ``ramjax.train_lib``:
 
 With no arguments it runs ``configs/default.yaml`` if that file exists, else prints this help. A config file with
 a top-level ``pipeline:`` section (like ``configs/default.yaml``) runs the whole embedded-default pipeline
-(``ramjax.pipeline``) instead of one stage.
+(``ramjax.pipeline``) instead of one stage; one with a top-level ``alphas:`` list (``configs/ablate.yaml``) runs
+the α × aligner-size sweep (``ramjax.ablate``).
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
 """
 from __future__ import annotations
@@ -60,6 +61,20 @@ def _is_pipeline_config(path: str | None) -> bool:
     except yaml.YAMLError:
         return False  # load_config reports the YAML error
     return isinstance(data, dict) and isinstance(data.get("pipeline"), dict)
+
+
+def _is_ablation_config(path: str | None) -> bool:
+    """A YAML file with a top-level ``alphas`` list is an ablation sweep (``ramjax.ablate``)."""
+    if path is None or not os.path.isfile(path):
+        return False
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and "alphas" in data
 
 
 def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
@@ -131,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         path, overrides = config_lib.split_cli_args(argv)
         if _is_pipeline_config(path):
             return _run_pipeline(path, overrides, dry)
+        if _is_ablation_config(path) and not dry:
+            from ramjax import ablate
+
+            return ablate.main([path, *overrides])
         cfg = config_lib.load_config(config_lib.TrainConfig, path, overrides)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
