@@ -13,6 +13,13 @@ samples the ``ram`` stage trains on, e.g.::
     python sample.py configs/sample.yaml --training-data mode=proposal top_k=10 \\
         prompts_file=data/train.jsonl output_file=data/train_proposal.jsonl
 
+InRa (an adapter trained with ``inra.enabled=true``): ``proposal`` is the base model, ``adapter`` the adapter file,
+``lambda=`` the mixing weight for every prompt (a prompt record's own ``lambda`` field wins; each output line
+records its λ)::
+
+    python sample.py configs/sample.yaml mode=inra proposal=runs/sft/model adapter=runs/inra/adapter.safetensors \
+        lambda=0.5 prompts_file=data/eval.jsonl output_file=samples_inra.jsonl
+
 Both resume where an interrupted run stopped (no duplicates, no lost rows). The script only parses, loads and
 calls ``ramjax.generate.generate_jsonl``.
 """
@@ -31,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     training = TRAINING_FLAG in argv
     argv = [a for a in argv if a != TRAINING_FLAG]
+    # ``lambda`` is a Python keyword, so the config field is ``inra_lambda``; accept the short name on the CLI
+    argv = ["inra_lambda=" + a[len("lambda="):] if a.startswith("lambda=") else a for a in argv]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
 
@@ -57,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mesh = shd.make_mesh(cfg.mesh.mesh_config())
         rules = cfg.mesh.sharding_rules()
-        proposal = api.load_model(cfg.proposal, mesh=mesh, rules=rules) if cfg.mode != "aligner" else None
-        aligner = api.load_model(cfg.aligner, mesh=mesh, rules=rules) if cfg.mode != "proposal" else None
+        if cfg.mode == "inra":
+            from ramjax import realign
+
+            proposal, aligner = realign.load_inra_model(cfg.proposal, cfg.adapter, mesh=mesh, rules=rules), None
+        else:
+            proposal = api.load_model(cfg.proposal, mesh=mesh, rules=rules) if cfg.mode != "aligner" else None
+            aligner = api.load_model(cfg.aligner, mesh=mesh, rules=rules) if cfg.mode != "proposal" else None
         bar = None
 
         def progress(done: int, total: int) -> None:
@@ -80,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             aligner_temperature=cfg.aligner_temperature, proposal_top_p=cfg.proposal_top_p,
             aligner_top_p=cfg.aligner_top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
             kl_threshold=cfg.kl_threshold, kl_fallback=cfg.kl_fallback, stop=tuple(cfg.stop),
-            template=cfg.template)
+            template=cfg.template, **({"inra_lambda": cfg.inra_lambda, "lambda_field": cfg.lambda_field}
+                                      if cfg.mode == "inra" else {}))
         if bar is not None:
             bar.close()
     except ValueError as e:  # every input error in ramjax is a named ValueError subclass

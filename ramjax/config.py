@@ -951,7 +951,12 @@ class SampleConfig:
     mode:        ``proposal`` (P_M alone; also how the one-time RAM training samples are drawn), ``aligner``
                  (Q_θ alone), ``par`` (the paper: n candidates from P_M's top-p nucleus, weighted by Q_θ,
                  self-normalised), ``sparse`` (the authors' released rule: Q_θ restricted to P_M's nucleus, then the
-                 aligner-side top-p), ``product`` (exact softmax(log p_M/T_M + log q/T_Q)).
+                 aligner-side top-p), ``product`` (exact softmax(log p_M/T_M + log q/T_Q)), ``inra`` (an InRa
+                 adapter: ``proposal`` is the base model, ``adapter`` the adapter file; two streams mixed by λ, drawn
+                 with the proposal-side settings).
+    inra_lambda: mode ``inra``: λ for every prompt (0 = the base model, 1 = the adapted model); a prompt record
+                 with the field ``lambda_field`` (default ``lambda``) uses its own value. ``sample.py`` also accepts
+                 ``lambda=`` for ``inra_lambda=``.
     kl_threshold: per token, KL(P_M‖Q_θ) above this draws the token from P_M instead (null = off; paper 0.1).
     kl_fallback: how the fallback token is drawn: ``proposal`` (P_M with its own temperature/top-p) or ``paper``
                  (P_M's raw logits with the aligner-side temperature, top-p and repetition penalty, as in the
@@ -966,7 +971,10 @@ class SampleConfig:
     prompts_file: str = ""
     output_file: str = "samples.jsonl"
     alpaca_output: str | None = None
-    mode: Literal["proposal", "aligner", "par", "sparse", "product"] = "par"
+    mode: Literal["proposal", "aligner", "par", "sparse", "product", "inra"] = "par"
+    adapter: str | None = None
+    inra_lambda: float = 1.0
+    lambda_field: str = "lambda"
     n: int = 8
     max_new_tokens: int = 1024
     num_samples: int = 1
@@ -989,8 +997,13 @@ class SampleConfig:
         _check(bool(self.proposal), "proposal is empty; set proposal=PATH (a HF directory or ramjax checkpoint)")
         _check(bool(self.prompts_file), "prompts_file is empty; set prompts_file=PATH (JSONL with prompt/messages/"
                                         "instruction)")
-        if self.mode not in ("proposal",):
+        if self.mode not in ("proposal", "inra"):
             _check(self.aligner is not None, f"mode={self.mode} needs aligner=PATH")
+        if self.mode == "inra":
+            _check(self.adapter is not None, "mode=inra needs adapter=PATH (the adapter.safetensors of an "
+                                             "inra.enabled training run) and proposal=PATH (its base model)")
+        _check(self.inra_lambda == self.inra_lambda and abs(self.inra_lambda) != float("inf"),
+               f"inra_lambda={self.inra_lambda} must be finite")
         _check(self.n >= 1, f"n={self.n} must be >= 1")
         _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
         _check(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")

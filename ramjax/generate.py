@@ -134,7 +134,8 @@ def _jsonable(x: Any) -> Any:
 def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_file: str | os.PathLike, *,
                    output: Literal["samples", "training"] = "samples", batch_size: int = 8, num_samples: int = 1,
                    alpaca_output: str | os.PathLike | None = None, generator: str = "ramjax",
-                   progress: Callable[[int, int], None] | None = None, **sample_kwargs: Any) -> GenerateSummary:
+                   progress: Callable[[int, int], None] | None = None, lambda_field: str | None = "lambda",
+                   **sample_kwargs: Any) -> GenerateSummary:
     """Samples every prompt of ``prompts_file`` and appends the results to ``output_file`` (see the module doc).
 
     proposal, aligner: ``ramjax.api.Model`` s (``aligner`` may be None in mode ``proposal``).
@@ -142,6 +143,8 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     progress: called as ``progress(done, total)`` (examples in the output, examples in all) once after resuming and
         after every batch.
     sample_kwargs: passed to ``ramjax.sampler.sample`` (mode, n, temperatures, top-p, stop, seed, template...).
+    lambda_field: mode ``inra``: a record with this field is sampled with its own λ (else ``inra_lambda``); the
+        samples output then records each line's ``lambda``.
     """
     from ramjax import sampler
 
@@ -166,8 +169,13 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
         for start in range(done, len(records), batch_size):
             chunk = records[start:start + batch_size]
             prompts = [prompt_of(r) for r in chunk]
+            kw = dict(sample_kwargs)
+            lams = None
+            if kw.get("mode") == "inra":
+                lams = _chunk_lambdas(chunk, lambda_field, kw.get("inra_lambda", 1.0), start)
+                kw["inra_lambda"] = lams
             results = sampler.sample(proposal, aligner, prompts, num_samples=num_samples,
-                                     batch_size=batch_size * num_samples, example_offset=start, **sample_kwargs)
+                                     batch_size=batch_size * num_samples, example_offset=start, **kw)
             lines = []
             for k, (rec, prompt, samples) in enumerate(zip(chunk, prompts, results)):
                 if output == "training":
@@ -182,6 +190,8 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
                 else:
                     for s in samples:
                         d = {"index": start + k, "sample_index": s.sample_index, "prompt": prompt}
+                        if lams is not None:
+                            d["lambda"] = lams[k]
                         d.update({key: _jsonable(v) for key, v in s.to_dict().items()})
                         lines.append(d)
             out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
@@ -194,6 +204,17 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     if alpaca_output is not None and output == "samples":
         summary.alpaca_output = write_alpaca_eval(output_file, alpaca_output, generator)
     return summary
+
+
+def _chunk_lambdas(chunk: Sequence[Mapping[str, Any]], field: str | None, default: Any, start: int) -> list[float]:
+    """InRa's λ per record: the record's ``field`` when present (a number), else ``default`` (a number)."""
+    out = []
+    for k, rec in enumerate(chunk):
+        v = rec.get(field, default) if field else default
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise GenerateError(f"prompt record {start + k}: {field}={v!r} is not a number (InRa's λ)")
+        out.append(float(v))
+    return out
 
 
 def write_alpaca_eval(samples_file: str | os.PathLike, path: str | os.PathLike, generator: str) -> str:

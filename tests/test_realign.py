@@ -618,3 +618,37 @@ def test_sampler_inra_on_a_mesh_and_streaming():
             if t is not None:
                 streamed[r].append(t)
     assert [[x] for x in streamed] == want
+
+
+@pytest.mark.slow
+def test_sample_py_inra_with_per_prompt_lambda(train_fx, tmp_path):
+    import json
+    import os
+    import sys
+
+    from ramjax import api
+    from ramjax import sampler
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import sample as sample_cli
+
+    _, base = __import__("ramjax.checkpoint", fromlist=["x"]).load_model_dir(f"{train_fx}/ref")
+    adapter = _randomise(realign.build_adapter(TRAIN_CFG, base), 13)
+    realign.save_adapter(tmp_path / "adapter.safetensors", adapter, TRAIN_CFG)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"prompt": "the quick fox"}, {"prompt": "lazy dog", "lambda": 0.0}, {"prompt": "model proposal"})))
+    out = tmp_path / "out.jsonl"
+    rc = sample_cli.main([f"proposal={train_fx}/ref", f"adapter={tmp_path}/adapter.safetensors", "mode=inra",
+                          "lambda=2.0", f"prompts_file={prompts}", f"output_file={out}", "max_new_tokens=4",
+                          "proposal_temperature=0", "repetition_penalty=1.0", "batch_size=4"])
+    assert rc == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["lambda"] for x in lines] == [2.0, 0.0, 2.0]
+    # the λ = 0 prompt is the base model's greedy continuation
+    base_model = api.load_model(f"{train_fx}/ref")
+    want = sampler.sample(base_model, None, ["lazy dog"], mode="proposal", max_new_tokens=4, greedy=True,
+                          repetition_penalty=1.0)[0][0].token_ids
+    assert lines[1]["token_ids"] == want
+    assert sample_cli.main([f"proposal={train_fx}/ref", "mode=inra", f"prompts_file={prompts}",
+                            f"output_file={tmp_path}/x.jsonl"]) == 2  # no adapter: a config error
