@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 _MODEL_TYPES = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -137,8 +138,11 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     """
     arch = _architecture(hf_config)
     g = hf_config.get
+    absent = [k for k in _REQUIRED_KEYS if g(k) is None]
+    if absent:
+        raise CheckpointMismatchError(f"config.json lacks required keys {absent} for a {arch} model")
     act = g("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):
         raise _unsupported(f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
     hidden, heads, layers = int(g("hidden_size")), int(g("num_attention_heads")), int(g("num_hidden_layers"))
     max_pos = int(g("max_position_embeddings") or (2048 if arch == "llama" else 32768))

@@ -310,6 +310,13 @@ def test_unsupported_architecture(built, change, match):
     assert "Qwen2ForCausalLM" in str(e.value)
 
 
+def test_incomplete_config(built):
+    conf = hf.read_hf_config(built["llama_gqa1_untied"][0])
+    del conf["intermediate_size"]
+    with pytest.raises(hf.CheckpointMismatchError, match="intermediate_size"):
+        hf.config_from_hf(conf)
+
+
 def test_qwen2_sliding_window_rejected(built):
     conf = hf.read_hf_config(built["qwen2_bias_tied"][0])
     conf.pop("layer_types", None)
