@@ -2,10 +2,16 @@
 against the plain model, on the mission's proposal shapes (Llama, 512 wide, 8 layers, MLP 1408, 8 heads / 2 KV
 heads, 8k vocabulary, float32), batch 8, 64 new tokens, greedy.
 
-Each system is one jitted call: prefill, then a ``lax.fori_loop`` of single-token cached steps, so the figures
-measure the models, not Python dispatch. The two streams share one doubled-batch pass through the L layers plus
-one extra layer, so InRa should cost a little over 2× the plain model; λ does not change the cost (it is a traced
-array). Usage::
+Two measurements:
+
+* ``loop``: each system is one jitted call — prefill, then a ``lax.fori_loop`` of single-token cached greedy
+  steps — so the figures measure the models, not the sampler;
+* ``sampler``: ``ramjax.sample`` with the released settings (T 0.5, top-p 0.95, repetition penalty 1.05),
+  ``mode="inra"`` with ``inra_lambda`` vs ``mode="proposal"`` on the base model.
+
+The two streams share one doubled-batch pass through the L layers plus one extra layer, so InRa should cost a
+little over 2× the plain model; λ does not change the cost (it is a traced array). Timing: compile once, then
+all systems round-robin ``--repeats`` times; the best run is reported (and the median). Usage::
 
     python bench/inra.py [--batch 8] [--new 64] [--prompt 16] [--repeats 5] [--json out.json]
 """
@@ -113,25 +119,47 @@ def main(argv=None) -> int:
             "mixed 0/0.5/1": jnp.asarray(np.resize([0.0, 0.5, 1.0], args.batch), jnp.float32)}
     for name, lam in lams.items():
         systems[name] = (inra, (params, adapter, prompt, lam))
+    from ramjax import api
+    from ramjax import sampler
+
+    base_model = api.Model(config=cfg, params=params)
+    inra_model = realign.inra_model(base_model, adapter)
+    ps = np.asarray(prompt).tolist()
+    kw = dict(max_new_tokens=args.new, eos_ids=[], seed=0, batch_size=args.batch, proposal_temperature=0.5,
+              proposal_top_p=0.95, repetition_penalty=1.05)
+
+    def run_sampler(model, mode, **extra):
+        out = sampler.sample(model, None, ps, mode=mode, **kw, **extra)
+        return np.asarray([r[0].token_ids for r in out])
+
+    systems["sampler plain"] = (lambda: run_sampler(base_model, "proposal"), ())
+    for name in ("0", "0.5", "1"):
+        systems[f"sampler {name}"] = (lambda lam=float(name): run_sampler(inra_model, "inra", inra_lambda=lam), ())
     res = _measure(systems, args.repeats)
     rows = []
     for name, r in res.items():
         best, med = min(r["times"]), float(np.median(r["times"]))
-        row = {"system": "plain" if name == "plain" else "inra", "lambda": None if name == "plain" else name,
+        bench_kind = "sampler" if name.startswith("sampler") else "loop"
+        lam_name = name.split(" ", 1)[1] if bench_kind == "sampler" else name
+        plain = lam_name == "plain"
+        row = {"bench": bench_kind, "system": "plain" if plain else "inra", "lambda": None if plain else lam_name,
                "best_s": best, "median_s": med, "compile_s": r["compile_s"], "tokens_per_s": ntok / best,
                "tokens_per_s_median": ntok / med}
-        if name == "0":  # λ = 0 is the base model: its greedy tokens must be the plain model's
-            row["same_tokens_as_plain"] = bool(np.array_equal(r["tokens"], res["plain"]["tokens"]))
+        if name in ("0", "sampler 0"):  # λ = 0 is the base model: same tokens as the plain model
+            plain_name = "plain" if name == "0" else "sampler plain"
+            row["same_tokens_as_plain"] = bool(np.array_equal(r["tokens"], res[plain_name]["tokens"]))
         rows.append(row)
-    base = rows[0]["tokens_per_s"]
-    for r in rows:
-        r["cost_vs_plain"] = base / r["tokens_per_s"]
+    for kind in ("loop", "sampler"):
+        base = next(r["tokens_per_s"] for r in rows if r["bench"] == kind and r["system"] == "plain")
+        for r in rows:
+            if r["bench"] == kind:
+                r["cost_vs_plain"] = base / r["tokens_per_s"]
     info = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "batch": args.batch,
             "new_tokens": args.new, "prompt_len": args.prompt, "params": model_lib.count_params(params),
             "adapter_params": model_lib.count_params(adapter), "rows": rows}
-    print(f"{'system':8} {'lambda':>14} {'tokens/s':>10} {'(median)':>9} {'cost x':>7} {'compile s':>9}")
+    print(f"{'bench':8} {'system':8} {'lambda':>14} {'tokens/s':>10} {'(median)':>9} {'cost x':>7} {'compile s':>9}")
     for r in rows:
-        print(f"{r['system']:8} {str(r['lambda']):>14} {r['tokens_per_s']:10.1f} {r['tokens_per_s_median']:9.1f} "
+        print(f"{r['bench']:8} {r['system']:8} {str(r['lambda']):>14} {r['tokens_per_s']:10.1f} {r['tokens_per_s_median']:9.1f} "
               f"{r['cost_vs_plain']:7.2f} "
               f"{r['compile_s']:9.1f}" + (f"  same tokens as plain: {r['same_tokens_as_plain']}"
                                           if "same_tokens_as_plain" in r else ""))
