@@ -591,20 +591,45 @@ def export_inra_hf(path: str | os.PathLike, cfg: ModelConfig, params: dict, adap
 def lambda_sweep(lams: Iterable[float], run: Callable[[float], Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Calls ``run(λ)`` for each λ and returns the rows ``{"lambda": λ, **run(λ)}`` (e.g. accuracy, length).
 
-    ``run`` typically samples with ``inra_forward`` at that λ (or trains/loads a TrRa student for it) and scores
-    the outputs; keeping the loop here gives the evaluation one table format for InRa and TrRa sweeps.
+    ``run`` typically samples with InRa at that λ (see ``inra_sweep``) or trains/loads a TrRa student for it and
+    scores the outputs; keeping the loop here gives the evaluation one table format for InRa and TrRa sweeps.
     """
     rows = []
     for lam in lams:
         row = {"lambda": float(lam)}
         row.update(run(float(lam)))
-        log.info("lambda sweep: %s", row)
+        log.info("lambda sweep: %s", {k: v for k, v in row.items() if k != "results"})
         rows.append(row)
     return rows
+
+
+def inra_sweep(model: Any, prompts: Sequence[Any], lams: Iterable[float],
+               score: Callable[[int, Any], float] | None = None, **sample_kwargs: Any) -> list[dict[str, Any]]:
+    """Samples ``prompts`` with the InRa ``model`` (``inra_model``/``load_inra_model``) at every λ.
+
+    Every λ uses the same seed, so prompt i gets the same random numbers at each λ (common random numbers: the
+    differences between rows come from λ, not from sampling noise); λ is a traced array, so the decode loop
+    compiles once for the whole sweep. Returns one row per λ: ``mean_length`` (generated tokens), ``eos_rate``
+    and, with ``score(prompt_index, SampleResult) -> float`` (e.g. a task judge), ``mean_score``; ``results`` holds
+    the ``SampleResult`` lists.
+    """
+    from ramjax import sampler
+
+    def run(lam: float) -> dict[str, Any]:
+        results = sampler.sample(model, None, prompts, mode="inra", inra_lambda=lam, **sample_kwargs)
+        flat = [(i, r) for i, per in enumerate(results) for r in per]
+        row: dict[str, Any] = {"mean_length": float(np.mean([r.length for _, r in flat])),
+                               "eos_rate": float(np.mean([r.finish_reason == "eos" for _, r in flat]))}
+        if score is not None:
+            row["mean_score"] = float(np.mean([score(i, r) for i, r in flat]))
+        row["results"] = results
+        return row
+
+    return lambda_sweep(lams, run)
 
 
 __all__ = ["RealignError", "trra_teacher_logits", "trra_teacher_logprobs", "TopKTeacher", "trra_topk_teacher",
            "trra_loss", "build_adapter", "adapter_shapes", "adapter_logical_axes", "adapter_shardings",
            "merge_adapter", "adapter_forward", "InraCache", "init_inra_cache", "inra_cache_shardings",
            "inra_stream_logits", "mix_logits", "inra_forward", "InraSpec", "inra_model", "load_inra_model",
-           "save_adapter", "load_adapter", "export_inra_hf", "lambda_sweep"]
+           "save_adapter", "load_adapter", "export_inra_hf", "lambda_sweep", "inra_sweep"]

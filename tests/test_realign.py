@@ -593,6 +593,11 @@ def test_sampler_inra_mode_matches_base_and_adapted_models():
     # one call with a λ per prompt equals the rows of the calls with each λ alone
     mixed = sampler.sample(inra, None, prompts, mode="inra", inra_lambda=[0.0, 1.0, 0.0], **kw)
     assert _ids(mixed) == [_ids(got0)[0], _ids(got1)[1], _ids(got0)[2]]
+    # the sweep helper: one row per λ, same seed at every λ (so its rows are the calls above)
+    rows = realign.inra_sweep(inra, prompts, [0.0, 1.0], score=lambda i, r: float(i), **kw)
+    assert [r["lambda"] for r in rows] == [0.0, 1.0]
+    assert _ids(rows[0]["results"]) == _ids(got0) and _ids(rows[1]["results"]) == _ids(got1)
+    assert rows[0]["mean_length"] == 8.0 and rows[0]["mean_score"] == 1.0 and rows[0]["eos_rate"] == 0.0
     with pytest.raises(sampler.ModeError, match="inra"):
         sampler.sample(base, None, prompts, mode="inra", **kw)
     with pytest.raises(sampler.ModeError, match="mode='inra'"):
