@@ -657,3 +657,30 @@ def test_sample_py_inra_with_per_prompt_lambda(train_fx, tmp_path):
     assert lines[1]["token_ids"] == want
     assert sample_cli.main([f"proposal={train_fx}/ref", "mode=inra", f"prompts_file={prompts}",
                             f"output_file={tmp_path}/x.jsonl"]) == 2  # no adapter: a config error
+
+
+@pytest.mark.slow
+def test_trained_adapter_moves_length_monotonically_with_lambda(train_fx, tmp_path):
+    """The issue's sweep check at toy scale: the base (random) model never stops within 16 tokens; an adapter
+    trained by SFT on short responses (with EOS) stops early; λ between them moves the greedy response length
+    monotonically (extrapolation, λ > 1, is not asserted: at this scale it may overshoot by a fraction of a
+    token)."""
+    import json
+
+    from ramjax import config as config_lib
+    from ramjax import train_lib
+
+    run = tmp_path / "run"
+    over = [f"run_dir={run}", f"data.train_files=[{train_fx}/sft.jsonl]", "data.max_len=24",
+            "data.max_prompt_len=12", "data.batch_size=8", "steps=80", "optimizer.lr=5e-3",
+            "checkpoint.export_hf=false", "checkpoint.every=0", "logging.every=20", "logging.tensorboard=false",
+            "logging.progress=false", "mesh.data=8", "mesh.fsdp=1", f"model.init={train_fx}/ref", "stage=sft",
+            "inra.enabled=true"]
+    train_lib.train(config_lib.load_config(config_lib.TrainConfig, None, over))
+    model = realign.load_inra_model(f"{train_fx}/ref", run / "adapter.safetensors")
+    prompts = [json.loads(line)["prompt"] for line in open(f"{train_fx}/sft.jsonl")][:16]
+    rows = realign.inra_sweep(model, prompts, [0.0, 0.5, 0.75, 1.0], max_new_tokens=16, greedy=True,
+                              repetition_penalty=1.0, batch_size=16)
+    lengths = [r["mean_length"] for r in rows]
+    assert all(a >= b for a, b in zip(lengths, lengths[1:])), lengths
+    assert lengths[0] - lengths[-1] > 4, lengths
