@@ -6,6 +6,7 @@ sampler and the trainer take these objects. Everything else in ramjax is pure fu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Sequence
 
@@ -76,5 +77,13 @@ def logits(model: Model, token_ids: Sequence[Sequence[int]] | jax.Array) -> jax.
     tokens = jnp.asarray(token_ids, jnp.int32)
     if tokens.ndim == 1:
         tokens = tokens[None]
-    out, _ = model_lib.forward(model.config, model.params, tokens, mesh=model.mesh)
-    return out[..., : model.vocab_limit]
+    return _jitted_logits(model.config, model.mesh, model.vocab_limit)(model.params, tokens)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_logits(cfg: model_lib.ModelConfig, mesh: Mesh | None, vocab_limit: int):
+    # one compile per (architecture, mesh, vocabulary) and input shape, not one per op
+    def fn(params, tokens):
+        out, _ = model_lib.forward(cfg, params, tokens, mesh=mesh)
+        return out[..., :vocab_limit]
+    return jax.jit(fn)
