@@ -49,32 +49,29 @@ def _bar(total: int, initial: int, enabled: bool):
     return progress, bar
 
 
-def _is_pipeline_config(path: str | None) -> bool:
-    """A YAML file with a top-level ``pipeline`` mapping is a pipeline config (``ramjax.pipeline``)."""
+def _yaml_top_level(path: str | None) -> dict:
+    """The top-level mapping of a YAML file, or {} (missing file, not a mapping, or a YAML error that
+    ``load_config`` will report properly)."""
     if path is None or not os.path.isfile(path):
-        return False
+        return {}
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError:
-        return False  # load_config reports the YAML error
-    return isinstance(data, dict) and isinstance(data.get("pipeline"), dict)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_pipeline_config(path: str | None) -> bool:
+    """A YAML file with a top-level ``pipeline`` mapping is a pipeline config (``ramjax.pipeline``)."""
+    return isinstance(_yaml_top_level(path).get("pipeline"), dict)
 
 
 def _is_ablation_config(path: str | None) -> bool:
     """A YAML file with a top-level ``alphas`` list is an ablation sweep (``ramjax.ablate``)."""
-    if path is None or not os.path.isfile(path):
-        return False
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError:
-        return False
-    return isinstance(data, dict) and "alphas" in data
+    return "alphas" in _yaml_top_level(path)
 
 
 def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
