@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     # a trained-looking adapter (non-zero output projections) so the λ rows really differ
     leaves, tree = jax.tree_util.tree_flatten(adapter)
     keys = jax.random.split(ka, len(leaves))
-    adapter = jax.tree_util.tree_unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    adapter = jax.tree_util.tree_unflatten(
+        tree, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     prompt = jax.random.randint(kt, (args.batch, args.prompt), 0, cfg.vocab_size)
     ntok = args.batch * args.new
 
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
             "adapter_params": model_lib.count_params(adapter), "rows": rows}
     print(f"{'bench':8} {'system':8} {'lambda':>14} {'tokens/s':>10} {'(median)':>9} {'cost x':>7} {'compile s':>9}")
     for r in rows:
-        print(f"{r['bench']:8} {r['system']:8} {str(r['lambda']):>14} {r['tokens_per_s']:10.1f} {r['tokens_per_s_median']:9.1f} "
+        print(f"{r['bench']:8} {r['system']:8} {str(r['lambda']):>14} {r['tokens_per_s']:10.1f} "
+              f"{r['tokens_per_s_median']:9.1f} "
               f"{r['cost_vs_plain']:7.2f} "
               f"{r['compile_s']:9.1f}" + (f"  same tokens as plain: {r['same_tokens_as_plain']}"
                                           if "same_tokens_as_plain" in r else ""))

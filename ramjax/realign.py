@@ -18,6 +18,11 @@ under batch sharding; the adapter layer has its own one-layer cache.
 
 Export: ``merge_adapter`` gives the plain ``L+1``-layer params (adapter as layer 0), ``export_inra_hf`` writes them
 as a Hugging Face checkpoint, ``save_adapter``/``load_adapter`` the adapter alone (one small safetensors file).
+
+Where it plugs in: ``train.py`` stage ``trra`` (``trra.iterations`` for iterated TrRa) and ``inra.enabled=true``
+(train only the adapter, with any stage's objective); ``ramjax.sample(..., mode="inra", inra_lambda=...)`` with the
+proposal slot holding ``inra_model(base, adapter)`` / ``load_inra_model(base_dir, adapter_file)`` (an ``InraSpec``
+config); ``sample.py mode=inra adapter=FILE lambda=...``; ``inra_sweep`` / ``lambda_sweep`` for λ sweeps.
 """
 from __future__ import annotations
 
