@@ -56,11 +56,17 @@ def test_defaults_and_every_shipped_config_load():
     files = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
     names = {os.path.basename(f) for f in files}
     assert {"pretrain.yaml", "sft.yaml", "dpo.yaml", "ram.yaml", "sample.yaml"} <= names
+    from ramjax.ablate import AblateConfig
+    from ramjax.evaluate import EvalConfig
+    from ramjax.pipeline import DefaultRunConfig
+
+    other = {"default.yaml": DefaultRunConfig, "ablate.yaml": AblateConfig, "eval.yaml": EvalConfig}
     for f in files:
-        cls = SampleConfig if os.path.basename(f).startswith("sample") else TrainConfig
+        name = os.path.basename(f)
+        cls = other.get(name) or (SampleConfig if name.startswith("sample") else TrainConfig)
         cfg = load_config(cls, f)
         if cls is TrainConfig:
-            assert cfg.stage == os.path.basename(f)[:-5]
+            assert cfg.stage == name[:-5]
     ram = load_config(TrainConfig, os.path.join(REPO, "configs", "ram.yaml"))
     assert (ram.optimizer.name, ram.ram.alpha, ram.optimizer.clip_norm) == ("rmsprop", 1e-4, 10.0)
 
