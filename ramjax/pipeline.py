@@ -242,6 +242,7 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
         if any(c is None for c in parts):
             return None
         return evaluate.training_cost(seconds=sum(c["seconds"] for c in parts),
+                                      params=sum(c["params"] for c in parts), tokens=sum(c["tokens"] for c in parts),
                                       flops=sum(6.0 * c["params"] * c["tokens"] for c in parts))
 
     # 1. data ---------------------------------------------------------------------------------------------
@@ -326,8 +327,11 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
         systems = [evaluate.System("P_M (warmed up)", proposal=warm),
                    evaluate.System("P_M (pretrained)", proposal=base),
                    evaluate.System("Q alone", aligner=aligner, mode="aligner")]
+        # sparse is defined by P_M's nucleus (the released 0.95): at top-p 1 it would be Q alone
+        mode_sampling = {"sparse": {"proposal_top_p": 0.95}}
         systems += [evaluate.System(f"P_M + RAM ({m})", proposal=warm, aligner=aligner, mode=m,
-                                    sampling=ram_sampling, train_cost=cost("ram")) for m in p.eval_modes]
+                                    sampling={**ram_sampling, **mode_sampling.get(m, {})}, train_cost=cost("ram"))
+                    for m in p.eval_modes]
         if p.baselines:
             systems += _baseline_systems(load, warm, aligner, ram_sampling, cost)
         results = evaluate.evaluate_systems(
@@ -342,6 +346,7 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
                                             if os.path.exists(os.path.join(rd, s, "metrics.jsonl"))},
                                            os.path.join(plot_dir, "training.png"))]
         table = evaluate.write_report(rd, results, stage_times=times, plots=pngs,
+                                      cost_reference="SFT" if p.baselines else None,
                                       title="ramjax embedded default: RAM on the generated task suite")
         with open(os.path.join(rd, "results_table.md"), "w") as fh:
             fh.write(table + "\n")
