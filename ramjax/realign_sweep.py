@@ -369,6 +369,10 @@ def run_sweep(cfg: RealignSweepConfig, cell_fn: CellFn | None = None,
             log.info("cell %s: accuracy %s, mean length %.2f", cell.name, _fmt_ci(row["accuracy"]),
                      row["mean_length"])
         rows.append(row)
+    # table and JSON grouped by series and decoding, λ ascending (the run order interleaves the decodings)
+    order = {INRA: 0, TRRA: 1, ALIGNED: 2}
+    dec_order = {d: i for i, d in enumerate(cfg.decodings)}
+    rows.sort(key=lambda r: (order.get(r["series"], 3), r["series"], dec_order.get(r["decoding"], 9), r["lam"]))
     summary = [{k: v for k, v in r.items() if k not in ("texts", "token_ids")} for r in rows]
     table = sweep_table(summary)
     with open(os.path.join(cfg.run_dir, "table.md"), "w", encoding="utf-8") as f:

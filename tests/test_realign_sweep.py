@@ -95,7 +95,9 @@ def test_sweep_writes_table_json_plots_and_resumes_per_cell(tiny_run, tmp_path):
     assert rs.run_sweep(cfg, cell_fn=again)["computed"] == ["trra_lam1_greedy"]
     more = _cfg(root, tmp_path / "sweep", inra={"lams": [0.0, 0.5, 1.0]}, decodings=["greedy", "sampled"])
     third = _Stub()
-    rs.run_sweep(more, cell_fn=third)
+    assert [(r["series"], r["decoding"], r["lam"]) for r in rs.run_sweep(more, cell_fn=third)["rows"][:6]] == [
+        ("InRa", "greedy", 0.0), ("InRa", "greedy", 0.5), ("InRa", "greedy", 1.0), ("InRa", "sampled", 0.0),
+        ("InRa", "sampled", 0.5), ("InRa", "sampled", 1.0)]  # grouped by decoding, λ ascending
     assert third.calls == ["inra_lam0_sampled", "inra_lam0.5_greedy", "inra_lam0.5_sampled", "inra_lam1_sampled",
                            "trra_lam1_sampled", "aligned_lam1_sampled"]
     # settings that change finished cells are refused
