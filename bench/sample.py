@@ -9,7 +9,8 @@ so that the torch baselines run the very same weights):
 * aligner "1/4": 256 wide, 4 layers, MLP 704, 4 heads / 1 KV head (≈7M, the authors' benchmark aligner);
 * aligner "1/8": 192 wide, 2 layers, MLP 528, 3 heads / 1 KV head (≈3.9M).
 
-Measured (each: compile once, untimed warm-up, best of ``--reps`` runs; 16-token prompts, 64 new tokens, no EOS):
+Measured (each configuration compiled and warmed up first, then the best of ``--reps`` runs taken round-robin
+across modes; 16-token prompts, 64 new tokens, no EOS):
 
 1. tokens/s (``rows × 64 / wall time`` of ``ramjax.sample``) and first-token latency (``ramjax.stream``: time to
    the first token, i.e. one prefill and one step) for each mode and batch size; compile time separately;
@@ -73,41 +74,64 @@ def prompts(batch: int, seed: int = 0) -> list[list[int]]:
     return rng.integers(3, VOCAB, (batch, PROMPT_LEN)).tolist()
 
 
-def best_time(fn, reps: int) -> float:
-    times = []
+def best_time(fn, reps: int, cpu: bool = False) -> float | tuple[float, float]:
+    """Best wall time of ``reps`` calls (and, with ``cpu``, the best process CPU time: on a shared machine it is
+    much less affected by other processes than the wall time)."""
+    times, cpus = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times)
+        cpus.append(time.process_time() - c)
+    return (min(times), min(cpus)) if cpu else min(times)
 
 
-def bench_mode(ramjax, proposal, aligner, mode_kw: dict, batch: int, reps: int, new: int = NEW) -> dict:
-    ps = prompts(batch)
-    kw = dict(SETTINGS, max_new_tokens=new, eos_ids=[], seed=0, batch_size=batch, **mode_kw)
-    al = aligner if mode_kw["mode"] != "proposal" else None
-    t = time.perf_counter()
-    out = ramjax.sample(proposal, al, ps, **kw)
-    first_call = time.perf_counter() - t
-    assert all(len(r[0].token_ids) == new for r in out)
-    run = best_time(lambda: ramjax.sample(proposal, al, ps, **kw), reps)
+class ModeBench:
+    """One (mode, aligner, batch) configuration: ``run`` decodes the batch with ``sample``; ``first`` times the
+    first token of ``stream`` (one prefill + one step)."""
 
-    skw = {k: v for k, v in kw.items() if k != "batch_size"}
+    def __init__(self, sampler, proposal, aligner, mode_kw: dict, batch: int, new: int = NEW):
+        self.sampler, self.proposal, self.batch, self.new = sampler, proposal, batch, new
+        self.aligner = aligner if mode_kw["mode"] != "proposal" else None
+        self.prompts = prompts(batch)
+        self.kw = dict(SETTINGS, max_new_tokens=new, eos_ids=[], seed=0, batch_size=batch, **mode_kw)
+        self.skw = {k: v for k, v in self.kw.items() if k != "batch_size"}
+        self.runs: list[float] = []
+        self.cpus: list[float] = []
+        self.firsts: list[float] = []
 
-    def first_token():
-        it = ramjax.stream(proposal, al, ps, **skw)
+    def run(self):
+        t, c = time.perf_counter(), time.process_time()
+        out = self.sampler.sample(self.proposal, self.aligner, self.prompts, **self.kw)
+        self.runs.append(time.perf_counter() - t)
+        self.cpus.append(time.process_time() - c)
+        return out
+
+    def first(self):
+        t = time.perf_counter()
+        it = self.sampler.stream(self.proposal, self.aligner, self.prompts, **self.skw)
         next(it)
+        self.firsts.append(time.perf_counter() - t)
         it.close()
 
-    t = time.perf_counter()
-    first_token()  # compiles prefill and step
-    stream_compile = time.perf_counter() - t
-    ftl = best_time(first_token, reps)
-    return dict(batch=batch, tokens_per_s=batch * new / run, run_s=run, compile_s=max(first_call - run, 0.0),
-                first_token_s=ftl, stream_compile_s=max(stream_compile - ftl, 0.0),
-                kl_fallback_rate=float(np.mean([r[0].kl_fallback_rate or 0.0 for r in out])),
-                ess_mean=(float(np.mean([r[0].ess_mean for r in out])) if out[0][0].ess_mean is not None
-                          else None))
+    def compile(self) -> None:
+        out = self.run()
+        assert all(len(r[0].token_ids) == self.new for r in out)
+        self.out = out
+        self.first()
+        self.compile_run, self.compile_first = self.runs.pop(), self.firsts.pop()
+        self.cpus.pop()
+
+    def result(self) -> dict:
+        run, ftl, cpu = min(self.runs), min(self.firsts), min(self.cpus)
+        out = self.out
+        return dict(batch=self.batch, tokens_per_s=self.batch * self.new / run, run_s=run,
+                    tokens_per_cpu_s=self.batch * self.new / cpu, cpu_s=cpu,
+                    run_s_all=self.runs, first_token_s=ftl, first_token_s_all=self.firsts,
+                    compile_s=max(self.compile_run - run, 0.0), stream_compile_s=max(self.compile_first - ftl, 0.0),
+                    kl_fallback_rate=float(np.mean([r[0].kl_fallback_rate or 0.0 for r in out])),
+                    ess_mean=(float(np.mean([r[0].ess_mean for r in out])) if out[0][0].ess_mean is not None
+                              else None))
 
 
 def bench_hf_generate(model, batch: int, reps: int) -> dict:
@@ -119,8 +143,8 @@ def bench_hf_generate(model, batch: int, reps: int) -> dict:
               pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         model.generate(ids, **kw)  # warm-up
-        run = best_time(lambda: model.generate(ids, **kw), reps)
-    return dict(batch=batch, tokens_per_s=batch * NEW / run, run_s=run)
+        run, cpu = best_time(lambda: model.generate(ids, **kw), reps, cpu=True)
+    return dict(batch=batch, tokens_per_s=batch * NEW / run, run_s=run, tokens_per_cpu_s=batch * NEW / cpu)
 
 
 def bench_torch_par_loop(p_model, q_model, reps: int, n: int = 8) -> dict:
@@ -161,13 +185,15 @@ def bench_torch_par_loop(p_model, q_model, reps: int, n: int = 8) -> dict:
         return first
 
     run_once()
-    times, firsts = [], []
+    times, firsts, cpus = [], [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         first = run_once()
         times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
         firsts.append(first - t)
-    return dict(batch=1, tokens_per_s=NEW / min(times), run_s=min(times), first_token_s=min(firsts))
+    return dict(batch=1, tokens_per_s=NEW / min(times), run_s=min(times), first_token_s=min(firsts),
+                tokens_per_cpu_s=NEW / min(cpus))
 
 
 def bench_corrector(ramjax, proposal, aligner, new: int, reps: int) -> dict:
@@ -236,15 +262,25 @@ def main(argv=None) -> int:
                          modes=[], hf_generate=[], torch_par_loop=None, corrector=[])
     rows = []
     for batch in batches:
+        # Compile every configuration of this batch size, then time them round-robin (best of --reps), so that
+        # load changes on a shared machine hit all modes alike and the ratios stay meaningful.
+        benches = []
         for mode in modes:
-            names = [None] if mode == "proposal" else aligner_names
-            for name in names:
-                r = bench_mode(sampler, proposal, aligners[name] if name else None, MODES[mode], batch, args.reps)
-                r.update(mode=mode, aligner=name)
-                results["modes"].append(r)
-                rows.append(r)
-                print(f"  {mode:9s} Q={name or '-':4s} B={batch:3d}: {r['tokens_per_s']:8.1f} tok/s, first token "
-                      f"{r['first_token_s'] * 1e3:7.1f} ms, compile {r['compile_s']:5.1f}s", flush=True)
+            for name in ([None] if mode == "proposal" else aligner_names):
+                mb = ModeBench(sampler, proposal, aligners[name] if name else None, MODES[mode], batch)
+                mb.compile()
+                benches.append((mode, name, mb))
+        for _ in range(args.reps):
+            for _, _, mb in benches:
+                mb.run()
+                mb.first()
+        for mode, name, mb in benches:
+            r = mb.result()
+            r.update(mode=mode, aligner=name)
+            results["modes"].append(r)
+            rows.append(r)
+            print(f"  {mode:9s} Q={name or '-':4s} B={batch:3d}: {r['tokens_per_s']:8.1f} tok/s, first token "
+                  f"{r['first_token_s'] * 1e3:7.1f} ms, compile {r['compile_s']:5.1f}s", flush=True)
     for b in sorted({1, 8} & set(batches)) or [batches[0]]:
         r = bench_hf_generate(hf_p, b, args.reps)
         results["hf_generate"].append(r)
@@ -260,23 +296,31 @@ def main(argv=None) -> int:
                   f"{r['corrector_first_token_s'] * 1e3:.1f} ms", flush=True)
 
     # Ratios and table
-    prop = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "proposal"}
+    prop = {r["batch"]: r for r in rows if r["mode"] == "proposal"}
     for r in rows:
-        r["vs_proposal"] = r["tokens_per_s"] / prop[r["batch"]] if r["batch"] in prop else None
-    hf = {r["batch"]: r["tokens_per_s"] for r in results["hf_generate"]}
-    loop = results["torch_par_loop"]["tokens_per_s"] if results["torch_par_loop"] else None
+        base = prop.get(r["batch"])
+        r["vs_proposal"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        r["vs_proposal_cpu"] = r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"] if base else None
+    hf = {r["batch"]: r for r in results["hf_generate"]}
+    loop = results["torch_par_loop"]
+    par8_b8 = next((r for r in rows if r["mode"] == "par8" and r["batch"] == 8), None)
     results["summary"] = dict(
-        proposal_vs_hf_generate={b: prop[b] / hf[b] for b in hf if b in prop},
-        proposal_b8_vs_authors_90_100=(prop[8] / 95.0) if 8 in prop else None,
-        par8_b8_vs_torch_par_loop=next((r["tokens_per_s"] / loop for r in rows if r["mode"] == "par8"
-                                        and r["batch"] == 8 and loop), None),
+        proposal_vs_hf_generate={b: prop[b]["tokens_per_s"] / hf[b]["tokens_per_s"] for b in hf if b in prop},
+        proposal_vs_hf_generate_cpu={b: prop[b]["tokens_per_cpu_s"] / hf[b]["tokens_per_cpu_s"]
+                                     for b in hf if b in prop},
+        proposal_b8_vs_authors_95=(prop[8]["tokens_per_s"] / 95.0) if 8 in prop else None,
+        par8_b8_vs_torch_par_loop=(par8_b8["tokens_per_s"] / loop["tokens_per_s"]) if par8_b8 and loop else None,
+        par8_b8_vs_torch_par_loop_cpu=(par8_b8["tokens_per_cpu_s"] / loop["tokens_per_cpu_s"]) if par8_b8 and loop
+        else None,
         load_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
-    print("\n| mode | Q | batch | tok/s | × proposal | first token (ms) | compile (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| mode | Q | batch | tok/s (wall) | × proposal | tok per CPU-s | × proposal (CPU) | first token (ms) "
+          "| compile (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['vs_proposal']:.2f}" if r["vs_proposal"] is not None else "-"
+        ratio_cpu = f"{r['vs_proposal_cpu']:.2f}" if r["vs_proposal_cpu"] is not None else "-"
         print(f"| {r['mode']} | {r['aligner'] or '-'} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} | "
-              f"{r['first_token_s'] * 1e3:.1f} | {r['compile_s']:.1f} |")
+              f"{r['tokens_per_cpu_s']:.1f} | {ratio_cpu} | {r['first_token_s'] * 1e3:.1f} | {r['compile_s']:.1f} |")
     print(json.dumps(results["summary"], indent=1))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sample-{time.strftime('%Y%m%d-%H%M%S')}.json")

@@ -423,6 +423,26 @@ def test_stop_string_spanning_two_tokens_and_eos(text_models):
     assert res.text == tok.decode(ids[:first_eos])
 
 
+def test_greedy_proposal_equals_transformers_generate(tmp_path):
+    """Parity with transformers on the same weights (a Qwen2 checkpoint loaded through ramjax.hf): greedy decoding
+    with HF's repetition penalty, our two ragged prompts batched and left-padded, HF's one at a time."""
+    import torch
+
+    from hf_fixtures import HFSpec, make_hf_model
+    from ramjax.api import load_model
+
+    ref = make_hf_model(tmp_path / "qwen", HFSpec(arch="qwen2", vocab_size=64, num_kv_heads=1, tied=True, seed=7))
+    m = load_model(tmp_path / "qwen")
+    prompts = [[5, 9, 9, 2, 31], [7, 1, 1, 40, 40, 40, 12, 3, 22, 8, 19]]
+    ours = S.sample(m, None, prompts, mode="proposal", greedy=True, max_new_tokens=12, repetition_penalty=1.3,
+                    eos_ids=[], batch_size=2)
+    for prompt, res in zip(prompts, ours):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                               repetition_penalty=1.3, pad_token_id=0, attention_mask=torch.ones(1, len(prompt)))
+        assert res[0].token_ids == out[0, len(prompt):].tolist()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad inputs
 
@@ -550,3 +570,23 @@ def test_sample_py_reports_bad_config(tmp_path, capsys):
 
     assert sample_cli.main([f"prompts_file={tmp_path}/p.jsonl", "proposal=x", "mode=beam"]) == 2
     assert "mode" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sharded_mesh_gives_the_same_tokens(models):
+    """Explicit shardings on a (data 2, fsdp 2, tensor 2) mesh of simulated devices: same tokens as one device."""
+    from ramjax import sharding as shd
+
+    p, q = models
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+    q2 = Q_CFG.replace(num_kv_heads=2)  # kv heads must divide the tensor axis
+    qp = jax.tree_util.tree_map(jnp.asarray, random_params(q2, 2))
+    q0 = Model(config=q2, params=qp, vocab_limit=V)
+    sp = Model(config=P_CFG, params=p.params, vocab_limit=V, mesh=mesh)
+    sq = Model(config=q2, params=qp, vocab_limit=V, mesh=mesh)
+    kw = {**PAR, "batch_size": None, "seed": 2}
+    single = [r[0].token_ids for r in S.sample(p, q0, RAGGED, **kw)]
+    assert [r[0].token_ids for r in S.sample(sp, sq, RAGGED, **kw)] == single
+    kw.pop("batch_size")
+    events = list(S.stream(sp, sq, RAGGED, **kw))
+    assert [[e.token_ids[r] for e in events] for r in range(3)] == single
