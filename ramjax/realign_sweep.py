@@ -199,6 +199,7 @@ def train_inra_adapter(cfg: RealignSweepConfig) -> str:
 
 
 def trra_student_dir(cfg: RealignSweepConfig, lam: float) -> str:
+    """``run_dir/trra/lam_<λ>``: the training run of the TrRa student for λ (its model in ``model/``)."""
     return os.path.join(cfg.run_dir, "trra", f"lam_{lam:g}")
 
 

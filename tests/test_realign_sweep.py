@@ -16,7 +16,7 @@ from ramjax.config import ConfigError, config_from_dict, load_config
 
 
 def _random_params(cfg, seed):
-    """numpy-drawn params (flax's init compiles for seconds on CPU): norm scales 1 + N(0, 0.1²), weights N(0, 0.1²)."""
+    """numpy-drawn params (flax init compiles for seconds on CPU): norm scales 1 + N(0, 0.1²), weights N(0, 0.1²)."""
     rng = np.random.default_rng(seed)
 
     def leaf(path, s):
