@@ -283,7 +283,10 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
                              max_new_tokens=p.max_new_tokens, seed=run.seed + 1,
                              proposal_temperature=p.sample_temperature, proposal_top_p=1.0,
                              repetition_penalty=1.0, stop=["\n\nHuman:"], batch_size=p.eval_batch_size)
-        _write_jsonl(samples_path, [{**r, "proposal": o[0].text, "proposal_token_ids": list(o[0].token_ids)}
+        # on a stop-string finish the ids include the stop string's tokens: keep only the (cut) text then
+        _write_jsonl(samples_path, [{**r, "proposal": o[0].text,
+                                     **({"proposal_token_ids": list(o[0].token_ids)}
+                                        if o[0].finish_reason != "stop" else {})}
                                     for r, o in zip(align, out)])
     stage("samples", samples_path, make_samples)
 
