@@ -135,7 +135,8 @@ def test_shipped_config_and_cell_train_config(tmp_path):
     assert tcfg.stage == "ram" and tcfg.ram.alpha == cell.alpha == 1e-4 and tcfg.seed == cell.seed
     assert tcfg.run_dir == str(tmp_path / "c" / "train")
     assert tcfg.data.train_files == (cfg.samples_file,) and tcfg.proposal == cfg.proposal
-    assert tcfg.model.init == "/bases/h32/model" and tcfg.steps == 400
+    steps = int(next(o for o in cfg.base_overrides if o.startswith("steps=")).split("=")[1])
+    assert tcfg.model.init == "/bases/h32/model" and tcfg.steps == steps
     # every size's cell config and (where pretrained) its base config validate; sizes really differ
     hidden = set()
     for size in cfg.sizes:
