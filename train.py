@@ -8,7 +8,8 @@ and calls ``ramjax.train_lib``:
     python train.py configs/ram.yaml optimizer.lr=1e-6 ram.alpha=1e-3 mesh.fsdp=8
     python train.py configs/sft.yaml --dry-run     # validate, build shapes, print sizes and compiled memory
 
-With no arguments it runs ``configs/default.yaml`` if that file exists, else prints this help. A config file with
+With no arguments, or only ``key=value`` overrides without ``stage=``, it runs ``configs/default.yaml`` (the
+embedded-default pipeline) if that file exists, else prints this help. A config file with
 a top-level ``pipeline:`` section (like ``configs/default.yaml``) runs the whole embedded-default pipeline
 (``ramjax.pipeline``) instead of one stage; one with a top-level ``alphas:`` list (``configs/ablate.yaml``) runs
 the α × aligner-size sweep (``ramjax.ablate``).
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path, overrides = config_lib.split_cli_args(argv)
+        if path is None and os.path.isfile(DEFAULT_CONFIG) and not any(o.startswith("stage=") for o in overrides):
+            path = DEFAULT_CONFIG  # `python train.py run_dir=... pipeline.alpha=...` overrides the default pipeline
         if _is_pipeline_config(path):
             return _run_pipeline(path, overrides, dry)
         if _is_ablation_config(path) and not dry:
