@@ -191,7 +191,8 @@ def _baseline_systems(load: Callable[[str], Any], warm: Any, aligner: Any, ram_s
 
 def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float | None], None] | None = None,
                  train_progress: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
-    """Runs (or resumes) every stage; returns ``{"results", "table", "stage_times", "report"}``.
+    """Runs (or resumes) every stage; returns ``{"table", "stage_times", "report"}`` (the markdown results table,
+    seconds per stage run this time, the report path).
 
     on_stage(stage, event, seconds): event "start" or "done" (with the stage's seconds) or "skip".
     train_progress(stage, info): forwarded from ``train_lib.train``'s progress callback.
