@@ -57,7 +57,6 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
         pipeline.run_pipeline(_config(tmp_path / "run", TINY + ["pipeline.ram_steps=3"]))
 
 
-@pytest.mark.slow
 def test_scaled_down_pipeline_ram_beats_warmed_up_proposal(tmp_path):
     """What the method promises, on a fixed seed: P_M·Q sampled at T=1 beats the warmed-up P_M sampled at T=1
     (same decoding for both) on 200 held-out prompts by a clear margin: at least 5 points of strict judge accuracy
