@@ -795,14 +795,19 @@ class RamConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
-    """DPO baseline: ``beta`` (TRL default 0.1) and conservative-DPO ``label_smoothing`` in [0, 0.5)."""
+    """DPO baseline: ``beta`` (TRL default 0.1), conservative-DPO ``label_smoothing`` in [0, 0.5), and
+    ``rpo_alpha`` (TRL's name; RPO, Pang et al. 2024): weight of a token-mean NLL on the chosen responses added to
+    the DPO loss, which keeps DPO from pushing the chosen responses' likelihood down with the rejected ones
+    (0 = plain DPO; RPO uses 1)."""
 
     beta: float = 0.1
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
 
     def validate(self) -> None:
         _check(self.beta > 0, f"dpo.beta={self.beta} must be positive")
         _check(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        _check(self.rpo_alpha >= 0, f"dpo.rpo_alpha={self.rpo_alpha} must be >= 0 (0 = plain DPO, RPO uses 1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,6 +80,7 @@ class PipelineConfig:
     dpo_steps: int = 150
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
+    dpo_rpo_alpha: float = 0.0
     corrector_steps: int = 250
     corrector_lr: float = 1e-3
     sample_temperature: float = 1.0
@@ -309,7 +310,7 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
         lr=p.sft_lr)))
     baseline_stage("dpo", _model_dir(run, "dpo"), lambda: train("dpo", _train_cfg(
         run, "dpo", "dpo", init=_model_dir(run, "warmup"), arch=None, files=[f["pref"]], steps=p.dpo_steps,
-        lr=p.dpo_lr, extra={"dpo": {"beta": p.dpo_beta}})))
+        lr=p.dpo_lr, extra={"dpo": {"beta": p.dpo_beta, "rpo_alpha": p.dpo_rpo_alpha}})))
 
     # 9. the sequence-level corrector: rewrite P_M's draft (the one-time samples) into the target --------------------
     corr_path = os.path.join(data_dir, "corrector.jsonl")

@@ -241,14 +241,23 @@ def ram_objective(cfg: model_lib.ModelConfig, alpha: float, *, mesh: Mesh | None
 
 
 def dpo_objective(cfg: model_lib.ModelConfig, beta: float, label_smoothing: float = 0.0, *,
-                  mesh: Mesh | None = None, rules=shd.DEFAULT_RULES, vocab_limit: int | None = None) -> Objective:
+                  rpo_alpha: float = 0.0, mesh: Mesh | None = None, rules=shd.DEFAULT_RULES,
+                  vocab_limit: int | None = None) -> Objective:
     """Sigmoid DPO with one example per row. ``frozen["ref_logps"]`` is a ``[N, 2]`` table of the reference
     model's summed (chosen, rejected) log-probs for every training example (``precompute_reference``); the batch
-    carries ``example_index`` ``[B]`` (−1 on padding rows) to look them up."""
+    carries ``example_index`` ``[B]`` (−1 on padding rows) to look them up.
+
+    rpo_alpha > 0 adds ``rpo_alpha ·`` the token-mean NLL of the chosen responses over the global batch (TRL's
+    ``rpo_alpha``), reported as ``nll``."""
     loss_lib.validate_dpo(beta, label_smoothing)
+    if not rpo_alpha >= 0:
+        raise loss_lib.LossConfigError(f"dpo.rpo_alpha={rpo_alpha!r} must be >= 0 (0 = plain DPO, RPO uses 1)")
 
     def normalizers(b):
-        return {"examples": jnp.sum(b["example_index"] >= 0).astype(jnp.float32)}
+        valid = (b["example_index"] >= 0)[:, None]
+        chosen = (b["chosen_loss_mask"] > 0) & (b["chosen_segment_ids"] > 0) & valid
+        return {"examples": jnp.sum(b["example_index"] >= 0).astype(jnp.float32),
+                "chosen_tokens": jnp.sum(chosen).astype(jnp.float32)}
 
     def loss(params, b, norms, frozen, key):
         n = b["chosen_tokens"].shape[0]
@@ -263,6 +272,11 @@ def dpo_objective(cfg: model_lib.ModelConfig, beta: float, label_smoothing: floa
         denom = jnp.maximum(norms["examples"], 1.0)
         l = s / denom
         metrics = {k: v / denom for k, v in m.items()}
+        metrics["dpo_loss"] = l
+        if rpo_alpha:
+            nll = -jnp.sum(jnp.where(valid, lp[:n], 0.0)) / jnp.maximum(norms["chosen_tokens"], 1.0)
+            metrics["nll"] = nll
+            l = l + rpo_alpha * nll
         metrics["loss"] = l
         return l, metrics
 
@@ -563,8 +577,8 @@ def build_objective(cfg: Any, model_cfg: model_lib.ModelConfig, mesh: Mesh, rule
     if cfg.stage == "ram":
         return ram_objective(model_cfg, cfg.ram.alpha, mesh=mesh, rules=rules, vocab_limit=vocab_limit)
     if cfg.stage == "dpo":
-        return dpo_objective(model_cfg, cfg.dpo.beta, cfg.dpo.label_smoothing, mesh=mesh, rules=rules,
-                             vocab_limit=vocab_limit)
+        return dpo_objective(model_cfg, cfg.dpo.beta, cfg.dpo.label_smoothing, rpo_alpha=cfg.dpo.rpo_alpha,
+                             mesh=mesh, rules=rules, vocab_limit=vocab_limit)
     if cfg.stage == "trra":
         (ref_cfg, _), (al_cfg, _) = (_peek_model_config(cfg.trra.reference), _peek_model_config(cfg.trra.aligned))
         over = dict(dtype=cfg.model.dtype, remat=False)

@@ -443,3 +443,27 @@ def test_alpha_term_domination_warns(caplog):
         assert not caplog.records
         assert train_lib._warn_alpha({"train/nll_data": 10.0, "train/logq_neg": -50.0}, 0.5, 0) == 1
     assert "alpha term dominates" in caplog.text
+
+
+def test_dpo_rpo_alpha_adds_token_mean_nll_of_chosen():
+    """rpo_alpha (TRL's RPO): the DPO loss plus rpo_alpha x the token-mean NLL of the chosen responses, the same
+    number the SFT objective computes on the chosen rows alone; padding rows (example_index -1) count nowhere."""
+    params = _params0()
+    b = _ram_batch(seed=3)
+    b["example_index"] = np.array([0, 1, 2, 3, 4, 5, -1, -1], np.int32)
+    frozen = {"ref_logps": jnp.asarray(np.random.default_rng(0).normal(-20, 3, (6, 2)), jnp.float32)}
+
+    def run(obj, batch):
+        return obj.loss(params, batch, obj.normalizers(batch), frozen, jax.random.key(0))
+
+    plain, m0 = run(train_lib.dpo_objective(CFG, 0.3), b)
+    rpo, m1 = run(train_lib.dpo_objective(CFG, 0.3, rpo_alpha=0.7), b)
+    chosen = {k[len("chosen_"):]: v[:6] for k, v in b.items() if k.startswith("chosen_")}
+    lm = train_lib.lm_objective(CFG)
+    nll, _ = lm.loss(params, chosen, lm.normalizers(chosen), None, None)
+    assert float(m1["dpo_loss"]) == pytest.approx(float(plain), rel=1e-6)
+    assert float(m1["nll"]) == pytest.approx(float(nll), rel=1e-5)
+    assert float(rpo) == pytest.approx(float(plain) + 0.7 * float(nll), rel=1e-5)
+    assert "nll" not in m0
+    with pytest.raises(Exception, match="rpo_alpha"):
+        train_lib.dpo_objective(CFG, 0.3, rpo_alpha=-1.0)
