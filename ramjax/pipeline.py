@@ -48,6 +48,8 @@ class PipelineConfig:
 
     proposal_arch / aligner_arch: model shapes (aligner ~1/4 of the proposal's parameters).
     aligner_init: ``pretrained`` (pretrain the aligner on D first, the paper's setting) or ``scratch`` (ablation).
+    batch_size: rows of ``max_len`` tokens per step; pretraining, SFT, RAM and the corrector pack several examples
+    into a row (~3 at these lengths), DPO holds one pair per row. ram_batch_size: the RAM stage's rows.
     *_steps: optimizer steps per stage; *_lr: learning rates (tiny models need far larger rates than the paper's).
     eval_modes: RAM sampling modes to evaluate; n: candidates per step for ``par``.
     baselines: also train and evaluate the SFT, DPO and corrector baselines (off: P_M, Q and RAM only).
@@ -72,17 +74,18 @@ class PipelineConfig:
     warmup_steps: int = 40
     warmup_lr: float = 3e-4
     aligner_pretrain_steps: int = 400
-    ram_steps: int = 300
-    ram_lr: float = 1e-3
+    ram_steps: int = 600
+    ram_lr: float = 3e-3
+    ram_batch_size: int = 16
     alpha: float = 1e-4
     sft_steps: int = 200
-    sft_lr: float = 3e-4
+    sft_lr: float = 1e-3
     dpo_steps: int = 150
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 3e-4
     dpo_beta: float = 0.1
-    dpo_rpo_alpha: float = 0.0
+    dpo_rpo_alpha: float = 1.0
     corrector_steps: int = 250
-    corrector_lr: float = 1e-3
+    corrector_lr: float = 3e-3
     sample_temperature: float = 1.0
     max_new_tokens: int = 24
     eval_modes: tuple[str, ...] = ("par", "sparse", "product")
@@ -128,7 +131,7 @@ def _train_cfg(run: DefaultRunConfig, stage: str, name: str, *, init: str, arch:
         "model": {"init": init, **({"arch": config_lib.config_to_dict(arch)} if arch is not None else {})},
         "tokenizer": os.path.join(run.run_dir, "tokenizer"),
         "data": {"train_files": files, "template": "plain", "max_len": p.max_len, "max_prompt_len": p.max_len // 2,
-                 "packing": stage in ("pretrain", "sft"), "batch_size": p.batch_size},
+                 "packing": stage in ("pretrain", "sft", "ram"), "batch_size": p.batch_size},
         "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 0.01, "clip_norm": 1.0},
         "schedule": {"warmup_ratio": 0.05, "decay": "cosine", "final_lr_ratio": 0.1},
         "checkpoint": {"every": 0, "keep": 1, "resume": True, "export_hf": False},
@@ -301,7 +304,8 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
     stage("ram", _model_dir(run, "ram"), lambda: train("ram", _train_cfg(
         run, "ram", "ram", init=ram_init, arch=p.aligner_arch if ram_init == "scratch" else None,
         files=[samples_path], steps=p.ram_steps, lr=p.ram_lr,
-        extra={"ram": {"alpha": p.alpha, "negatives": "proposal"}, "proposal": _model_dir(run, "warmup")})))
+        extra={"ram": {"alpha": p.alpha, "negatives": "proposal"}, "proposal": _model_dir(run, "warmup"),
+               "data": {"batch_size": p.ram_batch_size}})))
 
     # 8. baselines: SFT and DPO of the warmed-up proposal ----------------------------------------------------------
     baseline_stage = stage if p.baselines else (lambda name, output, fn: notify(name, "skip", None))
