@@ -1,8 +1,8 @@
 """The embedded-default pipeline end to end.
 
 The fast test runs every stage with a handful of steps and checks the run directory (report, results, plots,
-per-stage models) and that a rerun resumes without redoing anything. The slow test runs a scaled-down pipeline on a
-fixed seed and checks what the method promises: the aligned system beats the warmed-up proposal by a clear margin.
+per-stage models) and that a rerun resumes without redoing anything. The second runs a scaled-down pipeline (~3
+minutes) on a fixed seed and checks what the method promises: the aligned system beats the warmed-up proposal by a clear margin.
 """
 import json
 import os
@@ -58,18 +58,20 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
 
 
 def test_scaled_down_pipeline_ram_beats_warmed_up_proposal(tmp_path):
-    """What the method promises, on a fixed seed: P_M·Q sampled at T=1 beats the warmed-up P_M sampled at T=1
-    (same decoding for both) on 200 held-out prompts by a clear margin: at least 5 points of strict judge accuracy
-    and a paired win rate whose 95% interval lies above 0.5. (Measured: 0.19 -> 0.26, win rate 0.535 [0.515, 0.560];
-    the full default run, with longer training, gains 10.7 points.)"""
+    """What the method promises, on a fixed seed: P_M·Q beats the warmed-up P_M under the same decoding, sampled
+    at T=1 and greedy, on 200 held-out prompts by a clear margin: at least 15 points of strict judge accuracy under
+    each decoding and a paired win rate whose 95% interval lies above 0.5. (Measured, ~3 min on 2 cores: sampled
+    0.115 -> 0.385, greedy 0.145 -> 0.425, win rate 0.635 [0.603, 0.668]; the full default run gains 37 points
+    sampled and 22 greedy.)"""
     run = _config(tmp_path / "run", ["pipeline.baselines=false", "pipeline.eval_modes=[product]",
-                                     "pipeline.n_eval=200", "pipeline.proposal_steps=600",
-                                     "pipeline.aligner_pretrain_steps=300", "pipeline.ram_steps=300"])
+                                     "pipeline.n_eval=200", "pipeline.proposal_steps=300",
+                                     "pipeline.aligner_pretrain_steps=200", "pipeline.ram_steps=450"])
     pipeline.run_pipeline(run)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["n_prompts"] >= 200
-    acc = {name: results["systems"][name]["decodings"]["sampled"]["accuracy"]["mean"]
-           for name in ("P_M (warmed up)", "P_M + RAM (product)")}
-    assert acc["P_M + RAM (product)"] - acc["P_M (warmed up)"] >= 0.05, acc
+    for decoding in ("sampled", "greedy"):
+        acc = {name: results["systems"][name]["decodings"][decoding]["accuracy"]["mean"]
+               for name in ("P_M (warmed up)", "P_M + RAM (product)")}
+        assert acc["P_M + RAM (product)"] - acc["P_M (warmed up)"] >= 0.15, (decoding, acc)
     win = results["systems"]["P_M + RAM (product)"]["decodings"]["sampled"]["win_rate"]
     assert win["low"] > 0.5, win
