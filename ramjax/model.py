@@ -294,7 +294,7 @@ class Decoder(nn.Module):
                                       (cfg.hidden_size, cfg.vocab_size), pd)
 
     def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed, tokens_bt, axis=0).astype(self.cfg.compute_dtype)
+        x = shd.vocab_parallel_take(self.embed, tokens_bt, self.mesh, self.rules).astype(self.cfg.compute_dtype)
         return shd.constrain(x, ("act_batch", "act_seq", "act_embed"), self.mesh, self.rules)
 
     def run_layers(self, x_btd, positions, segment_ids, cache: KVCache | None):

@@ -19,6 +19,7 @@ import logging
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -174,6 +175,41 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Sequence[tuple[str, Any]] =
 def batch_divisor(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
     """Number of shards the batch dimension is split into; global batch sizes must be a multiple of it."""
     return _mesh_size(mesh, logical_to_pspec(("act_batch",), rules)[0])
+
+
+def vocab_parallel_take(table_vd: jax.Array, tokens_bt: jax.Array, mesh: Mesh | None,
+                        rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> jax.Array:
+    """Embedding lookup ``table_vd[tokens_bt]`` -> ``[batch, seq, embed]`` for a table whose ``vocab`` rows may be
+    sharded.
+
+    A plain gather from a vocab-sharded table makes XLA's partitioner replicate the whole table ("involuntary full
+    rematerialization"). Here each vocab shard looks up the ids that fall in its rows, zeros the others, and one
+    ``psum`` over the vocab's mesh axes adds the partial results (Megatron's vocab-parallel embedding): the traffic
+    is one ``[batch, seq, embed]`` all-reduce, not the table. Without a mesh, or with ``vocab`` unsharded, it is
+    ``jnp.take``. The batch stays sharded as ``act_batch`` when its size divides, else it is replicated.
+    """
+    if mesh is None:
+        return jnp.take(table_vd, tokens_bt, axis=0)
+    vocab = logical_to_pspec(("vocab",), rules)[0]
+    v_axes = (vocab,) if isinstance(vocab, str) else tuple(vocab or ())
+    if _mesh_size(mesh, v_axes or None) == 1 or table_vd.shape[0] % _mesh_size(mesh, v_axes):
+        return jnp.take(table_vd, tokens_bt, axis=0)
+    batch = logical_to_pspec(("act_batch",), rules)[0]
+    b_axes = tuple(a for a in ((batch,) if isinstance(batch, str) else tuple(batch or ())) if a not in v_axes)
+    if not b_axes or tokens_bt.shape[0] % _mesh_size(mesh, b_axes):
+        b_axes = ()
+    b_spec = None if not b_axes else b_axes[0] if len(b_axes) == 1 else b_axes
+    v_spec = v_axes[0] if len(v_axes) == 1 else v_axes
+
+    def local(table, tokens):
+        rows = table.shape[0]
+        ids = tokens - jax.lax.axis_index(v_axes) * rows
+        mine = (ids >= 0) & (ids < rows)
+        x = jnp.take(table, jnp.where(mine, ids, 0), axis=0)
+        return jax.lax.psum(jnp.where(mine[..., None], x, jnp.zeros_like(x)), v_axes)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(v_spec, None), PartitionSpec(b_spec, None)),
+                         out_specs=PartitionSpec(b_spec, None, None))(table_vd, tokens_bt)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None,

@@ -2,7 +2,8 @@
 
 The fast test runs every stage with a handful of steps and checks the run directory (report, results, plots,
 per-stage models) and that a rerun resumes without redoing anything. The second runs a scaled-down pipeline (~3
-minutes) on a fixed seed and checks what the method promises: the aligned system beats the warmed-up proposal by a clear margin.
+minutes) on a fixed seed and checks what the method promises: the aligned system beats the warmed-up proposal by a
+clear margin.
 """
 import json
 import os
