@@ -31,7 +31,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(fx, tmp_path):
     port = _free_port()
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"]

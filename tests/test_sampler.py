@@ -423,7 +423,6 @@ def test_stop_string_spanning_two_tokens_and_eos(text_models):
     assert res.text == tok.decode(ids[:first_eos])
 
 
-@pytest.mark.slow  # the χ² test against HF's processors and the cache test cover the same ground faster
 def test_greedy_proposal_equals_transformers_generate(tmp_path):
     """Parity with transformers on the same weights (a Qwen2 checkpoint loaded through ramjax.hf): greedy decoding
     with HF's repetition penalty, our two ragged prompts batched and left-padded, HF's one at a time."""
@@ -573,7 +572,6 @@ def test_sample_py_reports_bad_config(tmp_path, capsys):
     assert "mode" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_sharded_mesh_gives_the_same_tokens(models):
     """Explicit shardings on a (data 2, fsdp 2, tensor 2) mesh of simulated devices: same tokens as one device."""
     from ramjax import sharding as shd

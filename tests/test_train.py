@@ -295,7 +295,6 @@ def _env(devices=8):
     return env
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_is_exact(fx, straight_run, tmp_path):
     run_dir = str(tmp_path / "run")
     overrides = ram_overrides(fx, run_dir)
