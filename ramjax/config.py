@@ -819,6 +819,9 @@ class TrraConfig:
     model directories (ramjax or Hugging Face) sharing the student's vocabulary; the student starts from
     ``model.init`` (normally the reference). ``iterations > 1`` is iterated TrRa: round r trains a fresh student
     (from ``model.init``) in ``run_dir/round_r`` against the teacher whose aligned model is round r−1's student.
+    ``teacher_topk = k > 0`` computes the teacher once before training, stored per response position as its top k
+    tokens plus the mass of the rest (``run_dir/trra_teacher.npz``, host memory), and trains against that: the two
+    teacher models leave the devices before the first step (needs ``data.packing: false``).
     """
 
     lam: float = 2.0
@@ -827,9 +830,12 @@ class TrraConfig:
     reference: str | None = None
     aligned: str | None = None
     iterations: int = 1
+    teacher_topk: int = 0
 
     def validate(self) -> None:
         _check(self.temperature > 0, f"trra.temperature={self.temperature} must be positive")
+        _check(self.teacher_topk >= 0, f"trra.teacher_topk={self.teacher_topk} must be >= 0 (0 = the full teacher "
+                                       f"every step)")
         _check(self.lam == self.lam and abs(self.lam) != float("inf"), f"trra.lam={self.lam} must be finite")
         _check(self.iterations >= 1, f"trra.iterations={self.iterations} must be >= 1 (1 = plain TrRa)")
 

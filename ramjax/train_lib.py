@@ -284,13 +284,20 @@ def dpo_objective(cfg: model_lib.ModelConfig, beta: float, label_smoothing: floa
     return Objective("dpo", normalizers, loss, keys, tokens_key="chosen_loss_mask")
 
 
+TOPK_KEYS = ("trra_top_indices", "trra_top_logprobs", "trra_rest_logprob")
+
+
 def trra_objective(cfg: model_lib.ModelConfig, ref_cfg: model_lib.ModelConfig, aligned_cfg: model_lib.ModelConfig,
                    lam: float, *, direction: str = "forward", temperature: float = 1.0, mesh: Mesh | None = None,
-                   rules=shd.DEFAULT_RULES, vocab_limit: int | None = None) -> Objective:
+                   rules=shd.DEFAULT_RULES, vocab_limit: int | None = None, topk: int = 0) -> Objective:
     """TrRa (``realign.trra_loss``): the student matches softmax((λ·h_aligned + (1−λ)·h_ref)/T) on response
     tokens, a token mean over the global batch. The two teachers' params arrive in ``frozen["trra_reference"]`` and
     ``frozen["trra_aligned"]`` (not differentiated; held under stop_gradient too); their logits are computed per
-    micro-batch, so the full teacher never exists for the whole batch at once."""
+    micro-batch, so the full teacher never exists for the whole batch at once.
+
+    topk > 0: the teacher comes precomputed with the batch instead (``precompute_trra_teacher``), as
+    ``trra_top_indices`` / ``trra_top_logprobs`` ``[B, T, k]`` and ``trra_rest_logprob`` ``[B, T]``, and the loss
+    is the KL between the (k+1)-outcome coarsenings; no teacher model runs in the step."""
     vocab = vocab_limit or min(cfg.vocab_size, ref_cfg.vocab_size, aligned_cfg.vocab_size)
 
     def normalizers(b):
@@ -298,17 +305,64 @@ def trra_objective(cfg: model_lib.ModelConfig, ref_cfg: model_lib.ModelConfig, a
 
     def loss(params, b, norms, frozen, key):
         logits = _fwd(cfg, params, b, "", mesh, rules)
-        h_ref = _fwd(ref_cfg, jax.lax.stop_gradient(frozen["trra_reference"]), b, "", mesh, rules)
-        h_al = _fwd(aligned_cfg, jax.lax.stop_gradient(frozen["trra_aligned"]), b, "", mesh, rules)
-        kl, _, m = realign.trra_loss(logits, (h_ref[..., :vocab], h_al[..., :vocab], lam), b["loss_mask"],
-                                     targets=b["targets"], segment_ids=b["segment_ids"], direction=direction,
-                                     temperature=temperature, vocab_limit=vocab)
+        if topk:
+            teacher = realign.TopKTeacher(indices=b["trra_top_indices"], logprobs=b["trra_top_logprobs"],
+                                          rest_logprob=b["trra_rest_logprob"])
+        else:
+            h_ref = _fwd(ref_cfg, jax.lax.stop_gradient(frozen["trra_reference"]), b, "", mesh, rules)
+            h_al = _fwd(aligned_cfg, jax.lax.stop_gradient(frozen["trra_aligned"]), b, "", mesh, rules)
+            teacher = (h_ref[..., :vocab], h_al[..., :vocab], lam)
+        kl, _, m = realign.trra_loss(logits, teacher, b["loss_mask"], targets=b["targets"],
+                                     segment_ids=b["segment_ids"], direction=direction, temperature=temperature,
+                                     vocab_limit=vocab)
         denom = jnp.maximum(norms["tokens"], 1.0)
         metrics = {k: v / denom for k, v in m.items()}
         metrics["loss"] = kl / denom
         return kl / denom, metrics
 
-    return Objective("trra", normalizers, loss, _LM_KEYS)
+    return Objective("trra", normalizers, loss, _LM_KEYS + (TOPK_KEYS if topk else ()))
+
+
+def precompute_trra_teacher(ref_cfg: model_lib.ModelConfig, ref_params: Any, aligned_cfg: model_lib.ModelConfig,
+                            aligned_params: Any, lam: float, k: int, data: Any, batch_size: int, mesh: Mesh, *,
+                            temperature: float = 1.0, rules=shd.DEFAULT_RULES, vocab_limit: int | None = None
+                            ) -> dict[str, np.ndarray]:
+    """The TrRa teacher of every example of ``data`` (a ``TokenizedData``, one example per row) compressed to its
+    top ``k`` tokens per position (``realign.trra_topk_teacher``): host arrays ``trra_top_indices`` int32 and
+    ``trra_top_logprobs`` float32 ``[N, max_len, k]``, ``trra_rest_logprob`` float32 ``[N, max_len]``.
+
+    One ordered pass in padding mode; each process computes its rows, the results are replicated to every process.
+    """
+    from ramjax import data as data_lib
+
+    it = data_lib.BatchIterator(data, batch_size, shuffle=False, packing=False, drop_remainder=False, num_epochs=1)
+    keys = _LM_KEYS + ("example_index",)
+    b_sh = {key: shd.batch_sharding(mesh, 1 if key == "example_index" else 2, rules) for key in keys}
+    vocab = vocab_limit or min(ref_cfg.vocab_size, aligned_cfg.vocab_size)
+
+    def fn(ref_p, al_p, b):
+        h_ref = _fwd(ref_cfg, ref_p, b, "", mesh, rules)[..., :vocab]
+        h_al = _fwd(aligned_cfg, al_p, b, "", mesh, rules)[..., :vocab]
+        t = realign.trra_topk_teacher(h_ref, h_al, lam, k, temperature)
+        return t.indices, t.logprobs, t.rest_logprob, b["example_index"]
+
+    sh = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)  # noqa: E731
+    rep = _replicated(mesh)
+    jitted = jax.jit(fn, in_shardings=(sh(ref_params), sh(aligned_params), b_sh), out_shardings=(rep,) * 4)
+    n, T = len(data), data.max_len
+    out = {"trra_top_indices": np.zeros((n, T, k), np.int32), "trra_top_logprobs": np.zeros((n, T, k), np.float32),
+           "trra_rest_logprob": np.zeros((n, T), np.float32)}
+    seen = np.zeros(n, bool)
+    for batch in it:
+        *vals, idx = jitted(ref_params, aligned_params, to_global({key: batch[key] for key in keys}, b_sh))
+        idx = np.asarray(idx)
+        ok = idx >= 0
+        for key, v in zip(TOPK_KEYS, vals):
+            out[key][idx[ok]] = np.asarray(v)[ok]
+        seen[idx[ok]] = True
+    if not seen.all():
+        raise RuntimeError(f"TrRa teacher missing for {int((~seen).sum())} examples")
+    return out
 
 
 def inra_objective(inner: Objective, base_cfg: model_lib.ModelConfig) -> Objective:
@@ -584,7 +638,7 @@ def build_objective(cfg: Any, model_cfg: model_lib.ModelConfig, mesh: Mesh, rule
         over = dict(dtype=cfg.model.dtype, remat=False)
         return trra_objective(model_cfg, ref_cfg.replace(**over), al_cfg.replace(**over), cfg.trra.lam,
                               direction=cfg.trra.direction, temperature=cfg.trra.temperature, mesh=mesh,
-                              rules=rules, vocab_limit=vocab_limit)
+                              rules=rules, vocab_limit=vocab_limit, topk=cfg.trra.teacher_topk)
     raise TrainConfigError(f"stage={cfg.stage!r} is not implemented by the trainer (supported: {STAGES})")
 
 
@@ -608,6 +662,9 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
         raise TrainConfigError(f"stage={cfg.stage!r} is not implemented by the trainer (supported: {STAGES})")
     if cfg.stage == "ram":
         loss_lib.validate_alpha(cfg.ram.alpha)
+    if cfg.stage == "trra" and cfg.trra.teacher_topk and cfg.data.packing:
+        raise TrainConfigError("trra.teacher_topk > 0 stores the teacher per example and looks it up by the row's "
+                               "example; set data.packing=false")
     if cfg.stage == "dpo":
         loss_lib.validate_dpo(cfg.dpo.beta, cfg.dpo.label_smoothing)
         if cfg.data.packing:
@@ -760,9 +817,11 @@ def _abstract_batch(plan: Plan) -> tuple[dict, dict]:
     """Global ``ShapeDtypeStruct``s and shardings of one batch (from the iterator's local shapes)."""
     B, T = plan.cfg.data.batch_size, plan.iterator.data.max_len
     shapes, shardings = {}, {}
+    topk = plan.cfg.trra.teacher_topk if plan.cfg.stage == "trra" else 0
     for k in plan.objective.batch_keys:
-        dtype = np.float32 if k.endswith("loss_mask") else np.int32  # the dtypes of ramjax.data batches
-        shape = (B,) if k == "example_index" else (B, T)
+        # the dtypes of ramjax.data batches, and of the precomputed TrRa teacher
+        dtype = np.float32 if k.endswith(("loss_mask", "logprobs", "logprob")) else np.int32
+        shape = (B,) if k == "example_index" else (B, T, topk) if k in TOPK_KEYS[:2] else (B, T)
         shardings[k] = shd.batch_sharding(plan.mesh, len(shape), plan.rules)
         shapes[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
     return shapes, shardings
@@ -783,6 +842,8 @@ def _frozen_abstract(plan: Plan) -> tuple[Any, Any]:
         sh["ref_logps"] = _replicated(plan.mesh)
         abstract["ref_logps"] = jax.ShapeDtypeStruct((n, 2), jnp.float32, sharding=sh["ref_logps"])
     for name, tree in (plan.frozen_abstract or {}).items():  # frozen models: TrRa teachers, InRa base
+        if name.startswith("trra_") and _trra_topk(plan):
+            continue  # a precomputed teacher replaces the teacher models in the step
         abstract[name] = tree
         sh[name] = jax.tree_util.tree_map(lambda a: a.sharding, tree)
     return (abstract, sh) if abstract else (None, None)
@@ -932,6 +993,13 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
     if cfg.stage == "dpo":
         frozen["ref_logps"] = jax.device_put(_reference_table(plan, state, run_dir, primary, k_params),
                                              frozen_sh["ref_logps"])
+    teacher = None
+    if _trra_topk(plan):
+        teacher = _trra_teacher_table(plan, frozen, run_dir, primary)
+        for name in ("trra_reference", "trra_aligned"):  # off the devices before the first step
+            frozen.pop(name, None)
+        if plan.frozen:
+            plan.frozen = {n: v for n, v in plan.frozen.items() if not n.startswith("trra_")}
     frozen = frozen or None
 
     step = int(jax.device_get(state.step))
@@ -943,6 +1011,8 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
     with _StopFlag() as stop:
         while step < plan.total_steps:
             local = next(plan.iterator)
+            if teacher is not None:
+                local = _with_teacher(local, teacher)
             crc = zlib.crc32(np.ascontiguousarray(local[plan.objective.batch_keys[0]]).tobytes())
             state, m = compiled(state, to_global(local, batch_sh), frozen)
             step += 1
@@ -1012,6 +1082,50 @@ def _warn_alpha(m: Mapping[str, float], alpha: float, warned: int) -> int:
                         "likelihood down without limit; lower ram.alpha (the paper uses 1e-4)", abs(alpha * neg), nll)
         return warned + 1
     return warned
+
+
+def _trra_topk(plan: Plan) -> int:
+    return plan.cfg.trra.teacher_topk if plan.cfg.stage == "trra" else 0
+
+
+def _trra_teacher_table(plan: Plan, frozen: dict, run_dir: str, primary: bool) -> dict[str, np.ndarray]:
+    """The precomputed TrRa teacher: from ``run_dir/trra_teacher.npz`` when resuming, else computed from the
+    frozen teacher models and saved."""
+    import os
+
+    k, n, T = _trra_topk(plan), len(plan.iterator.data), plan.iterator.data.max_len
+    path = os.path.join(run_dir, "trra_teacher.npz")
+    if os.path.isfile(path):
+        with np.load(path) as z:
+            table = {key: z[key] for key in TOPK_KEYS if key in z.files}
+        if len(table) == 3 and table["trra_top_indices"].shape == (n, T, k):
+            return table
+        log.warning("%s does not hold a top-%d teacher for %d x %d positions: recomputing", path, k, n, T)
+    c = plan.cfg
+    over = dict(dtype=c.model.dtype, remat=False)
+    (ref_cfg, _), (al_cfg, _) = _peek_model_config(c.trra.reference), _peek_model_config(c.trra.aligned)
+    mb = c.data.batch_size // c.optimizer.grad_accum
+    table = precompute_trra_teacher(ref_cfg.replace(**over), frozen["trra_reference"], al_cfg.replace(**over),
+                                    frozen["trra_aligned"], c.trra.lam, k, plan.iterator.data, mb, plan.mesh,
+                                    temperature=c.trra.temperature, rules=plan.rules, vocab_limit=plan.vocab_limit)
+    if primary:
+        with open(path + ".tmp", "wb") as fh:
+            np.savez(fh, **table)
+        os.replace(path + ".tmp", path)
+    log.info("trra: top-%d teacher of %d examples computed once (the teacher models are not kept)", k, n)
+    return table
+
+
+def _with_teacher(batch: dict[str, np.ndarray], teacher: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Adds each row's precomputed teacher (looked up by ``example_index``; empty rows get zeros, masked anyway)."""
+    idx = batch["example_index"]
+    ok = idx >= 0
+    out = dict(batch)
+    for key, table in teacher.items():
+        rows = table[np.maximum(idx, 0)]
+        rows[~ok] = 0
+        out[key] = rows
+    return out
 
 
 def _reference_table(plan: Plan, state: TrainState, run_dir: str, primary: bool, k_params: jax.Array) -> np.ndarray:

@@ -507,6 +507,45 @@ def test_trra_stage_first_step_is_the_hand_kl(train_fx, tmp_path):
     assert not np.allclose(np.asarray(student["embed"]), np.asarray(ref["embed"]))
 
 
+def test_trra_precomputed_topk_teacher(train_fx, tmp_path):
+    """trra.teacher_topk: with k = V - 1 the rest bucket is a single token, so the coarsened KL is the full KL and
+    every step's loss equals the full-teacher run's; with a small k the first step's loss (same student, same
+    batch) can only be lower (coarsening never increases KL). The teacher is saved once and reused on resume."""
+    import os
+
+    from ramjax import config as config_lib
+    from ramjax import metrics as metrics_lib
+    from ramjax import train_lib
+
+    base = ["stage=trra", f"trra.reference={train_fx}/ref", f"trra.aligned={train_fx}/aligned", "trra.lam=2.0",
+            "data.packing=false", "steps=3"]
+    full = _train_cfg(train_fx, str(tmp_path / "full"), *base)
+    _, V = _first_batch(full)
+    train_lib.train(full)
+    want = [r["train/loss"] for r in metrics_lib.read_metrics(full.run_dir)]
+
+    exact = _train_cfg(train_fx, str(tmp_path / "exact"), *base, f"trra.teacher_topk={V - 1}")
+    train_lib.train(exact)
+    got = [r["train/loss"] for r in metrics_lib.read_metrics(exact.run_dir)]
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+    table = np.load(os.path.join(exact.run_dir, "trra_teacher.npz"))
+    assert table["trra_top_indices"].shape == (32, 24, V - 1) and table["trra_rest_logprob"].shape == (32, 24)
+
+    small = _train_cfg(train_fx, str(tmp_path / "small"), *base, "trra.teacher_topk=4")
+    train_lib.train(small)
+    first = metrics_lib.read_metrics(small.run_dir)[0]["train/loss"]
+    assert 0 < first < want[0]
+    saved = os.path.getmtime(os.path.join(small.run_dir, "trra_teacher.npz"))
+    r = train_lib.train(_train_cfg(train_fx, str(tmp_path / "small"), *base, "trra.teacher_topk=4", "steps=4"))
+    assert r.step == 4 and os.path.getmtime(os.path.join(small.run_dir, "trra_teacher.npz")) == saved
+
+    with pytest.raises(train_lib.TrainConfigError, match="data.packing=false"):
+        train_lib.train(_train_cfg(train_fx, str(tmp_path / "packed"), *base[:-2], "data.packing=true",
+                                   "trra.teacher_topk=4"))
+    with pytest.raises(config_lib.ConfigError, match="teacher_topk"):
+        _train_cfg(train_fx, str(tmp_path / "neg"), *base, "trra.teacher_topk=-1")
+
+
 @pytest.mark.slow
 def test_iterated_trra_rounds(train_fx, tmp_path, compile_cache):
     import json
