@@ -333,36 +333,19 @@ def precompute_trra_teacher(ref_cfg: model_lib.ModelConfig, ref_params: Any, ali
 
     One ordered pass in padding mode; each process computes its rows, the results are replicated to every process.
     """
-    from ramjax import data as data_lib
-
-    it = data_lib.BatchIterator(data, batch_size, shuffle=False, packing=False, drop_remainder=False, num_epochs=1)
-    keys = _LM_KEYS + ("example_index",)
-    b_sh = {key: shd.batch_sharding(mesh, 1 if key == "example_index" else 2, rules) for key in keys}
     vocab = vocab_limit or min(ref_cfg.vocab_size, aligned_cfg.vocab_size)
 
     def fn(ref_p, al_p, b):
         h_ref = _fwd(ref_cfg, ref_p, b, "", mesh, rules)[..., :vocab]
         h_al = _fwd(aligned_cfg, al_p, b, "", mesh, rules)[..., :vocab]
         t = realign.trra_topk_teacher(h_ref, h_al, lam, k, temperature)
-        return t.indices, t.logprobs, t.rest_logprob, b["example_index"]
+        return t.indices, t.logprobs, t.rest_logprob
 
-    sh = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)  # noqa: E731
-    rep = _replicated(mesh)
-    jitted = jax.jit(fn, in_shardings=(sh(ref_params), sh(aligned_params), b_sh), out_shardings=(rep,) * 4)
     n, T = len(data), data.max_len
     out = {"trra_top_indices": np.zeros((n, T, k), np.int32), "trra_top_logprobs": np.zeros((n, T, k), np.float32),
            "trra_rest_logprob": np.zeros((n, T), np.float32)}
-    seen = np.zeros(n, bool)
-    for batch in it:
-        *vals, idx = jitted(ref_params, aligned_params, to_global({key: batch[key] for key in keys}, b_sh))
-        idx = np.asarray(idx)
-        ok = idx >= 0
-        for key, v in zip(TOPK_KEYS, vals):
-            out[key][idx[ok]] = np.asarray(v)[ok]
-        seen[idx[ok]] = True
-    if not seen.all():
-        raise RuntimeError(f"TrRa teacher missing for {int((~seen).sum())} examples")
-    return out
+    return _per_example_pass(fn, (ref_params, aligned_params), data, _LM_KEYS + ("example_index",), batch_size,
+                             mesh, rules, out, "TrRa teacher")
 
 
 def inra_objective(inner: Objective, base_cfg: model_lib.ModelConfig) -> Objective:
@@ -480,6 +463,31 @@ def memory_report(compiled) -> dict[str, int]:
 # DPO reference log-probs (computed once, before training)
 
 
+def _per_example_pass(fn: Callable, args: tuple, data: Any, keys: tuple[str, ...], batch_size: int, mesh: Mesh,
+                      rules, out: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """One ordered pass over ``data`` in padding mode (one example per row): ``fn(*args, batch)`` returns a tuple of
+    per-row arrays, written into ``out``'s tables (in that order) at each row's ``example_index``. Each process
+    computes its rows; the results come back replicated. Raises if an example was never seen."""
+    from ramjax import data as data_lib
+
+    it = data_lib.BatchIterator(data, batch_size, shuffle=False, packing=False, drop_remainder=False, num_epochs=1)
+    b_sh = {k: shd.batch_sharding(mesh, 1 if k == "example_index" else 2, rules) for k in keys}
+    arg_sh = tuple(jax.tree_util.tree_map(lambda x: x.sharding, a) for a in args)
+    jitted = jax.jit(lambda *a: (fn(*a[:-1], a[-1]), a[-1]["example_index"]), in_shardings=(*arg_sh, b_sh),
+                     out_shardings=_replicated(mesh))
+    seen = np.zeros(len(data), bool)
+    for batch in it:
+        vals, idx = jitted(*args, to_global({k: batch[k] for k in keys}, b_sh))
+        idx = np.asarray(idx)
+        ok = idx >= 0
+        for table, v in zip(out.values(), vals):
+            table[idx[ok]] = np.asarray(v)[ok]
+        seen[idx[ok]] = True
+    if not seen.all():
+        raise RuntimeError(f"{what} missing for {int((~seen).sum())} examples")
+    return out
+
+
 def precompute_reference(model_cfg: model_lib.ModelConfig, params: Any, data: Any, batch_size: int, mesh: Mesh,
                          rules=shd.DEFAULT_RULES, vocab_limit: int | None = None) -> np.ndarray:
     """Summed response log-probs ``[N, 2]`` (chosen, rejected) of every example of ``data`` (a pair
@@ -487,11 +495,7 @@ def precompute_reference(model_cfg: model_lib.ModelConfig, params: Any, data: An
 
     One ordered pass in padding mode; each process reads its rows, the results are replicated to every process.
     """
-    from ramjax import data as data_lib
-
-    it = data_lib.BatchIterator(data, batch_size, shuffle=False, packing=False, drop_remainder=False, num_epochs=1)
     keys = tuple("chosen_" + k for k in _LM_KEYS) + tuple("rejected_" + k for k in _LM_KEYS) + ("example_index",)
-    b_sh = {k: shd.batch_sharding(mesh, 1 if k == "example_index" else 2, rules) for k in keys}
 
     def fn(params, b):
         n = b["chosen_tokens"].shape[0]
@@ -499,19 +503,11 @@ def precompute_reference(model_cfg: model_lib.ModelConfig, params: Any, data: An
         logits = _fwd(model_cfg, params, both, "", mesh, rules)
         lp = loss_lib.sequence_logprobs(logits, both["targets"], both["loss_mask"], both["segment_ids"],
                                         vocab_limit=vocab_limit)
-        return jnp.stack([lp[:n], lp[n:]], axis=1), b["example_index"]
+        return (jnp.stack([lp[:n], lp[n:]], axis=1),)
 
-    p_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
-    jitted = jax.jit(fn, in_shardings=(p_sh, b_sh), out_shardings=(_replicated(mesh), _replicated(mesh)))
-    table = np.full((len(data), 2), np.nan, np.float32)
-    for batch in it:
-        lp, idx = jitted(params, to_global(batch, b_sh))
-        lp, idx = np.asarray(lp), np.asarray(idx)
-        ok = idx >= 0
-        table[idx[ok]] = lp[ok]
-    if np.isnan(table).any():
-        raise RuntimeError(f"reference log-probs missing for {int(np.isnan(table[:, 0]).sum())} examples")
-    return table
+    out = {"ref_logps": np.zeros((len(data), 2), np.float32)}
+    return _per_example_pass(fn, (params,), data, keys, batch_size, mesh, rules, out,
+                             "reference log-probs")["ref_logps"]
 
 
 def to_global(batch: Mapping[str, np.ndarray], shardings: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -623,6 +619,12 @@ def _total_steps(cfg: Any, iterator: Any) -> int:
     return max(1, int(math.ceil(cfg.epochs * iterator.batches_per_epoch(0))))
 
 
+def _trra_teacher_configs(cfg: Any) -> tuple[model_lib.ModelConfig, model_lib.ModelConfig]:
+    """The TrRa reference and aligned models' configs, computing in the run's dtype without remat."""
+    over = dict(dtype=cfg.model.dtype, remat=False)
+    return tuple(_peek_model_config(path)[0].replace(**over) for path in (cfg.trra.reference, cfg.trra.aligned))
+
+
 def build_objective(cfg: Any, model_cfg: model_lib.ModelConfig, mesh: Mesh, rules=shd.DEFAULT_RULES,
                     vocab_limit: int | None = None) -> Objective:
     """The ``Objective`` of ``cfg.stage`` (a ``TrainConfig``); new stages plug in here."""
@@ -634,9 +636,8 @@ def build_objective(cfg: Any, model_cfg: model_lib.ModelConfig, mesh: Mesh, rule
         return dpo_objective(model_cfg, cfg.dpo.beta, cfg.dpo.label_smoothing, rpo_alpha=cfg.dpo.rpo_alpha,
                              mesh=mesh, rules=rules, vocab_limit=vocab_limit)
     if cfg.stage == "trra":
-        (ref_cfg, _), (al_cfg, _) = (_peek_model_config(cfg.trra.reference), _peek_model_config(cfg.trra.aligned))
-        over = dict(dtype=cfg.model.dtype, remat=False)
-        return trra_objective(model_cfg, ref_cfg.replace(**over), al_cfg.replace(**over), cfg.trra.lam,
+        ref_cfg, al_cfg = _trra_teacher_configs(cfg)
+        return trra_objective(model_cfg, ref_cfg, al_cfg, cfg.trra.lam,
                               direction=cfg.trra.direction, temperature=cfg.trra.temperature, mesh=mesh,
                               rules=rules, vocab_limit=vocab_limit, topk=cfg.trra.teacher_topk)
     raise TrainConfigError(f"stage={cfg.stage!r} is not implemented by the trainer (supported: {STAGES})")
@@ -1102,10 +1103,9 @@ def _trra_teacher_table(plan: Plan, frozen: dict, run_dir: str, primary: bool) -
             return table
         log.warning("%s does not hold a top-%d teacher for %d x %d positions: recomputing", path, k, n, T)
     c = plan.cfg
-    over = dict(dtype=c.model.dtype, remat=False)
-    (ref_cfg, _), (al_cfg, _) = _peek_model_config(c.trra.reference), _peek_model_config(c.trra.aligned)
+    ref_cfg, al_cfg = _trra_teacher_configs(c)
     mb = c.data.batch_size // c.optimizer.grad_accum
-    table = precompute_trra_teacher(ref_cfg.replace(**over), frozen["trra_reference"], al_cfg.replace(**over),
+    table = precompute_trra_teacher(ref_cfg, frozen["trra_reference"], al_cfg,
                                     frozen["trra_aligned"], c.trra.lam, k, plan.iterator.data, mb, plan.mesh,
                                     temperature=c.trra.temperature, rules=plan.rules, vocab_limit=plan.vocab_limit)
     if primary:
