@@ -182,11 +182,12 @@ def vocab_parallel_take(table_vd: jax.Array, tokens_bt: jax.Array, mesh: Mesh | 
     """Embedding lookup ``table_vd[tokens_bt]`` -> ``[batch, seq, embed]`` for a table whose ``vocab`` rows may be
     sharded.
 
-    A plain gather from a vocab-sharded table makes XLA's partitioner replicate the whole table ("involuntary full
-    rematerialization"). Here each vocab shard looks up the ids that fall in its rows, zeros the others, and one
-    ``psum`` over the vocab's mesh axes adds the partial results (Megatron's vocab-parallel embedding): the traffic
-    is one ``[batch, seq, embed]`` all-reduce, not the table. Without a mesh, or with ``vocab`` unsharded, it is
-    ``jnp.take``. The batch stays sharded as ``act_batch`` when its size divides, else it is replicated.
+    A plain gather from a vocab-sharded table into batch-sharded activations makes XLA's partitioner replicate the
+    gathered result and re-slice it ("involuntary full rematerialization"). Here each vocab shard looks up the ids
+    that fall in its rows, zeros the others, and one ``psum`` over the vocab's mesh axes adds the partial results
+    (Megatron's vocab-parallel embedding), already in the batch layout. Without a mesh, or with ``vocab``
+    unsharded, it is ``jnp.take``. The batch stays sharded as ``act_batch`` when its size divides, else it is
+    replicated.
     """
     if mesh is None:
         return jnp.take(table_vd, tokens_bt, axis=0)
