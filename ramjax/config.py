@@ -613,8 +613,9 @@ class DataConfig:
 
     train_files / eval_files: JSONL files (``source: jsonl``) or ArrayRecord files of JSON records (``grain``).
     format:      ``auto`` detects per file from the fields: ``proposal`` → proposal_samples (written by sample.py),
-                 ``chosen``+``rejected`` → preference, ``messages`` → chat, ``prompt``+``response`` → sft,
-                 ``text`` → text (pretraining).
+                 ``chosen``+``rejected`` → preference (TRL strings or message lists, HH-RLHF dialogues,
+                 UltraFeedback-binarized), ``messages`` → chat, ``prompt``+``response``/``completion`` → sft,
+                 ``text`` → text (pretraining). See ``ramjax.data`` for how each splits prompt and response.
     template:    how a ``prompt`` is rendered: ``plain`` (``"\\n\\nHuman: {prompt}\\n\\nAssistant: "``, the RAM
                  authors' template) or ``chat`` (the tokenizer's chat template).
     max_len:     tokens per row (prompt + response + EOS of one example, or of several when packing).
@@ -623,8 +624,10 @@ class DataConfig:
     packing:     pack several examples per row (segment ids) instead of one right-padded example per row.
     batch_size:  global rows per step, over all hosts (each host gets batch_size / process_count).
     field_map:   renames source fields before parsing, e.g. ``{instruction: prompt, output: response}``.
-    source:      ``jsonl``, ``tfds`` (``tfds_name``, ``split``, ``tfds_data_dir``) or ``grain``; tfds and grain are
-                 optional packages, imported only when used.
+    source:      ``jsonl``, ``hf`` (Hugging Face ``datasets``: local parquet/JSON/JSONL/CSV ``train_files`` and
+                 ``eval_files``, or ``hf_path`` = a dataset directory or cached Hub dataset with ``hf_name`` and
+                 ``split``), ``tfds`` (``tfds_name``, ``split``, ``tfds_data_dir``) or ``grain``; datasets, tfds and
+                 grain are optional packages, imported only when used.
     """
 
     train_files: tuple[str, ...] = ()
@@ -637,7 +640,9 @@ class DataConfig:
     batch_size: int = 64
     shuffle: bool = True
     field_map: dict[str, str] = dataclasses.field(default_factory=dict)
-    source: Literal["jsonl", "tfds", "grain"] = "jsonl"
+    source: Literal["jsonl", "hf", "tfds", "grain"] = "jsonl"
+    hf_path: str | None = None
+    hf_name: str | None = None
     tfds_name: str | None = None
     tfds_data_dir: str | None = None
     split: str = "train"
@@ -650,6 +655,9 @@ class DataConfig:
         _check(self.batch_size > 0, f"data.batch_size={self.batch_size} must be positive")
         if self.source == "tfds":
             _check(bool(self.tfds_name), "data.source=tfds needs data.tfds_name (e.g. data.tfds_name=my_dataset)")
+        if self.source == "hf":
+            _check(bool(self.train_files) or bool(self.hf_path),
+                   "data.source=hf needs data.train_files=[a.parquet,...] or data.hf_path=DATASET_DIR")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,17 @@ def read_prompt_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def prompt_of(record: Mapping[str, Any], where: str = "record") -> str | list[dict[str, str]]:
     """The prompt of one record: ``prompt`` (str), ``messages`` (without a final assistant turn) or
-    ``instruction`` (+ ``input``, joined by a blank line as in ``ramjax.data``)."""
+    ``instruction`` (+ ``input``, joined by a blank line as in ``ramjax.data``). Preference pairs (TRL, HH-RLHF,
+    UltraFeedback), TRL prompt/completion records and message-list prompts get the prompt training renders for
+    them (``ramjax.data.record_prompt``), so one-time samples are drawn for exactly the prompt trained on."""
+    if ("chosen" in record and "rejected" in record) or "completion" in record or isinstance(record.get("prompt"),
+                                                                                               list):
+        from ramjax import data as data_lib
+
+        try:
+            return data_lib.record_prompt(record, where)
+        except data_lib.DataError as e:
+            raise GenerateError(str(e)) from None
     if "prompt" in record:
         p = record["prompt"]
         if not isinstance(p, str):
