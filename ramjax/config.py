@@ -30,12 +30,13 @@ import difflib
 import functools
 import os
 import re
-import tempfile
 import types
 import typing
 from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+from ramjax import files
 
 T = TypeVar("T")
 
@@ -472,18 +473,7 @@ def format_config(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Writes ``cfg`` as YAML to ``path`` atomically (temp file + rename: never a half-written file)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(format_config(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    files.atomic_write(path, format_config(cfg))
 
 
 def split_cli_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:

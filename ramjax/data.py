@@ -68,6 +68,8 @@ from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from ramjax import files
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("sft", "chat", "preference", "text", "proposal_samples")
@@ -368,18 +370,10 @@ def read_jsonl(path: str, format: str = "auto", field_map: Mapping[str, str] | N
         raise DataError(f"data file {path!r} not found")
     records: list[Record] = []
     fmt = format
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            rec = _normalize(obj, where, fmt, field_map)
-            fmt = rec.format
-            records.append(rec)
+    for lineno, obj in files.iter_jsonl(path, error=DataError):
+        rec = _normalize(obj, f"{path}:{lineno}", fmt, field_map)
+        fmt = rec.format
+        records.append(rec)
     if not records:
         raise DataError(f"data file {path!r} has no records")
     return records

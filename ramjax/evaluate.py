@@ -30,20 +30,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
-from ramjax import tasks
+from ramjax import files, tasks
 
 logger = logging.getLogger(__name__)
 
@@ -724,21 +722,8 @@ def evaluate_file(
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> str:
-    """Writes JSON to path via a temp file and a rename, so a reader never sees a half-written file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Writes JSON (NaN refused: strict JSON for other tools) to path atomically (``ramjax.files``)."""
+    return files.atomic_write_json(path, obj, indent=indent, allow_nan=False)
 
 
 def write_alpacaeval(path: str | os.PathLike, records: Sequence[Mapping[str, Any]], outputs: Sequence[Any],

@@ -26,6 +26,8 @@ import logging
 import os
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+from ramjax import evaluate, files
+
 log = logging.getLogger(__name__)
 
 __all__ = ["GenerateError", "GenerateSummary", "read_prompt_records", "prompt_of", "generate_jsonl",
@@ -53,18 +55,9 @@ def read_prompt_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise GenerateError(f"prompts file {path!r} does not exist")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GenerateError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise GenerateError(f"{path}:{i}: each line must be a JSON object, got {type(obj).__name__}")
-            prompt_of(obj, f"{path}:{i}")  # validate now, not after hours of sampling
-            out.append(obj)
+    for i, obj in files.iter_jsonl(path, error=GenerateError, objects=True):
+        prompt_of(obj, f"{path}:{i}")  # validate now, not after hours of sampling
+        out.append(obj)
     return out
 
 
@@ -230,20 +223,13 @@ def _chunk_lambdas(chunk: Sequence[Mapping[str, Any]], field: str | None, defaul
 def write_alpaca_eval(samples_file: str | os.PathLike, path: str | os.PathLike, generator: str) -> str:
     """AlpacaEval's model-output JSON (``instruction``, ``output``, ``generator``; each prompt's first sample) from
     a ``samples`` JSONL. Message prompts become their last user turn."""
-    path = os.fspath(path)
-    rows = []
-    with open(samples_file, encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            if d.get("sample_index", 0) != 0:
-                continue
-            prompt = d["prompt"]
-            if isinstance(prompt, list):
-                prompt = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
-            rows.append({"instruction": prompt, "output": d["text"] or "", "generator": generator})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(rows, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
-    return path
+    records, outputs = [], []
+    for d in files.read_jsonl(samples_file, error=GenerateError, objects=True):
+        if d.get("sample_index", 0) != 0:
+            continue
+        prompt = d["prompt"]
+        if isinstance(prompt, list):
+            prompt = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
+        records.append({"instruction": prompt})
+        outputs.append(d["text"] or "")
+    return evaluate.write_alpacaeval(path, records, outputs, generator)

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ramjax import files
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -30,13 +32,18 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of ``run_dir/metrics.jsonl`` (empty list if none)."""
-    path = os.path.join(os.fspath(run_dir), METRICS_FILE)
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics file: ``path`` is a run directory (its ``metrics.jsonl``) or the file itself.
+
+    Empty list if there is no such file. Blank and malformed lines (a torn last line of a killed run, or one a
+    running process is writing) are skipped.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return files.read_jsonl(path, objects=True, skip_invalid=True)
 
 
 class MetricsWriter:
@@ -71,11 +78,7 @@ class MetricsWriter:
         records = read_metrics(self.run_dir)
         kept = [r for r in records if int(r.get("step", 0)) <= step]
         if len(kept) != len(records):
-            tmp = self._path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                for r in kept:
-                    f.write(json.dumps(r) + "\n")
-            os.replace(tmp, self._path)
+            files.atomic_write_jsonl(self._path, kept, ensure_ascii=True)
             log.info("metrics: dropped %d records logged after step %d by the interrupted run",
                      len(records) - len(kept), step)
         self._file = open(self._path, "a", encoding="utf-8")

@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable
 
 from ramjax import config as config_lib
+from ramjax import files
 from ramjax.config import ArchConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -151,11 +152,7 @@ def _done(path: str) -> bool:
 
 
 def _write_jsonl(path: str, records) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    files.atomic_write_jsonl(path, records)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -165,9 +162,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(obj, fh)
+    files.atomic_write_json(path, obj, indent=None)
 
 
 def _read_json(path: str) -> Any:

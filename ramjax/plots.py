@@ -7,12 +7,13 @@ returns its path. Values with intervals are given as ``{"mean", "low", "high"}``
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from ramjax.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -69,23 +70,6 @@ def _interval(v: Any) -> tuple[float, float, float] | None:
 # ---------------------------------------------------------------------------------------------------------
 # Training curves
 # ---------------------------------------------------------------------------------------------------------
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (blank and malformed lines skipped: a run may be writing it)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str, step_key: str = "step") -> tuple[list[float], list[float]]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -43,6 +42,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from ramjax import files
 
 logger = logging.getLogger(__name__)
 
@@ -784,29 +785,13 @@ def pretrain_text(records: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> str:
-    """Writes records one JSON object per line (UTF-8), creating parent folders; returns the path."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path
+    """Writes records one JSON object per line (UTF-8), atomically, creating parent folders; returns the path."""
+    return files.atomic_write_jsonl(path, records)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Reads a JSONL file (blank lines skipped); a bad line raises TaskError naming the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{os.fspath(path)}:{i}: not valid JSON ({e.msg})") from None
-    return out
+    return files.read_jsonl(path, error=TaskError)
 
 
 def generate_task_data(

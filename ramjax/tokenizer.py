@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from ramjax import files
+
 logger = logging.getLogger(__name__)
 
 PLAIN_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: "
@@ -745,9 +747,7 @@ def _read_json(path: str) -> dict:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    files.atomic_write_json(path, obj)
 
 
 def has_tokenizer(directory: str | os.PathLike) -> bool:

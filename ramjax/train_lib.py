@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ramjax import files
 from ramjax import loss as loss_lib
 from ramjax import model as model_lib
 from ramjax import realign
@@ -914,16 +915,6 @@ class _StopFlag:
         return False
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    import json
-    import os
-
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Runs ``cfg`` (a ``TrainConfig``): builds everything (``build``), then trains in ``cfg.run_dir``.
 
@@ -965,7 +956,7 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
             "warmup_steps": plan.warmup_steps, "data": plan.iterator.stats.as_dict(), "compiled_memory": mem,
             "resumed_from": plan.resume_step, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if primary:
-        _write_json_atomic(os.path.join(run_dir, "meta.json"), meta)
+        files.atomic_write_json(os.path.join(run_dir, "meta.json"), meta, default=str)
     every = cfg.checkpoint.every or (plan.total_steps + 1)
     mngr = ckpt_lib.CheckpointManager(ckpt_dir, save_every=every, keep=cfg.checkpoint.keep)
     writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard)
@@ -1066,7 +1057,7 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
     meta.update({"final_step": step, "interrupted": interrupted, "elapsed_s": round(time.time() - t_start, 2),
                  "last_metrics": last})
     if primary:
-        _write_json_atomic(os.path.join(run_dir, "meta.json"), meta)
+        files.atomic_write_json(os.path.join(run_dir, "meta.json"), meta, default=str)
     return TrainResult(run_dir=run_dir, step=step, total_steps=plan.total_steps, interrupted=interrupted,
                        metrics=last, memory=mem, num_params=num_params, model_dir=model_dir, hf_dir=hf_dir)
 
@@ -1109,9 +1100,8 @@ def _trra_teacher_table(plan: Plan, frozen: dict, run_dir: str, primary: bool) -
                                     frozen["trra_aligned"], c.trra.lam, k, plan.iterator.data, mb, plan.mesh,
                                     temperature=c.trra.temperature, rules=plan.rules, vocab_limit=plan.vocab_limit)
     if primary:
-        with open(path + ".tmp", "wb") as fh:
+        with files.atomic_writer(path, binary=True) as fh:
             np.savez(fh, **table)
-        os.replace(path + ".tmp", path)
     log.info("trra: top-%d teacher of %d examples computed once (the teacher models are not kept)", k, n)
     return table
 
@@ -1155,8 +1145,8 @@ def _reference_table(plan: Plan, state: TrainState, run_dir: str, primary: bool,
     table = precompute_reference(plan.model_cfg, params, plan.iterator.data, mb, plan.mesh, plan.rules,
                                  plan.vocab_limit)
     if primary:
-        np.save(path + ".tmp.npy", table)
-        os.replace(path + ".tmp.npy", path)
+        with files.atomic_writer(path, binary=True) as fh:
+            np.save(fh, table)
     log.info("dpo: reference log-probs of %d examples computed once (the reference model is not kept)", n)
     return table
 
@@ -1207,7 +1197,7 @@ def _train_trra_rounds(cfg: Any, progress: Callable[[dict[str, Any]], None] | No
         aligned = model_dir
     if jax.process_index() == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        _write_json_atomic(os.path.join(cfg.run_dir, "rounds.json"), {"rounds": rounds})
+        files.atomic_write_json(os.path.join(cfg.run_dir, "rounds.json"), {"rounds": rounds}, default=str)
     if result is None:  # every round had finished before
         last = rounds[-1]
         result = TrainResult(run_dir=os.path.dirname(last["model_dir"]), step=0, total_steps=0, interrupted=False,

@@ -1,0 +1,124 @@
+"""Small file helpers shared by the whole library: atomic writes and one JSONL reader.
+
+Atomic write: the content goes to a temporary file in the destination's own directory (so the final rename never
+crosses a file system), is flushed and fsync'ed, then ``os.replace`` d over the destination. A reader (or a run
+killed half-way) therefore sees either the old file or the new one, never a torn one; the temporary file is
+removed if writing fails.
+
+    atomic_write(path, "text")                  # str → UTF-8, bytes as they are
+    atomic_write_json(path, obj)                # indent=2, UTF-8 (not \\u-escaped), trailing newline
+    atomic_write_jsonl(path, records)           # one JSON object per line
+    with atomic_writer(path, binary=True) as f:  # anything that writes to a file object (np.save, np.savez)
+        np.save(f, table)
+
+JSONL: ``read_jsonl(path)`` returns the JSON values of a file's non-blank lines; bad JSON or bad UTF-8 raises
+``JSONLError`` (or the ``error`` class the caller passes) naming ``file:line``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any
+
+__all__ = ["JSONLError", "atomic_writer", "atomic_write", "atomic_write_json", "atomic_write_jsonl",
+           "iter_jsonl", "read_jsonl"]
+
+
+class JSONLError(ValueError):
+    """A JSONL file that cannot be read: the message names ``file:line`` and what is wrong there."""
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, *, binary: bool = False) -> Iterator[IO]:
+    """Yields a file object whose content replaces ``path`` atomically when the ``with`` block ends without error.
+
+    Parent directories are created. Text mode writes UTF-8. On an exception the temporary file is removed and
+    ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # ".tmp." first: leftovers are easy to spot (and tests look for them)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> str:
+    """Writes ``data`` (``str`` as UTF-8, ``bytes`` as is) to ``path`` atomically; returns the path."""
+    with atomic_writer(path, binary=isinstance(data, bytes)) as f:
+        f.write(data)
+    return os.fspath(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, **dump_kwargs: Any) -> str:
+    """Writes ``obj`` as JSON (plus a final newline) to ``path`` atomically; returns the path.
+
+    Non-ASCII text is written as UTF-8, not escaped. ``dump_kwargs`` go to ``json.dumps`` (e.g. ``default=str``,
+    ``allow_nan=False``).
+    """
+    dump_kwargs.setdefault("ensure_ascii", False)
+    return atomic_write(path, json.dumps(obj, indent=indent, **dump_kwargs) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any], **dump_kwargs: Any) -> str:
+    """Writes one JSON value per line (UTF-8, not escaped) to ``path`` atomically; returns the path."""
+    dump_kwargs.setdefault("ensure_ascii", False)
+    with atomic_writer(path) as f:
+        for r in records:
+            f.write(json.dumps(r, **dump_kwargs) + "\n")
+    return os.fspath(path)
+
+
+def iter_jsonl(path: str | os.PathLike, *, error: type[Exception] = JSONLError, objects: bool = False,
+               skip_invalid: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yields ``(line_number, value)`` for every non-blank line of a JSONL file (line numbers from 1).
+
+    error:        the exception class raised, with a message naming ``file:line``, for a line that is not UTF-8
+                  or not JSON (or not an object when ``objects``), and for a missing file.
+    objects:      every line must hold a JSON object.
+    skip_invalid: skip bad lines instead of raising (for a file another process may be appending to).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise error(f"{path!r} does not exist (or is not a file)")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if skip_invalid:
+                    continue
+                raise error(f"{where}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                if skip_invalid:
+                    continue
+                raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if objects and not isinstance(value, Mapping):
+                if skip_invalid:
+                    continue
+                raise error(f"{where}: each line must be a JSON object, got {type(value).__name__}")
+            yield lineno, value
+
+
+def read_jsonl(path: str | os.PathLike, *, error: type[Exception] = JSONLError, objects: bool = False,
+               skip_invalid: bool = False) -> list[Any]:
+    """The JSON values of the non-blank lines of ``path`` (see ``iter_jsonl`` for the options and errors)."""
+    return [v for _, v in iter_jsonl(path, error=error, objects=objects, skip_invalid=skip_invalid)]
