@@ -45,16 +45,17 @@ class Model:
 
 def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
                param_dtype: str | None = None, rules=shd.DEFAULT_RULES) -> Model:
-    """Loads a Hugging Face directory (``config.json`` + safetensors) or a ramjax checkpoint directory.
+    """Loads a Hugging Face directory (``config.json`` + safetensors), a ramjax checkpoint directory, or a Hub id
+    ``"org/name"`` (``"org/name@revision"``) that is not a local directory, through ``huggingface_hub``
+    (optional; ``HF_HUB_OFFLINE=1`` reads the local cache only; see ``ramjax.hub``).
 
     With ``mesh``, every tensor is placed directly onto its sharding. ``dtype``/``param_dtype`` override the
     compute/storage dtypes (default: float32 compute, checkpoint storage dtype kept as configured).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model path {path!r} is not a directory; pass a Hugging Face model directory "
-                                f"(with config.json and *.safetensors) or a ramjax checkpoint directory")
+    from ramjax import hub
     from ramjax import tokenizer as tok_lib
+
+    path = hub.resolve_model_path(path)
 
     if os.path.exists(os.path.join(path, "ramjax_model.json")):
         from ramjax import checkpoint
