@@ -562,6 +562,11 @@ class ModelSection:
     dtype:       compute dtype (``bfloat16`` as in the paper, ``float32`` for exact tests on CPU); logits and
                  softmax stay float32 and the trained model keeps ``param_dtype`` master weights.
     remat:       rematerialise each layer in the backward pass (less memory, ~1/3 more compute).
+    attention_impl: how training/prefill attention runs (same function, different memory/speed): ``xla`` (float32
+                 einsum, the reference), ``dot_product`` (``jax.nn.dot_product_attention``), ``cudnn`` (cuDNN flash
+                 attention, NVIDIA GPUs, bf16), ``chunked`` (``attention_chunk`` queries at a time, any backend; scores
+                 never exceed ``[batch, heads, chunk, seq]``), ``splash`` (Pallas splash attention, TPUs).
+    attention_chunk: query block of ``chunked`` and the block size of ``splash`` (a multiple of 128 on TPU).
     """
 
     init: str = "scratch"
@@ -569,9 +574,12 @@ class ModelSection:
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     remat: bool = False
+    attention_impl: Literal["xla", "dot_product", "cudnn", "chunked", "splash"] = "xla"
+    attention_chunk: int = 512
 
     def validate(self) -> None:
         _check(bool(self.init.strip()), "model.init is empty; give 'scratch' or a model directory")
+        _check(self.attention_chunk >= 1, f"model.attention_chunk={self.attention_chunk} must be >= 1")
 
     @property
     def from_scratch(self) -> bool:
@@ -594,7 +602,8 @@ class ModelSection:
             architecture=a.architecture, rms_norm_eps=a.rms_norm_eps, rope_theta=a.rope_theta, rope_scaling=rope,
             qkv_bias=a.qkv_bias, o_bias=a.o_bias, mlp_bias=a.mlp_bias, tie_word_embeddings=a.tie_word_embeddings,
             max_position_embeddings=a.max_position_embeddings, dtype=self.dtype, param_dtype=self.param_dtype,
-            remat=self.remat, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            remat=self.remat, attention_impl=self.attention_impl, attention_chunk=self.attention_chunk,
+            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 @dataclasses.dataclass(frozen=True)

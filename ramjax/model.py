@@ -27,6 +27,14 @@ from ramjax import sharding as shd
 
 Rules = Sequence[tuple[str, Any]]
 ARCHITECTURES = ("llama", "qwen2")
+# How training/prefill attention is computed (single-token decode always uses the plain einsum path):
+#   xla          scores [batch, kv_heads, group, q, kv] in float32 by einsum (the reference numerics)
+#   dot_product  jax.nn.dot_product_attention(implementation="xla") with the segment/causal mask
+#   cudnn        jax.nn.dot_product_attention(implementation="cudnn"): cuDNN flash attention (NVIDIA GPUs only)
+#   chunked      the xla numerics one block of ``attention_chunk`` queries at a time, rematerialised in the
+#                backward pass: peak score memory [batch, heads, chunk, kv] instead of [batch, heads, q, kv]
+#   splash       Pallas splash attention (TPU only; segment ids and the causal mask inside the kernel)
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "chunked", "splash")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -47,6 +55,8 @@ class ModelConfig:
 
     ``vocab_size`` is the number of embedding rows, which may exceed the tokenizer's vocabulary (padded rows).
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype; logits and softmax are always float32.
+    ``attention_impl`` / ``attention_chunk`` choose how training and prefill attention is computed (see
+    ``ATTENTION_IMPLS``); they change memory and speed, not the function computed.
     """
 
     vocab_size: int = 256
@@ -68,6 +78,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_impl: str = "xla"
+    attention_chunk: int = 512
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -82,6 +94,10 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        if self.attention_chunk < 1:
+            raise ValueError(f"attention_chunk={self.attention_chunk} must be >= 1")
 
     @property
     def compute_dtype(self):
@@ -184,6 +200,150 @@ def attention_mask(q_seg: jax.Array, kv_seg: jax.Array, q_slot: jax.Array, kv_sl
     return same & causal
 
 
+@flax.struct.dataclass
+class AttnMask:
+    """What the attention mask is made of, kept small so no ``[batch, q, kv]`` array need exist:
+    a query attends to a key iff ``q_seg == kv_seg`` and ``kv_slot <= q_slot``.
+
+    q_seg ``[batch, q_len]``, kv_seg ``[batch, kv_len]`` (int segment ids, 0 = padding), q_slot ``[q_len]``,
+    kv_slot ``[kv_len]`` (int cache slots). ``self_attention`` (static): queries and keys are the same tokens
+    (``q_slot == kv_slot == arange``; no cache), which block-sparse kernels (splash) need.
+    """
+
+    q_seg: jax.Array
+    kv_seg: jax.Array
+    q_slot: jax.Array
+    kv_slot: jax.Array
+    self_attention: bool = flax.struct.field(pytree_node=False, default=False)
+
+    def dense(self) -> jax.Array:
+        """The boolean ``[batch, q_len, kv_len]`` mask."""
+        return attention_mask(self.q_seg, self.kv_seg, self.q_slot, self.kv_slot)
+
+
+class AttentionImplError(ValueError):
+    """The configured ``attention_impl`` cannot run here (e.g. cuDNN without an NVIDIA GPU, splash off TPU)."""
+
+
+def _attend_einsum(q, k, v, mask_bts):
+    """The reference: float32 scores and softmax, probabilities cast back to the compute dtype.
+
+    q ``[B, T, H, Dh]``, k/v ``[B, S, K, Dh]``, mask ``[B, T, S]`` bool → ``[B, T, H, Dh]``."""
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(Dh)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, Dh)
+
+
+def _attend_chunked(q, k, v, m: AttnMask, chunk: int):
+    """``_attend_einsum`` over blocks of ``chunk`` queries (``lax.map``), each block's scores recomputed in the
+    backward pass (``jax.checkpoint``) so neither pass holds more than ``[B, H, chunk, S]`` scores."""
+    B, T, H, Dh = q.shape
+    C = min(chunk, T)
+    n = -(-T // C)
+    pad = n * C - T
+    q_seg, q_slot = m.q_seg, m.q_slot
+    if pad:  # padded queries get segment -1: they attend to nothing real and are dropped below
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, pad)), constant_values=-1)
+        q_slot = jnp.pad(q_slot, (0, pad))
+    q_c = q.reshape(B, n, C, H, Dh).swapaxes(0, 1)
+    seg_c = q_seg.reshape(B, n, C).swapaxes(0, 1)
+    slot_c = q_slot.reshape(n, C)
+
+    @jax.checkpoint
+    def block(xs):
+        qb, segb, slotb = xs
+        return _attend_einsum(qb, k, v, attention_mask(segb, m.kv_seg, slotb, m.kv_slot))
+
+    out = jax.lax.map(block, (q_c, seg_c, slot_c))  # [n, B, C, H, Dh]
+    return out.swapaxes(0, 1).reshape(B, n * C, H, Dh)[:, :T]
+
+
+def _attend_dot_product(q, k, v, m: AttnMask, implementation: str):
+    try:
+        return jax.nn.dot_product_attention(q, k, v, mask=m.dense()[:, None], implementation=implementation)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        if implementation == "cudnn":
+            raise AttentionImplError(
+                f"attention_impl=cudnn failed on backend {jax.default_backend()!r} ({e}); cuDNN flash attention "
+                f"needs an NVIDIA GPU with cuDNN >= 8.9 and float16/bfloat16 compute (model.dtype=bfloat16). Use "
+                f"model.attention_impl=chunked (any backend) or dot_product instead") from e
+        raise
+
+
+def _attend_splash(q, k, v, m: AttnMask, block: int, mesh: Mesh | None, rules: Rules):
+    """Pallas splash attention (TPU): causal + segment-id masking inside the kernel, GQA as one MQA kernel per kv
+    head. Under a mesh it runs per shard (``shard_map``: batch over the batch axes, kv heads over ``tensor``)."""
+    if not m.self_attention:  # prefill into a cache: keys are cache slots, not this block's tokens
+        return _attend_chunked(q, k, v, m, block)
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    _, T, H, Dh = q.shape
+    G = H // k.shape[2]
+    interpret = jax.default_backend() != "tpu"
+    if interpret and not _SPLASH_INTERPRET_OK:
+        raise AttentionImplError(f"attention_impl=splash runs on TPUs only (backend is {jax.default_backend()!r}); "
+                                 f"use model.attention_impl=chunked (any backend) or cudnn (NVIDIA GPUs)")
+    bq = min(block, T)
+    if T % bq or bq % 128 and bq != T:
+        raise AttentionImplError(f"attention_impl=splash needs the sequence length ({T}) to be a multiple of the block "
+                                 f"({bq}, model.attention_chunk; a multiple of 128 on TPU)")
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bq, block_kv_compute=bq, block_q_dkv=bq, block_kv_dkv=bq,
+                          block_kv_dkv_compute=bq, block_q_dq=bq, block_kv_dq=bq)
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(G)])
+    kernel = sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    scale = 1.0 / math.sqrt(Dh)
+
+    def local(q, k, v, seg):
+        qg = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(q.shape[0], T, k.shape[2], G, Dh)
+        qg = qg.transpose(0, 2, 3, 1, 4)                     # [b, K, G, T, Dh]
+        kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, K, T, Dh]
+
+        def one(qh, kh, vh, s):
+            return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=s, kv=s))
+        per_kv = jax.vmap(one, in_axes=(0, 0, 0, None))                   # over kv heads
+        out = jax.vmap(per_kv, in_axes=(0, 0, 0, 0))(qg, kk, vv, seg)    # over batch: [b, K, G, T, Dh]
+        return out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
+
+    if mesh is None:
+        return local(q, k, v, m.q_seg)
+    from jax.sharding import PartitionSpec as P
+
+    batch = shd.logical_to_pspec(("act_batch",), rules)[0]
+    heads = shd.logical_to_pspec(("act_kv_heads",), rules)[0]
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, m.q_seg)
+
+
+# Tests set this to run the splash kernel in the Pallas interpreter on CPU.
+_SPLASH_INTERPRET_OK = False
+
+
+def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, m: AttnMask, mesh: Mesh | None = None,
+           rules: Rules = shd.DEFAULT_RULES) -> jax.Array:
+    """Masked multi-head attention with grouped KV heads by ``cfg.attention_impl``.
+
+    q ``[batch, q_len, heads, head_dim]``, k/v ``[batch, kv_len, kv_heads, head_dim]`` → ``[batch, q_len, heads,
+    head_dim]`` in q's dtype. Every implementation computes the same function (float tolerance); single-token
+    decode steps always take the einsum path.
+    """
+    impl = cfg.attention_impl
+    if impl == "xla" or q.shape[1] == 1:
+        return _attend_einsum(q, k, v, m.dense())
+    if impl == "chunked":
+        return _attend_chunked(q, k, v, m, cfg.attention_chunk)
+    if impl in ("dot_product", "cudnn"):
+        return _attend_dot_product(q, k, v, m, "xla" if impl == "dot_product" else "cudnn")
+    return _attend_splash(q, k, v, m, cfg.attention_chunk, mesh, rules)
+
+
 class RMSNorm(nn.Module):
     eps: float
     param_dtype: Any
@@ -213,7 +373,7 @@ class Block(nn.Module):
         return shd.constrain(x, axes, self.mesh, self.rules)
 
     @nn.compact
-    def __call__(self, x_btd, kv, sin, cos, mask_bts, cache_index):
+    def __call__(self, x_btd, kv, sin, cos, mask: AttnMask, cache_index):
         cfg, pd, cd = self.cfg, self.cfg.weight_dtype, self.cfg.compute_dtype
         D, H, K, Dh, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         zeros = nn.initializers.zeros
@@ -242,13 +402,7 @@ class Block(nn.Module):
         else:
             k_all, v_all, new_kv = k, v, None
 
-        B, T = q.shape[:2]
-        qg = q.reshape(B, T, K, H // K, Dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(Dh)
-        scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, H, Dh)
+        attn = attend(cfg, q, k_all, v_all, mask, self.mesh, self.rules)
         out = jnp.einsum("bthk,hkd->btd", attn, wo.astype(cd))
         if cfg.o_bias:
             out = out + _param(self, "bo", (D,), ("embed",), zeros, pd).astype(cd)
@@ -303,12 +457,12 @@ class Decoder(nn.Module):
         T = x_btd.shape[1]
         if cache is None:
             slots = jnp.arange(T)
-            mask = attention_mask(segment_ids, segment_ids, slots, slots)
+            mask = AttnMask(segment_ids, segment_ids, slots, slots, self_attention=True)
             x_btd, _ = self.layers(x_btd, None, sin, cos, mask, 0)
             return x_btd, None
         kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                      cache.index, axis=1)
-        mask = attention_mask(segment_ids, kv_seg, cache.index + jnp.arange(T), jnp.arange(cache.max_len))
+        mask = AttnMask(segment_ids, kv_seg, cache.index + jnp.arange(T), jnp.arange(cache.max_len))
         x_btd, (k, v) = self.layers(x_btd, (cache.k, cache.v), sin, cos, mask, cache.index)
         return x_btd, KVCache(k=k, v=v, segment_ids=kv_seg, index=cache.index + T)
 

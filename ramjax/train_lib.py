@@ -622,7 +622,8 @@ def _total_steps(cfg: Any, iterator: Any) -> int:
 
 def _trra_teacher_configs(cfg: Any) -> tuple[model_lib.ModelConfig, model_lib.ModelConfig]:
     """The TrRa reference and aligned models' configs, computing in the run's dtype without remat."""
-    over = dict(dtype=cfg.model.dtype, remat=False)
+    over = dict(dtype=cfg.model.dtype, remat=False, attention_impl=cfg.model.attention_impl,
+                attention_chunk=cfg.model.attention_chunk)
     return tuple(_peek_model_config(path)[0].replace(**over) for path in (cfg.trra.reference, cfg.trra.aligned))
 
 
@@ -684,7 +685,8 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
     tokenizer = tok_lib.load_tokenizer(tok_path)
     params = None
     source_is_hf = False
-    over = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    over = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                attention_impl=cfg.model.attention_impl, attention_chunk=cfg.model.attention_chunk)
     if scratch:
         model_cfg = cfg.model.model_config(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
@@ -801,7 +803,9 @@ def _frozen_models(cfg: Any, model_cfg: model_lib.ModelConfig, tokenizer: Any, m
                     f"trra.{name[5:]}={path!r} has {fcfg.vocab_size} embedding rows but the tokenizer has "
                     f"{tokenizer.vocab_size} ids; TrRa needs the student, reference and aligned models to share "
                     f"one vocabulary")
-            out[name] = (path, fcfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=False))
+            out[name] = (path, fcfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=False,
+                                            attention_impl=cfg.model.attention_impl,
+                                            attention_chunk=cfg.model.attention_chunk))
     if cfg.inra.enabled:
         out["inra_base"] = (cfg.model.init, model_cfg)
     return out

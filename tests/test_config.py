@@ -245,7 +245,8 @@ def test_model_and_mesh_conversions():
     # every ModelConfig architecture field is reachable from the config (aligner-size ablations are one key)
     arch_fields = {f.name for f in dataclasses.fields(C.ArchConfig)}
     model_only = {f.name for f in dataclasses.fields(ModelConfig)} - arch_fields
-    assert model_only == {"dtype", "param_dtype", "remat", "bos_token_id", "eos_token_id", "pad_token_id"}
+    assert model_only == {"dtype", "param_dtype", "remat", "attention_impl", "attention_chunk",
+                          "bos_token_id", "eos_token_id", "pad_token_id"}
 
 
 def test_sample_config_validation():
