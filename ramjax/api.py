@@ -43,13 +43,45 @@ class Model:
                 self.vocab_limit = min(self.config.vocab_size, self.tokenizer.vocab_size)
 
 
+class NonFiniteWeightsError(ValueError):
+    """A loaded model holds NaN or inf weights (a diverged or corrupted save)."""
+
+
+@jax.jit
+def _finite_leaves(params: Any) -> Any:
+    # one fused reduction per array, one program for the whole tree: a read of every weight, no copies
+    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
+
+
+def check_finite_weights(params: Any, where: str) -> None:
+    """Raises ``NonFiniteWeightsError`` naming ``where`` (the file or directory) and the first parameters holding a
+    NaN or inf. Costs one pass over the weights (on their devices; only one bool per array comes back)."""
+    flags = jax.device_get(_finite_leaves(params))
+    bad = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]
+           if not bool(ok)]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{where} holds NaN/inf weights in {len(bad)} parameter array(s), e.g. {', '.join(bad[:3])}; the model "
+            f"was saved from a diverged run or the file is corrupt: re-export it from a good checkpoint (sampling it "
+            f"would give garbage)")
+
+
+def _weights_file(path: str) -> str:
+    """The weights file(s) of a model directory, for error messages."""
+    if os.path.exists(os.path.join(path, "ramjax_model.json")):
+        return os.path.join(path, "params")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    return os.path.join(path, files[0]) if len(files) == 1 else os.path.join(path, "*.safetensors")
+
+
 def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
                param_dtype: str | None = None, rules=shd.DEFAULT_RULES) -> Model:
     """Loads a Hugging Face directory (``config.json`` + safetensors), a ramjax checkpoint directory, or a Hub id
     ``"org/name"`` (``"org/name@revision"``) that is not a local directory, through ``huggingface_hub``
     (optional; ``HF_HUB_OFFLINE=1`` reads the local cache only; see ``ramjax.hub``).
 
-    With ``mesh``, every tensor is placed directly onto its sharding. ``dtype``/``param_dtype`` override the
+    Weights are checked for NaN/inf (``NonFiniteWeightsError`` names the file). With ``mesh``, every tensor is
+    placed directly onto its sharding. ``dtype``/``param_dtype`` override the
     compute/storage dtypes (default: float32 compute, checkpoint storage dtype kept as configured).
     """
     from ramjax import hub
@@ -65,6 +97,7 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str 
         from ramjax import hf
 
         cfg, params = hf.load_hf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, rules=rules)
+    check_finite_weights(params, _weights_file(path))
     tokenizer = tok_lib.load_tokenizer(path) if tok_lib.has_tokenizer(path) else None
     return Model(config=cfg, params=params, tokenizer=tokenizer, mesh=mesh, source=path)
 

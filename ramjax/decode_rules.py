@@ -19,7 +19,9 @@ Modes (``t`` below is the token drawn; ``z_M``/``z_Q`` penalised logits; all dis
                 ``w_i ∝ exp(z_Q[c_i] / T_Q)`` (raw aligner logits), draw one candidate by ``w``. As n → ∞ this is
                 ``product`` restricted to the nucleus. The effective sample size ``1/Σw²`` is recorded.
 * ``sparse``:   the authors' released rule: ``softmax(z_Q / T_Q)`` restricted to P_M's nucleus, then top-p
-                ``top_p_Q`` on that restricted distribution.
+                ``top_p_Q`` on that restricted distribution. As in the released code, this nucleus comes from P_M's
+                *raw* logits (``T_M``, top-k, ``top_p_M``, no repetition penalty); the penalty acts on the
+                aligner's logits only.
 * ``product``:  exact ``softmax(z_M / T_M + z_Q_raw / T_Q)`` over the nucleus (``support="nucleus"``) or the
                 whole vocabulary (``support="full"``).
 
@@ -303,20 +305,29 @@ def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv:
 
     # P_M processed with its own settings; its support is the nucleus.
     zp_pen = repetition_penalty(zp_bv, seen_bv, rp)
-    zp_t = zp_pen / safe_temperature(params.proposal_temperature)
-    nucleus = nucleus_mask(zp_t, params.top_k, params.proposal_top_p)
-    proposal_logits = jnp.where(nucleus, zp_t, NEG_INF)
+    t_p = safe_temperature(params.proposal_temperature)
+    zp_t = zp_pen / t_p
+
+    def proposal_logits():
+        return filter_logits(zp_t, params.top_k, params.proposal_top_p)
+
     if mode in ("proposal", "inra"):  # InRa: zp already holds the λ-mixed logits of its two streams
-        return TokenChoice(draw(u_main, proposal_logits, greedy), no, nan, nan)
+        return TokenChoice(draw(u_main, proposal_logits(), greedy), no, nan, nan)
+    if mode != "sparse":
+        nucleus = nucleus_mask(zp_t, params.top_k, params.proposal_top_p)
 
     t_q = safe_temperature(params.aligner_temperature)
     zq_t = zq_bv / t_q
     ess = nan
     if mode == "par":
         product = jnp.where(nucleus, zp_t + zq_t, NEG_INF)
-        tok, ess = par_draw(u_bm[:, 3:], u_bm[:, 2], proposal_logits, zq_t)
+        tok, ess = par_draw(u_bm[:, 3:], u_bm[:, 2], jnp.where(nucleus, zp_t, NEG_INF), zq_t)
         tok = jnp.where(greedy, jnp.argmax(product, axis=-1).astype(jnp.int32), tok)
     elif mode == "sparse":
+        # The released rule: P_M's nucleus from its raw (unpenalised) logits at T_M; the penalty applies to the
+        # aligner's logits only (their ParKlLogitsWarper filters the base logits, then the aligner-side
+        # processors run: temperature, repetition penalty, top-p).
+        nucleus = nucleus_mask(zp_bv / t_p, params.top_k, params.proposal_top_p)
         zq_pen_t = repetition_penalty(zq_bv, seen_bv, rp) / t_q
         restricted = jnp.where(nucleus, zq_pen_t, NEG_INF)
         logits = filter_logits(restricted, jnp.zeros_like(params.top_k), params.aligner_top_p)
@@ -338,7 +349,7 @@ def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv:
 
     def fallback_draw():
         if kl_fallback == "proposal":
-            fb_logits = proposal_logits
+            fb_logits = proposal_logits()
         else:
             fb_logits = filter_logits(zp_pen / t_q, jnp.zeros_like(params.top_k), params.aligner_top_p)
         return draw(u_fallback, fb_logits, greedy)
