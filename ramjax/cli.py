@@ -1,0 +1,335 @@
+"""The command lines: ``ramjax-train`` (``python train.py``) and ``ramjax-sample`` (``python sample.py``); they
+parse, print and call the library; ``ramjax-eval`` (``python -m ramjax.evaluate``) wraps ``ramjax.evaluate.main``.
+``TRAIN_USAGE`` and ``SAMPLE_USAGE`` are their help texts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+TRAINING_FLAG = "--training-data"
+
+TRAIN_USAGE = """Train a model: ``python train.py (or ramjax-train) [CONFIG.yaml] [key=value ...] [--dry-run]``.
+
+Stages (``stage=`` in the config): ``pretrain``, ``sft`` (P_M warm-up / SFT baseline), ``dpo`` (baseline),
+``ram`` (the residual aligner Q_θ) and ``trra`` (training-time realignment; ``trra.iterations`` for iterated TrRa).
+``inra.enabled=true`` trains only an InRa adapter layer with the stage's objective. The CLI only parses, prints
+and calls ``ramjax.train_lib``:
+
+    python train.py configs/ram.yaml optimizer.lr=1e-6 ram.alpha=1e-3 mesh.fsdp=8
+    python train.py configs/sft.yaml --dry-run     # validate, build shapes, print sizes and compiled memory
+
+With no arguments, or only ``key=value`` overrides without ``stage=``, it runs ``configs/default.yaml`` (the
+embedded-default pipeline) if that file exists, else prints this help. A config file with
+a top-level ``pipeline:`` section (like ``configs/default.yaml``) runs the whole embedded-default pipeline
+(``ramjax.pipeline``) instead of one stage; one with a top-level ``alphas:`` list (``configs/ablate.yaml``) runs
+the α × aligner-size sweep (``ramjax.ablate``).
+Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
+"""
+
+SAMPLE_USAGE = """Sample the aligned model P_M·Q_θ (or either model alone) over a JSONL file of prompts.
+
+    python sample.py (or ramjax-sample) configs/sample.yaml [key=value ...] [--training-data]
+
+Keys are those of ``ramjax.config.SampleConfig`` (``proposal``, ``aligner``, ``prompts_file``, ``output_file``,
+``alpaca_output``, ``mode``, ``n``, temperatures, top-p, ``kl_threshold``, ``stop``, ``seed``, ``num_samples`` ...).
+
+Outputs (see ``ramjax.generate``): a JSONL with one line per sample (prompt, text, token ids, finish reason, length,
+KL-fallback rate, ESS) and, with ``alpaca_output``, an AlpacaEval JSON (instruction, output, generator).
+``--training-data`` instead writes every input example with the sample in field ``proposal`` — the one-time P_M
+samples the ``ram`` stage trains on, e.g.::
+
+    python sample.py configs/sample.yaml --training-data mode=proposal top_k=10 \\
+        prompts_file=data/train.jsonl output_file=data/train_proposal.jsonl
+
+InRa (an adapter trained with ``inra.enabled=true``): ``proposal`` is the base model, ``adapter`` the adapter file,
+``lambda=`` the mixing weight for every prompt (a prompt record's own ``lambda`` field wins; each output line
+records its λ)::
+
+    python sample.py configs/sample.yaml mode=inra proposal=runs/sft/model adapter=runs/inra/adapter.safetensors \\
+        lambda=0.5 prompts_file=data/eval.jsonl output_file=samples_inra.jsonl
+
+Both resume where an interrupted run stopped (no duplicates, no lost rows). The script only parses, loads and
+calls ``ramjax.generate.generate_jsonl``.
+"""
+
+
+def _default_config() -> str | None:
+    """``configs/default.yaml`` of the source tree (a checkout or an editable install), else of the current
+    directory, else None."""
+    for root in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd()):
+        path = os.path.join(root, "configs", "default.yaml")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _usage() -> str:
+    return TRAIN_USAGE.strip()
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    """A tqdm progress callback showing loss and tokens/s (process 0 only)."""
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
+
+    def progress(event):
+        bar.update(event["step"] - bar.n)
+        m = event.get("metrics")
+        if m:
+            post = {"loss": f"{m.get('train/loss', float('nan')):.4f}",
+                    "tok/s": f"{m.get('perf/tokens_per_s', 0.0):.0f}"}
+            if "train/nll_data" in m:
+                post["nll"] = f"{m['train/nll_data']:.3f}"
+            bar.set_postfix(post, refresh=False)
+
+    return progress, bar
+
+
+def _yaml_top_level(path: str | None) -> dict:
+    """The top-level mapping of a YAML file, or {} (missing file, not a mapping, or a YAML error that
+    ``load_config`` will report properly)."""
+    if path is None or not os.path.isfile(path):
+        return {}
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_pipeline_config(path: str | None) -> bool:
+    """A YAML file with a top-level ``pipeline`` mapping is a pipeline config (``ramjax.pipeline``)."""
+    return isinstance(_yaml_top_level(path).get("pipeline"), dict)
+
+
+def _is_ablation_config(path: str | None) -> bool:
+    """A YAML file with a top-level ``alphas`` list is an ablation sweep (``ramjax.ablate``)."""
+    return "alphas" in _yaml_top_level(path)
+
+
+def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
+    from ramjax import config as config_lib
+    from ramjax import pipeline
+
+    try:
+        run = config_lib.load_config(pipeline.DefaultRunConfig, path, overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(config_lib.format_config(run), flush=True)
+    if dry:
+        return 0
+
+    bars: dict = {}
+
+    def on_stage(name, event, seconds):
+        if name in bars:
+            bars.pop(name).close()
+        print(f"[pipeline] {name}: {event}" + (f" ({seconds:.1f} s)" if seconds is not None else ""), flush=True)
+
+    def train_progress(name, info):
+        from tqdm import tqdm
+
+        if name not in bars:
+            bars[name] = tqdm(total=info.get("total_steps"), desc=name, dynamic_ncols=True, leave=False)
+        bar = bars[name]
+        bar.update(info["step"] - bar.n)
+        m = info.get("metrics")
+        if m and "train/loss" in m:
+            bar.set_postfix({"loss": f"{m['train/loss']:.4f}"}, refresh=False)
+
+    try:
+        out = pipeline.run_pipeline(run, on_stage=on_stage, train_progress=train_progress)
+    except ValueError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 0
+    if out.get("table"):
+        print(out["table"])
+    if out.get("stage_times"):
+        print("\ntime per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in out["stage_times"].items())
+              + f"; total {sum(out['stage_times'].values()):.0f}")
+    print(f"report: {out.get('report')}")
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``ramjax-train`` / ``python train.py``: see ``TRAIN_USAGE``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default_config = _default_config()
+    if any(a in ("-h", "--help") for a in argv):
+        print(_usage())
+        return 0
+    dry = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    if not argv and not dry:
+        if default_config is None:
+            print(_usage())
+            return 0
+        argv = [default_config]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every array it writes at INFO
+
+    from ramjax import config as config_lib
+
+    try:
+        path, overrides = config_lib.split_cli_args(argv)
+        if path is None and default_config is not None and not any(o.startswith("stage=") for o in overrides):
+            path = default_config  # `python train.py run_dir=... pipeline.alpha=...` overrides the default pipeline
+        if _is_pipeline_config(path):
+            return _run_pipeline(path, overrides, dry)
+        if _is_ablation_config(path) and not dry:
+            from ramjax import ablate
+
+            return ablate.main([path, *overrides])
+        cfg = config_lib.load_config(config_lib.TrainConfig, path, overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from ramjax import train_lib
+
+    # The distributed runtime must start before JAX touches a device (printing the resolved config does not).
+    train_lib.initialize_distributed(cfg.distributed)
+    import jax
+
+    primary = jax.process_index() == 0
+    if primary:
+        print(config_lib.format_config(cfg), flush=True)
+    try:
+        if dry:
+            info = train_lib.dry_run(cfg)
+            if primary:
+                mem = info.pop("memory")
+                print(json.dumps(info, indent=2, default=str))
+                print(f"parameters: {info['num_params']:,}")
+                if mem:
+                    print("compiled train step per device: " + ", ".join(
+                        f"{k.replace('_in_bytes', '').replace('_bytes', '')} {v / 2**20:.1f} MiB"
+                        for k, v in mem.items()))
+            return 0
+        progress = None
+        if primary and cfg.logging.progress:
+            state = {"bar": None}
+
+            def progress(event):  # the bar is created on the first event, once the total and start step are known
+                if state["bar"] is None:
+                    state["cb"], state["bar"] = _bar(event["total_steps"], event["step"] - 1, True)
+                state["cb"](event)
+
+        result = train_lib.train(cfg, progress=progress)
+        if progress is not None and state["bar"] is not None:
+            state["bar"].close()
+    except ValueError as e:  # every input error in ramjax is a named ValueError subclass
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if primary:
+        what = "interrupted; checkpoint saved at" if result.interrupted else "finished at"
+        print(f"{what} step {result.step}/{result.total_steps}; run directory {result.run_dir}")
+        if result.model_dir:
+            print(f"model: {result.model_dir}" + (f"  (Hugging Face: {result.hf_dir})" if result.hf_dir else ""))
+    return 0
+
+def sample_main(argv: list[str] | None = None) -> int:
+    """``ramjax-sample`` / ``python sample.py``: see ``SAMPLE_USAGE``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(SAMPLE_USAGE)
+        return 0 if argv else 2
+    training = TRAINING_FLAG in argv
+    argv = [a for a in argv if a != TRAINING_FLAG]
+    # ``lambda`` is a Python keyword, so the config field is ``inra_lambda``; accept the short name on the CLI
+    argv = ["inra_lambda=" + a[len("lambda="):] if a.startswith("lambda=") else a for a in argv]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+    from ramjax import config as config_lib
+
+    try:
+        path, overrides = config_lib.split_cli_args(argv)
+        cfg = config_lib.load_config(config_lib.SampleConfig, path, overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    output = getattr(cfg, "output_format", "samples")
+    if training:
+        output = "training"
+
+    import jax
+
+    from ramjax import api, generate
+    from ramjax import sharding as shd
+
+    primary = jax.process_index() == 0
+    if primary:
+        print(config_lib.format_config(cfg), flush=True)
+    try:
+        mesh = shd.make_mesh(cfg.mesh.mesh_config())
+        rules = cfg.mesh.sharding_rules()
+        if cfg.mode == "inra":
+            from ramjax import realign
+
+            proposal, aligner = realign.load_inra_model(cfg.proposal, cfg.adapter, mesh=mesh, rules=rules), None
+        else:
+            proposal = api.load_model(cfg.proposal, mesh=mesh, rules=rules) if cfg.mode != "aligner" else None
+            aligner = api.load_model(cfg.aligner, mesh=mesh, rules=rules) if cfg.mode != "proposal" else None
+        bar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if not primary:
+                return
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, initial=done, dynamic_ncols=True, desc=f"sample ({cfg.mode})",
+                           unit="prompt")
+            bar.update(done - bar.n)
+
+        summary = generate.generate_jsonl(
+            proposal, aligner, cfg.prompts_file, cfg.output_file, output=output, batch_size=cfg.batch_size,
+            num_samples=cfg.num_samples, alpaca_output=cfg.alpaca_output, generator=cfg.generator,
+            progress=progress, rules=rules, mode=cfg.mode, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed, proposal_temperature=cfg.proposal_temperature,
+            aligner_temperature=cfg.aligner_temperature, proposal_top_p=cfg.proposal_top_p,
+            aligner_top_p=cfg.aligner_top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
+            kl_threshold=cfg.kl_threshold, kl_fallback=cfg.kl_fallback, stop=tuple(cfg.stop),
+            template=cfg.template, **({"inra_lambda": cfg.inra_lambda, "lambda_field": cfg.lambda_field}
+                                      if cfg.mode == "inra" else {}))
+        if bar is not None:
+            bar.close()
+    except ValueError as e:  # every input error in ramjax is a named ValueError subclass
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if primary:
+        print(f"wrote {summary.written} examples to {summary.output_file} ({summary.skipped} were already there, "
+              f"{summary.total} in all)" + (f"; AlpacaEval file {summary.alpaca_output}" if summary.alpaca_output
+                                            else ""))
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``ramjax-eval`` / ``python -m ramjax.evaluate [CONFIG.yaml] [key=value ...]``: judges systems
+    (``ramjax.evaluate.main``) with ``--help`` and named errors as in the other commands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from ramjax import evaluate
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: ramjax-eval [CONFIG.yaml] [key=value ...]  (python -m ramjax.evaluate)\n\n{evaluate.__doc__}")
+        return 0 if argv else 2
+    try:
+        return evaluate.main(argv)
+    except ValueError as e:  # ConfigError and every input error in ramjax are named ValueError subclasses
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
