@@ -7,7 +7,12 @@ Training checkpoints live in ``run_dir/checkpoints/<step>/`` and hold three item
 * ``data``      the data iterator state (JSON), so a resumed run sees exactly the batches it would have seen.
 
 orbax writes each step into a temporary directory and renames it when complete, so a process killed mid-save
-leaves no checkpoint that looks valid; ``latest_step`` only ever returns committed steps.
+leaves no checkpoint that looks valid; ``latest_step`` only ever returns committed steps. Every save also stores a
+checksum of each saved array (computed on device, ``tree_checksums``) in the ``data`` item, and every restore
+verifies it, so a committed checkpoint damaged later (a truncated or bit-flipped blob, a deleted manifest) is
+detected; ``restore_newest`` then falls back to the newest checkpoint that restores intact, logging which one and
+why, and raises ``CheckpointCorruptError`` only when none does. Exported model directories carry the same
+checksums in ``ramjax_model.json`` and ``load_model_dir`` verifies them.
 
 A *ramjax model directory* is what training exports and what ``ramjax.load_model`` reads besides Hugging Face
 directories: ``ramjax_model.json`` (the ``ModelConfig``), ``params/`` (orbax) and the tokenizer files, if any.
@@ -42,6 +47,70 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointNotFoundError(FileNotFoundError):
     """A checkpoint or model directory is missing or incomplete."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint or model directory exists but cannot be read back intact (truncated or damaged files, a
+    checksum that does not match, unreadable metadata); the message names the directory and what to do."""
+
+
+_CHECKSUM_KEY = "_ramjax_checksums"
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 (1-, 2- and 4-byte dtypes; wider ones are split into 4-byte words)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    size = jnp.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes -> [..., 2] words
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+    # Position-weighted sum of the bit patterns, mod 2**32: exact integer arithmetic, so the value does not depend
+    # on the sharding or the reduction order, and any changed, swapped or zeroed word changes it (with high
+    # probability).
+    out = []
+    for x in leaves:
+        u = _as_uint32(x).reshape(-1)
+        w = jnp.arange(u.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+        out.append(jnp.sum(u * w, dtype=jnp.uint32) ^ jnp.uint32(u.shape[0]))
+    return out
+
+
+def tree_checksums(tree: Any) -> dict[str, int]:
+    """``{array path: checksum}`` of every array leaf of ``tree`` (one jitted pass on the devices holding it)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = [(p, x) for p, x in flat if hasattr(x, "dtype") and hasattr(x, "shape")]
+    if not flat:
+        return {}
+    sums = jax.device_get(_checksums([jnp.asarray(x) for _, x in flat]))
+    return {_path_str(p): int(v) for (p, _), v in zip(flat, sums)}
+
+
+def verify_checksums(tree: Any, stored: dict[str, int] | None, what: str, *, only: Iterable[str] | None = None,
+                     fix: str = "") -> None:
+    """Raises ``CheckpointCorruptError`` naming the arrays of ``tree`` whose checksum differs from ``stored``.
+
+    stored: the ``tree_checksums`` written with the checkpoint (None: written before checksums existed; skipped).
+    only:   restrict the comparison to these paths (e.g. leaves restored in their stored dtype).
+    """
+    if not stored:
+        return
+    got = tree_checksums(tree)
+    keys = [k for k in got if k in stored and (only is None or k in set(only))]
+    bad = [k for k in keys if got[k] != int(stored[k])]
+    if bad:
+        raise CheckpointCorruptError(
+            f"{what} is damaged: the checksum of {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)"
+                                                                          if len(bad) > 5 else "")
+            + " does not match the one written with it (a truncated, overwritten or bit-flipped file)" + fix)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -145,9 +214,89 @@ class CheckpointManager:
         # The decision is ours (orbax's default policy would also save the very first step).
         if step in self._mngr.all_steps() or not (force or step % self.save_every == 0):
             return False
+        data = dict(data_state or {})
+        data[_CHECKSUM_KEY] = {"params": tree_checksums(params), "train": tree_checksums(train)}
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-                                  data=ocp.args.JsonSave(data_state or {}))
-        return bool(self._mngr.save(step, args=args, force=True))
+                                  data=ocp.args.JsonSave(data))
+        try:
+            return bool(self._mngr.save(step, args=args, force=True))
+        except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise plain errors for a full or read-only disk
+            raise _storage_error(e, f"saving checkpoint {self.directory}/{step}") from e
+
+    def newest_readable_step(self, expected_params: Any) -> int | None:
+        """The newest step whose metadata reads and whose parameter shapes match ``expected_params`` (shape
+        tree), skipping (with a warning) steps whose metadata cannot be read; None when there is no step.
+
+        Raises ``CheckpointMismatchError`` when the newest readable step holds another model's shapes (that is a
+        run directory of another model, not damage) and ``CheckpointCorruptError`` when no step's metadata reads.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        reasons = []
+        for step in steps:
+            try:
+                stored = self.stored_param_shapes(step)
+            except Exception as e:  # noqa: BLE001 -- any unreadable metadata is damage
+                reasons.append(f"step {step}: {type(e).__name__}: {_short(e)}")
+                log.warning("checkpoint %s/%d: metadata unreadable (%s); trying an older one", self.directory, step,
+                            _short(e))
+                continue
+            compare_shapes(stored, expected_params, f"checkpoint {self.directory}/{step}")
+            return step
+        if steps:
+            raise CheckpointCorruptError(self._none_restores(reasons))
+        return None
+
+    def _none_restores(self, reasons: list[str]) -> str:
+        return (f"no checkpoint in {self.directory} can be restored ({'; '.join(reasons)}); move the "
+                f"damaged step directories away to start the run over from the beginning, or use a fresh run_dir")
+
+    def restore_newest(self, abstract_params: Any, abstract_train: dict[str, Any], *, max_step: int | None = None
+                       ) -> tuple[int, Any, dict[str, Any], dict[str, Any]]:
+        """Restores the newest checkpoint (at most ``max_step``) that restores intact: ``(step, params, train,
+        data_state)``.
+
+        A damaged checkpoint (unreadable files, a checksum mismatch) is logged with its reason and moved to
+        ``<run_dir>/checkpoints_damaged/<step>`` (so the resumed run can save that step again, and nothing is
+        deleted), and the next older one is tried. Raises ``CheckpointCorruptError`` listing every step's reason
+        when none restores, and ``CheckpointMismatchError`` when a checkpoint holds another model's shapes.
+        """
+        steps = sorted((s for s in self.all_steps() if max_step is None or s <= max_step), reverse=True)
+        if not steps:
+            raise CheckpointNotFoundError(f"no committed checkpoint in {self.directory}")
+        reasons, damaged = [], []
+        for step in steps:
+            try:
+                out = self.restore(step, abstract_params, abstract_train)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- damage shows up as any of orbax/tensorstore's errors
+                reasons.append(f"step {step}: {_short(e)}")
+                damaged.append(step)
+                log.warning("checkpoint %s/%d cannot be restored (%s); falling back to an older checkpoint",
+                            self.directory, step, _short(e))
+                continue
+            if damaged:
+                log.warning("resuming from checkpoint %s/%d: the newer %s could not be restored and moved to %s",
+                            self.directory, step, damaged, self._quarantine(damaged))
+            return (step, *out)
+        raise CheckpointCorruptError(self._none_restores(reasons))
+
+    def _quarantine(self, steps: list[int]) -> str:
+        """Moves damaged step directories next to ``checkpoints/`` (process 0) and reloads the step list."""
+        dest = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
+        if jax.process_index() == 0:
+            os.makedirs(dest, exist_ok=True)
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                if os.path.exists(src):
+                    target = os.path.join(dest, str(step))
+                    n = 1
+                    while os.path.exists(target):
+                        target, n = os.path.join(dest, f"{step}.{n}"), n + 1
+                    os.replace(src, target)
+        _sync("ramjax_checkpoint_quarantine")
+        self._mngr.reload()
+        return dest
 
     def stored_param_shapes(self, step: int) -> Any:
         """The stored parameter metadata tree (``ArrayMetadata`` leaves with ``.shape``/``.dtype``)."""
@@ -169,13 +318,18 @@ class CheckpointManager:
         compare_shapes(self.stored_param_shapes(step), abstract_params, f"checkpoint {self.directory}/{step}")
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
                                   train=ocp.args.StandardRestore(abstract_train), data=ocp.args.JsonRestore())
+        where = f"checkpoint {self.directory}/{step}"
         try:
             out = self._mngr.restore(step, args=args)
-        except (ValueError, KeyError, TypeError) as e:  # e.g. an optimizer of another kind
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} cannot be restored into this train state ({e}); was it "
-                f"written with another optimizer or model? Use a fresh run directory.") from e
-        return out["params"], out["train"], dict(out["data"] or {})
+        except (ValueError, KeyError, TypeError) as e:  # e.g. an optimizer of another kind, or damaged files
+            raise CheckpointCorruptError(
+                f"{where} cannot be restored into this train state ({_short(e)}): its files are damaged, or it "
+                f"was written with another optimizer or model (then use a fresh run directory)") from e
+        data = dict(out["data"] or {})
+        sums = data.pop(_CHECKSUM_KEY, None) or {}
+        verify_checksums(out["params"], sums.get("params"), f"{where} (params)")
+        verify_checksums(out["train"], sums.get("train"), f"{where} (train state)")
+        return out["params"], out["train"], data
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has been committed."""
@@ -258,12 +412,16 @@ def save_model_dir(path: str | os.PathLike, cfg: model_lib.ModelConfig, params: 
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _sync("ramjax_save_model_dir_start")
+    sums = tree_checksums(params)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, "params"), params)
-    ckptr.wait_until_finished()
+    try:
+        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 -- a full or read-only disk surfaces as a plain tensorstore error
+        raise _storage_error(e, f"writing model directory {path}") from e
     if primary:
         meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(cfg),
-                "num_params": model_lib.count_params(params)}
+                "num_params": model_lib.count_params(params), "checksums": sums}
         with open(os.path.join(tmp, MODEL_JSON), "w") as f:
             json.dump(meta, f, indent=2)
         _copy_tokenizer(tokenizer, tmp)
@@ -280,10 +438,22 @@ def read_model_config(path: str | os.PathLike) -> model_lib.ModelConfig:
     f = os.path.join(path, MODEL_JSON)
     if not os.path.isfile(f):
         raise CheckpointNotFoundError(f"{path!r} is not a ramjax model directory (no {MODEL_JSON})")
-    with open(f) as fh:
-        meta = json.load(fh)
+    meta = _read_model_json(path)
     return config_from_dict(meta["config"] if "config" in meta else meta)
 
+
+def _read_model_json(path: str) -> dict[str, Any]:
+    f = os.path.join(path, MODEL_JSON)
+    try:
+        with open(f, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(f"{f} is not valid JSON ({e}); the model directory is damaged: export it "
+                                     f"again (rerun the training run that wrote it) or restore it from a copy") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", meta), dict):
+        raise CheckpointCorruptError(f"{f} does not hold a model config object; the model directory is damaged: "
+                                     f"export it again or restore it from a copy")
+    return meta
 
 def load_model_dir(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
                    param_dtype: str | None = None, rules=shd.DEFAULT_RULES
@@ -305,15 +475,63 @@ def load_model_dir(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: 
         raise CheckpointNotFoundError(f"{path!r} has {MODEL_JSON} but no params/ directory")
     shapes = model_lib.param_shapes(cfg)
     ckptr = ocp.StandardCheckpointer()
-    stored = ckptr.metadata(params_dir).item_metadata
-    compare_shapes(getattr(stored, "tree", stored), shapes, f"model directory {path!r}")
+    damaged = (f"model directory {path!r} is damaged: export it again (rerun the training run that wrote it; it "
+               f"resumes from its last checkpoint) or restore it from a copy")
+    try:
+        stored = ckptr.metadata(params_dir).item_metadata
+    except Exception as e:  # noqa: BLE001 -- unreadable orbax metadata is damage
+        raise CheckpointCorruptError(f"{damaged} (params/ metadata unreadable: {_short(e)})") from e
+    stored = getattr(stored, "tree", stored)
+    compare_shapes(stored, shapes, f"model directory {path!r}")
     if mesh is not None:
         shardings = model_lib.param_shardings(cfg, mesh, rules)
     else:
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: dev, shapes)
-    params = ckptr.restore(params_dir, abstract_tree(shapes, shardings, cfg.weight_dtype))
+    target = abstract_tree(shapes, shardings, cfg.weight_dtype)
+    try:
+        params = ckptr.restore(params_dir, target)
+    except Exception as e:  # noqa: BLE001 -- truncated/missing blobs raise plain tensorstore errors
+        raise CheckpointCorruptError(f"{damaged} (params/ cannot be read: {_short(e)})") from e
+    # leaves restored in their stored dtype can be compared with the checksums written at export
+    same = [k for k, v in _flat_dtypes(stored).items() if _flat_dtypes(target).get(k) == v]
+    verify_checksums(params, _read_model_json(path).get("checksums"), f"model directory {path!r}", only=same,
+                     fix="; export it again (rerun the training run that wrote it) or restore it from a copy")
     return cfg, params
+
+
+def _flat_dtypes(tree: Any) -> dict[str, str]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_str(p): str(jnp.dtype(x.dtype)) for p, x in leaves if getattr(x, "dtype", None) is not None}
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    """One line of an exception's message (tensorstore errors span many lines)."""
+    text = " ".join(str(e).split())
+    return (text[:limit] + "...") if len(text) > limit else (text or type(e).__name__)
+
+
+class StorageError(ValueError, OSError):
+    """Writing a checkpoint or model failed because the storage is full or not writable; what was committed
+    before stays valid (a rerun resumes from the last committed checkpoint). A ValueError too, so the CLIs report
+    it like every other named error (one line, exit 2)."""
+
+
+def _storage_error(e: BaseException, what: str) -> BaseException:
+    """A named ``StorageError`` for a full/read-only disk (orbax raises tensorstore's RESOURCE_EXHAUSTED or a plain
+    OSError), else ``e`` unchanged."""
+    import errno
+
+    text = str(e)
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "RESOURCE_EXHAUSTED" in text \
+        or "No space left" in text or "Disk quota" in text
+    denied = (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM)) \
+        or "PERMISSION_DENIED" in text or "Read-only file system" in text
+    if not (full or denied):
+        return e
+    why = "the disk is full" if full else "the location is not writable"
+    return StorageError(f"{what} failed: {why} ({_short(e, 200)}). Free space (or fix permissions) and rerun: "
+                        f"the run resumes from its last committed checkpoint, nothing committed is lost")
 
 
 def _sync(name: str) -> None:
@@ -324,5 +542,6 @@ def _sync(name: str) -> None:
 
 
 __all__: Iterable[str] = ["CheckpointManager", "CheckpointMismatchError", "CheckpointNotFoundError",
+                          "CheckpointCorruptError", "StorageError", "tree_checksums", "verify_checksums",
                           "save_model_dir", "load_model_dir", "read_model_config", "is_model_dir",
                           "compare_shapes", "abstract_tree", "config_to_dict", "config_from_dict"]

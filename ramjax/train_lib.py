@@ -731,7 +731,7 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
             raise TrainConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume=false; use a fresh run_dir "
                                    f"or set checkpoint.resume=true")
         mngr = ckpt_lib.CheckpointManager(ckpt_dir)
-        resume_step = mngr.latest_step()
+        resume_step = mngr.latest_step()  # checked below against the model; damaged steps are skipped then
     if load_params and not scratch and resume_step is None:
         from ramjax import api
 
@@ -760,9 +760,10 @@ def build(cfg: Any, *, load_params: bool = True) -> Plan:
         if load_params and resume_step is None:
             params = _initial_adapter(cfg, model_cfg, frozen["inra_base"], p_sh)
     if resume_step is not None:
-        ckpt_lib.compare_shapes(mngr.stored_param_shapes(resume_step),
-                                trained_shapes if trained_shapes is not None else model_lib.param_shapes(model_cfg),
-                                f"checkpoint {ckpt_dir}/{resume_step}")
+        # the newest step whose metadata reads (a damaged newer one is skipped with a warning; ``train`` falls back
+        # further if its arrays turn out damaged too)
+        resume_step = mngr.newest_readable_step(
+            trained_shapes if trained_shapes is not None else model_lib.param_shapes(model_cfg))
     vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < model_cfg.vocab_size else None
     if cfg.stage == "trra":
         vocab_limit = tokenizer.vocab_size  # the teachers may pad their embeddings differently from the student
@@ -949,7 +950,31 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
     compiled, mem, (state_sh, batch_sh, frozen_sh) = compile_step(plan)
     num_params = _trained_count(plan)
 
-    # --- from here on the run directory is written
+    every = cfg.checkpoint.every or (plan.total_steps + 1)
+    mngr = ckpt_lib.CheckpointManager(ckpt_dir, save_every=every, keep=cfg.checkpoint.keep)
+    root = jax.random.key(cfg.seed)
+    k_params, k_train = jax.random.split(root)
+    state_abs, _ = _state_abstract(plan)
+    if plan.resume_step is not None:
+        p_abs = state_abs.params
+        train_abs = {"step": state_abs.step, "rng": state_abs.rng, "opt_state": state_abs.opt_state}
+        # the newest checkpoint that restores intact (damaged newer ones are logged and moved aside)
+        resumed, params, tr, data_state = mngr.restore_newest(p_abs, train_abs)
+        state = TrainState(step=tr["step"], params=params, opt_state=tr["opt_state"], rng=tr["rng"])
+        plan.iterator.restore(data_state)
+        log.info("resumed from %s/%d (data epoch %d, position %d)", ckpt_dir, resumed,
+                 plan.iterator.epoch, plan.iterator.position)
+    else:
+        params = plan.params
+        if params is None:  # from scratch
+            params = model_lib.init_params_sharded(plan.model_cfg, k_params, plan.mesh, plan.rules)
+        state = jax.jit(lambda p: init_state(p, plan.optimizer, k_train), out_shardings=state_sh,
+                        donate_argnums=(0,))(params)
+        resumed = 0  # a run killed before its first checkpoint starts over: drop what it logged
+    plan.params = params = None  # the state owns the params now
+
+    # --- from here on the run directory is written (only once the state is restored: a checkpoint that cannot be
+    # restored is an error that leaves the directory as it was)
     if primary:
         os.makedirs(run_dir, exist_ok=True)
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -958,32 +983,12 @@ def train(cfg: Any, *, progress: Callable[[dict[str, Any]], None] | None = None)
             "mesh": dict(plan.mesh.shape), "stage": cfg.stage, "num_params": num_params,
             "model": ckpt_lib.config_to_dict(plan.model_cfg), "total_steps": plan.total_steps,
             "warmup_steps": plan.warmup_steps, "data": plan.iterator.stats.as_dict(), "compiled_memory": mem,
-            "resumed_from": plan.resume_step, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "resumed_from": resumed if plan.resume_step is not None else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if primary:
         files.atomic_write_json(os.path.join(run_dir, "meta.json"), meta, default=str)
-    every = cfg.checkpoint.every or (plan.total_steps + 1)
-    mngr = ckpt_lib.CheckpointManager(ckpt_dir, save_every=every, keep=cfg.checkpoint.keep)
     writer = metrics_lib.MetricsWriter(run_dir, enabled=primary, tensorboard=cfg.logging.tensorboard)
-
-    root = jax.random.key(cfg.seed)
-    k_params, k_train = jax.random.split(root)
-    state_abs, _ = _state_abstract(plan)
-    if plan.resume_step is not None:
-        p_abs = state_abs.params
-        train_abs = {"step": state_abs.step, "rng": state_abs.rng, "opt_state": state_abs.opt_state}
-        params, tr, data_state = mngr.restore(plan.resume_step, p_abs, train_abs)
-        state = TrainState(step=tr["step"], params=params, opt_state=tr["opt_state"], rng=tr["rng"])
-        plan.iterator.restore(data_state)
-        writer.truncate_after(plan.resume_step)
-        log.info("resumed from %s/%d (data epoch %d, position %d)", ckpt_dir, plan.resume_step,
-                 plan.iterator.epoch, plan.iterator.position)
-    else:
-        params = plan.params
-        if params is None:  # from scratch
-            params = model_lib.init_params_sharded(plan.model_cfg, k_params, plan.mesh, plan.rules)
-        state = jax.jit(lambda p: init_state(p, plan.optimizer, k_train), out_shardings=state_sh,
-                        donate_argnums=(0,))(params)
-    plan.params = params = None  # the state owns the params now
+    writer.truncate_after(resumed)  # the file reads as one run: no step logged twice
 
     frozen = dict(plan.frozen or {})
     if cfg.stage == "dpo":
