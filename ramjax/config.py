@@ -28,6 +28,7 @@ import collections.abc
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -405,6 +406,14 @@ def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]
     return out
 
 
+def _check_finite(value: Any, key: str) -> None:
+    # inf/nan in a setting (a learning rate, a weight decay, epochs, a temperature...) silently trains or samples
+    # NaN: no setting of ramjax means anything with a non-finite number, so reject them all in one place.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number" + (" (null turns it off)" if "threshold" in key
+                                                                      else ""))
+
+
 def validate_config(cfg: Any, path: str = "") -> None:
     """Calls ``validate()`` on every dataclass in the tree, children first; errors become ``ConfigError``."""
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
@@ -416,6 +425,9 @@ def validate_config(cfg: Any, path: str = "") -> None:
         elif isinstance(v, (list, tuple)):
             for i, item in enumerate(v):
                 validate_config(item, f"{_join(path, f.name)}[{i}]")
+                _check_finite(item, f"{_join(path, f.name)}[{i}]")
+        else:
+            _check_finite(v, _join(path, f.name))
     hook = getattr(cfg, "validate", None)
     if callable(hook):
         try:
