@@ -425,9 +425,6 @@ def validate_config(cfg: Any, path: str = "") -> None:
         elif isinstance(v, (list, tuple)):
             for i, item in enumerate(v):
                 validate_config(item, f"{_join(path, f.name)}[{i}]")
-                _check_finite(item, f"{_join(path, f.name)}[{i}]")
-        else:
-            _check_finite(v, _join(path, f.name))
     hook = getattr(cfg, "validate", None)
     if callable(hook):
         try:
@@ -436,6 +433,11 @@ def validate_config(cfg: Any, path: str = "") -> None:
             raise
         except ValueError as e:
             raise ConfigError(f"{path or type(cfg).__name__}: {e}") from e
+    # after the section's own checks, whose messages are more specific
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        for i, item in enumerate(v) if isinstance(v, (list, tuple)) else [(None, v)]:
+            _check_finite(item, _join(path, f.name) + ("" if i is None else f"[{i}]"))
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any], overrides: Sequence[str] = (), validate: bool = True) -> T:

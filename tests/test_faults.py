@@ -176,3 +176,21 @@ def test_damaged_model_dir_is_a_named_error_and_rerun_exports_it_again(fx, strai
     r = train_lib.train(_cfg(overrides(fx, run_dir)))
     assert r.step == 6
     assert_same_run(run_dir, straight)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Non-finite settings
+
+
+@pytest.mark.parametrize("override,key", [("optimizer.lr=inf", "optimizer.lr"),
+                                          ("optimizer.weight_decay=inf", "optimizer.weight_decay"),
+                                          ("optimizer.clip_norm=-inf", "optimizer.clip_norm"),
+                                          ("epochs=inf", "epochs")])
+def test_non_finite_settings_are_named_errors(fx, tmp_path, override, key):
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(config_lib.ConfigError, match=rf"{key}=-?inf must be"):
+        _cfg(overrides(fx, run_dir, "steps=0", override))
+    import train as train_cli
+
+    assert train_cli.main(overrides(fx, run_dir, "steps=0", override)) == 2
+    assert not os.path.exists(run_dir)
