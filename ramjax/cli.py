@@ -24,8 +24,8 @@ and calls ``ramjax.train_lib``:
 With no arguments, or only ``key=value`` overrides without ``stage=``, it runs ``configs/default.yaml`` (the
 embedded-default pipeline) if that file exists, else prints this help. A config file with
 a top-level ``pipeline:`` section (like ``configs/default.yaml``) runs the whole embedded-default pipeline
-(``ramjax.pipeline``) instead of one stage; one with a top-level ``alphas:`` list (``configs/ablate.yaml``) runs
-the α × aligner-size sweep (``ramjax.ablate``).
+(``ramjax.experiments.pipeline``) instead of one stage; one with a top-level ``alphas:`` list (``configs/ablate.yaml``) runs
+the α × aligner-size sweep (``ramjax.experiments.ablate``).
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
 """
 
@@ -107,18 +107,18 @@ def _yaml_top_level(path: str | None) -> dict:
 
 
 def _is_pipeline_config(path: str | None) -> bool:
-    """A YAML file with a top-level ``pipeline`` mapping is a pipeline config (``ramjax.pipeline``)."""
+    """A YAML file with a top-level ``pipeline`` mapping is a pipeline config (``ramjax.experiments.pipeline``)."""
     return isinstance(_yaml_top_level(path).get("pipeline"), dict)
 
 
 def _is_ablation_config(path: str | None) -> bool:
-    """A YAML file with a top-level ``alphas`` list is an ablation sweep (``ramjax.ablate``)."""
+    """A YAML file with a top-level ``alphas`` list is an ablation sweep (``ramjax.experiments.ablate``)."""
     return "alphas" in _yaml_top_level(path)
 
 
 def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
     from ramjax import config as config_lib
-    from ramjax import pipeline
+    from ramjax.experiments import pipeline
 
     try:
         run = config_lib.load_config(pipeline.DefaultRunConfig, path, overrides)
@@ -190,7 +190,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if _is_pipeline_config(path):
             return _run_pipeline(path, overrides, dry)
         if _is_ablation_config(path) and not dry:
-            from ramjax import ablate
+            from ramjax.experiments import ablate
 
             return ablate.main([path, *overrides])
         cfg = config_lib.load_config(config_lib.TrainConfig, path, overrides)

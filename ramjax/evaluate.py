@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ramjax import files, tasks
+from ramjax import files, stats, verify
 
 logger = logging.getLogger(__name__)
 
@@ -479,28 +479,53 @@ def heldout_loglik(records: Sequence[Mapping[str, Any]], *, kind: str, proposal:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def judge_responses(records: Sequence[Mapping[str, Any]], responses: Sequence[str],
-                    verifier: Callable[[Mapping[str, Any], str], float] | None = None) -> list[dict[str, Any]]:
-    """Judges responses[i] against records[i]: ``[{"kind", "strict", "lenient"?}]``.
+def default_verifier(records: Sequence[Mapping[str, Any]]) -> verify.Verifier | None:
+    """The verifier for records that name none: exact match on ``answer`` / full regex match on ``regex`` when
+    every record carries one (``ramjax.verify.reference_verifier``), else None (nothing to judge against)."""
+    return verify.reference_verifier() if verify.has_references(records) else None
 
-    verifier None: the task suite's judge from record["prompt"] (strict and lenient). Otherwise a
-    ``tasks.make_verifier`` function (strict only); the kind is record["kind"] if present, else "data".
+
+# Short names for verifiers that live outside the library (resolved lazily, so the library imports none of them).
+VERIFIER_ALIASES: dict[str, str] = {"task": "ramjax.experiments.tasks:task_verifier"}
+
+
+def make_eval_verifier(spec: str, records: Sequence[Mapping[str, Any]], **kw: Any) -> verify.Verifier | None:
+    """A verifier by name for these records: "auto" = :func:`default_verifier`; "none" = no judging; "exact",
+    "regex", "references" (kw: field, case_sensitive, full_match); "task" (the generated suite's judge) or any
+    "module:function"."""
+    if spec == "auto":
+        return verify.reference_verifier(**kw) if verify.has_references(records) else None
+    return verify.resolve_verifier(VERIFIER_ALIASES.get(spec, spec), **kw)
+
+
+def judge_responses(records: Sequence[Mapping[str, Any]], responses: Sequence[str],
+                    verifier: verify.Verifier | None = None) -> list[dict[str, Any]]:
+    """Judges responses[i] against records[i]: ``[{"kind", "strict", "lenient"?}]`` (kind = the record's group).
+
+    verifier: ``verify(record, response)`` returning a float (strict) or {"strict", "lenient"?, "group"?} (see
+    ``ramjax.verify``); None = :func:`default_verifier` of the records (an EvalError if they have no references).
+    The group is the verifier's "group", else the record's ``family``/``category``/``kind``, else "data".
     """
     if len(records) != len(responses):
         raise EvalError(f"{len(records)} records but {len(responses)} responses; they must pair up")
-    out = []
-    for i, (r, s) in enumerate(zip(records, responses)):
+    if verifier is None:
+        verifier = default_verifier(records)
         if verifier is None:
-            if "prompt" not in r:
-                raise EvalError(f"record {i} has no 'prompt' for the task judge (keys: {sorted(r)})")
-            j = tasks.judge(r["prompt"], s)
-            out.append({"kind": j["kind"], "strict": j["strict"], "lenient": j["lenient"]})
+            raise EvalError("the records carry no 'answer' or 'regex' field to judge against; pass a verifier")
+    out = []
+    for r, s in zip(records, responses):
+        v = verifier(r, s)
+        if isinstance(v, Mapping):
+            j = {"kind": str(v.get("group") or verify.group_of(r, "data")), "strict": float(v["strict"])}
+            if v.get("lenient") is not None:
+                j["lenient"] = float(v["lenient"])
         else:
-            out.append({"kind": str(r.get("kind", "data")), "strict": float(verifier(r, s))})
+            j = {"kind": verify.group_of(r, "data"), "strict": float(v)}
+        out.append(j)
     return out
 
 
-def _ci_dict(ci: tasks.CI) -> dict[str, float]:
+def _ci_dict(ci: stats.CI) -> dict[str, float]:
     return {"mean": ci.mean, "low": ci.low, "high": ci.high}
 
 
@@ -513,15 +538,15 @@ def _weighted(values: Sequence[float | None], weights: Sequence[int]) -> float |
     return float(np.dot([p[0] for p in pairs], w) / w.sum())
 
 
-def _summarise(judged: list[dict[str, Any]], gens: list[Generation], seconds: float, *, n_boot: int,
+def _summarise(judged: list[dict[str, Any]] | None, gens: list[Generation], seconds: float, *, n_boot: int,
                seed: int) -> dict[str, Any]:
-    strict = [j["strict"] for j in judged]
+    """Per (system, decoding) summary; judged None (no references): accuracy, lenient and by_kind left empty."""
     lengths = [g.num_tokens for g in gens]
     out: dict[str, Any] = {
-        "n": len(judged),
-        "accuracy": _ci_dict(tasks.bootstrap_ci(strict, n_boot=n_boot, seed=seed)),
+        "n": len(gens),
+        "accuracy": None,
         "lenient": None,
-        "by_kind": tasks.accuracy_by_kind(judged),
+        "by_kind": {},
         "mean_length": float(np.mean(lengths)),
         "kl_fallback_rate": _weighted([g.kl_fallback_rate for g in gens], lengths),
         "ess_mean": _weighted([g.ess_mean for g in gens], lengths),
@@ -529,8 +554,12 @@ def _summarise(judged: list[dict[str, Any]], gens: list[Generation], seconds: fl
         "seconds": float(seconds),
         "tokens_per_s": float(sum(lengths) / seconds) if seconds > 0 else None,
     }
+    if judged is None:
+        return out
+    out["accuracy"] = _ci_dict(stats.bootstrap_ci([j["strict"] for j in judged], n_boot=n_boot, seed=seed))
+    out["by_kind"] = stats.accuracy_by_kind(judged)
     if all("lenient" in j for j in judged):
-        out["lenient"] = _ci_dict(tasks.bootstrap_ci([j["lenient"] for j in judged], n_boot=n_boot, seed=seed))
+        out["lenient"] = _ci_dict(stats.bootstrap_ci([j["lenient"] for j in judged], n_boot=n_boot, seed=seed))
     return out
 
 
@@ -551,7 +580,7 @@ def evaluate_systems(
     stop: Sequence[str] = (),
     baseline_name: str | None = None,
     align_records: Sequence[Mapping[str, Any]] | None = None,
-    verifier: Callable[[Mapping[str, Any], str], float] | None = None,
+    verifier: verify.Verifier | None | Literal["auto"] = "auto",
     batch_size: int = 32,
     template: str = "plain",
     n_boot: int = 1000,
@@ -562,10 +591,14 @@ def evaluate_systems(
 ) -> dict[str, Any]:
     """Runs every system under every decoding on the eval prompts and judges the responses.
 
-    eval_records: dicts with "prompt" (and "kind"/"reference" for the task suite, or the verifier's field).
+    eval_records: dicts with "prompt", the verifier's fields (``answer`` / ``regex`` for the default one) and
+        optionally a group field (``family``/``category``/``kind``) for the per-group breakdown.
     baseline_name: the system the win rates are against (default: the first); compared at the same decoding.
     align_records: {"prompt", "response"} records of S for the held-out log-likelihood (skipped if None).
-    verifier: None = the task suite's judge; else ``tasks.make_verifier(...)`` for users' data.
+    verifier: ``verify(record, response)`` (see ``ramjax.verify``); "auto" (default) = :func:`default_verifier`
+        of the records: exact/regex on their references, or, when they carry none, no judging at all (accuracy,
+        per-group accuracy and win rates are None; the responses, lengths, likelihoods and AlpacaEval files are
+        still produced). None: no judging.
     warmup: before its first decoding, run each system once on the first ``batch_size`` prompts, untimed (useful
         when all prompts fit in one batch; with several batches tokens/s already leaves the first, compiling, one
         out). The decodings share compiled code: temperatures are traced. A batch whose prompts fall in another
@@ -609,8 +642,11 @@ def evaluate_systems(
             raise EvalError(f"eval record {i} needs a 'prompt' string (keys: {sorted(r)})")
         prompts.append(r["prompt"])
 
+    if verifier == "auto":
+        verifier = default_verifier(records)
     results: dict[str, Any] = {"baseline": baseline_name, "decodings": decoding, "n_prompts": len(records),
-                               "seed": seed, "max_new_tokens": max_new_tokens, "systems": {}, "outputs": {}}
+                               "seed": seed, "max_new_tokens": max_new_tokens, "judged": verifier is not None,
+                               "systems": {}, "outputs": {}}
     scores: dict[tuple[str, str], list[float]] = {}
     loglik_cache: dict[tuple, dict[str, float]] = {}
     for sys_ in systems:
@@ -647,25 +683,32 @@ def evaluate_systems(
             gens, times = _generate(sys_, prompts, dec, **gen_kw)
             seconds = time.perf_counter() - t0
             texts = [g.text for g in gens]
-            judged = judge_responses(records, texts, verifier)
+            judged = judge_responses(records, texts, verifier) if verifier is not None else None
             summary = _summarise(judged, gens, seconds, n_boot=n_boot, seed=seed)
             summary["tokens_per_s"], summary["first_batch_excluded"] = _throughput(gens, times, seconds, batch_size)
             summary["first_batch_seconds"] = times[0] if times else None
             summary["warmup_seconds"] = warm_s
             entry["decodings"][dec] = summary
-            scores[(sys_.name, dec)] = [j["strict"] for j in judged]
+            if judged is not None:
+                scores[(sys_.name, dec)] = [j["strict"] for j in judged]
             results["outputs"][sys_.name][dec] = [
                 {"prompt": p, "response": g.text, **j, "num_tokens": g.num_tokens, "finish_reason": g.finish_reason}
-                for p, g, j in zip(prompts, gens, judged)
+                for p, g, j in zip(prompts, gens, judged or [{}] * len(gens))
             ]
-            logger.info("%s [%s]: strict %.3f [%.3f, %.3f], length %.1f, %.0f tok/s", sys_.name, dec,
-                        summary["accuracy"]["mean"], summary["accuracy"]["low"], summary["accuracy"]["high"],
-                        summary["mean_length"], summary["tokens_per_s"] or 0.0)
+            if judged is not None:
+                logger.info("%s [%s]: strict %.3f [%.3f, %.3f], length %.1f, %.0f tok/s", sys_.name, dec,
+                            summary["accuracy"]["mean"], summary["accuracy"]["low"], summary["accuracy"]["high"],
+                            summary["mean_length"], summary["tokens_per_s"] or 0.0)
+            else:
+                logger.info("%s [%s]: (not judged) length %.1f, %.0f tok/s", sys_.name, dec, summary["mean_length"],
+                            summary["tokens_per_s"] or 0.0)
     # Win rates against the baseline at the same decoding, with a paired bootstrap over prompts.
     for name, entry in results["systems"].items():
         for dec, summary in entry["decodings"].items():
-            wins = tasks.win_values(scores[(name, dec)], scores[(baseline_name, dec)])
-            summary["win_rate"] = _ci_dict(tasks.bootstrap_ci(wins, n_boot=n_boot, seed=seed))
+            summary["win_rate"] = None
+            if (name, dec) in scores:
+                wins = stats.win_values(scores[(name, dec)], scores[(baseline_name, dec)])
+                summary["win_rate"] = _ci_dict(stats.bootstrap_ci(wins, n_boot=n_boot, seed=seed))
     return results
 
 
@@ -679,23 +722,22 @@ def evaluate_file(
     *,
     responses_path: str | os.PathLike | None = None,
     response_field: str = "response",
-    verifier: Literal["task", "exact", "regex"] = "task",
+    verifier: str = "auto",
     field: str | None = None,
     case_sensitive: bool = True,
     full_match: bool = True,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Judges the responses in a JSONL file with the task judge or an exact-match / regex verifier.
+    """Judges the responses in a JSONL file with a verifier (see :func:`make_eval_verifier`).
 
-    records_path: one JSON object per line, with the verifier's field ("reference" for exact, "pattern" for regex,
-      "prompt" for task; ``field`` renames it) and, unless ``responses_path`` is given, the response in
-      ``response_field``. responses_path: a second JSONL whose i-th line's ``response_field`` answers record i
+    records_path: one JSON object per line, with the verifier's field (``answer`` for exact, ``regex`` for regex;
+      ``field`` renames it) and, unless ``responses_path`` is given, the response in ``response_field``. responses_path: a second JSONL whose i-th line's ``response_field`` answers record i
       (e.g. ``sample.py`` output).
     Returns {"n", "accuracy": {mean, low, high}, "lenient" (task judge only), "by_kind", "scores": [n floats]}.
     """
-    records = tasks.read_jsonl(records_path)
-    source = tasks.read_jsonl(responses_path) if responses_path is not None else records
+    records = files.read_jsonl(records_path, error=EvalError)
+    source = files.read_jsonl(responses_path, error=EvalError) if responses_path is not None else records
     if len(source) != len(records):
         raise EvalError(f"{os.fspath(records_path)} has {len(records)} records but {os.fspath(responses_path)} has "
                         f"{len(source)} responses; they must pair up line by line")
@@ -708,16 +750,15 @@ def evaluate_file(
         if not isinstance(v, str):
             raise EvalError(f"{where}:{i + 1}: no {response_field!r} string (keys: {sorted(r)}); set response_field")
         responses.append(v)
-    if verifier == "task":
-        judged = judge_responses(records, responses, None)
-    else:
-        fn = tasks.make_verifier(verifier, field=field, case_sensitive=case_sensitive, full_match=full_match)
-        judged = judge_responses(records, responses, fn)
+    fn = make_eval_verifier(verifier, records, field=field, case_sensitive=case_sensitive, full_match=full_match)
+    if fn is None:
+        raise EvalError(f"{os.fspath(records_path)}: no 'answer' or 'regex' field to judge against; set verifier=")
+    judged = judge_responses(records, responses, fn)
     strict = [j["strict"] for j in judged]
-    out = {"n": len(judged), "accuracy": _ci_dict(tasks.bootstrap_ci(strict, n_boot=n_boot, seed=seed)),
-           "lenient": None, "by_kind": tasks.accuracy_by_kind(judged), "scores": strict}
+    out = {"n": len(judged), "accuracy": _ci_dict(stats.bootstrap_ci(strict, n_boot=n_boot, seed=seed)),
+           "lenient": None, "by_kind": stats.accuracy_by_kind(judged), "scores": strict}
     if all("lenient" in j for j in judged):
-        out["lenient"] = _ci_dict(tasks.bootstrap_ci([j["lenient"] for j in judged], n_boot=n_boot, seed=seed))
+        out["lenient"] = _ci_dict(stats.bootstrap_ci([j["lenient"] for j in judged], n_boot=n_boot, seed=seed))
     return out
 
 
@@ -767,7 +808,7 @@ def write_outputs(run_dir: str | os.PathLike, results: Mapping[str, Any], *, alp
     for name, per_dec in results.get("outputs", {}).items():
         for dec, rows in per_dec.items():
             stem = os.path.join(out_dir, f"{_safe_name(name)}.{dec}")
-            paths.append(tasks.write_jsonl(stem + ".jsonl", rows))
+            paths.append(files.atomic_write_jsonl(stem + ".jsonl", rows))
             if alpaca:
                 paths.append(write_alpacaeval(stem + ".alpaca_eval.json", rows, [r["response"] for r in rows],
                                               generator=f"{name} ({dec})"))
@@ -829,7 +870,7 @@ def _kind_table(results: Mapping[str, Any]) -> str:
         for dec, s in entry["decodings"].items():
             bk = s["by_kind"]
             rows.append([name, dec, *[_fmt(bk[k]["strict"], 2) if k in bk else "–" for k in kinds],
-                         _fmt(bk["all"]["strict"], 2)])
+                         _fmt(bk["all"]["strict"], 2) if "all" in bk else "–"])
     return _md_table(header, rows)
 
 
@@ -881,7 +922,11 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any], stage_t
              f"normalised product softmax(log p_M + log q)).", "", table, ""]
     if notes:
         parts += [notes, ""]
-    parts += ["## Strict accuracy per task kind", "", _kind_table(results), ""]
+    if results.get("judged", True):
+        parts += ["## Strict accuracy per group", "", _kind_table(results), ""]
+    else:
+        parts += ["The held-out records carry no reference (`answer`/`regex`): responses are not judged; see "
+                  "`outputs/*.alpaca_eval.json` for an external judge.", ""]
     cost = _cost_table(results, cost_reference)
     if cost:
         parts += ["## Training cost", "", cost, ""]
@@ -951,8 +996,11 @@ class SystemConfig:
 class EvalConfig:
     """``python -m ramjax.evaluate``: judge a JSONL of responses, or run and judge systems from model directories.
 
-    eval_file:     JSONL of records ({"prompt", ...} plus the verifier's field: "reference" for exact, "pattern"
-                   for regex; the task suite's eval.jsonl works with any verifier).
+    eval_file:     JSONL of records ({"prompt", ...} plus the verifier's field: ``answer`` for exact, ``regex``
+                   for regex; optional ``family``/``category`` for a per-group breakdown).
+    verifier:      ``auto`` (exact/regex on the records' references; none there = no judging, only the
+                   likelihoods and the AlpacaEval files), ``exact``, ``regex``, ``none``, ``task`` (the generated
+                   suite's judge) or ``module:function``.
     responses_file: judge-only: the i-th line's ``response_field`` answers record i (no models are run). Without
                    it and without systems, ``eval_file`` itself must carry the responses.
     systems:       systems to run (model directories); the first is the baseline unless ``baseline`` is set.
@@ -967,7 +1015,7 @@ class EvalConfig:
     systems: tuple[SystemConfig, ...] = ()
     baseline: str | None = None
     decodings: tuple[Literal["sampled", "greedy"], ...] = ("sampled", "greedy")
-    verifier: Literal["task", "exact", "regex"] = "task"
+    verifier: str = "auto"
     verifier_field: str | None = None
     case_sensitive: bool = True
     full_match: bool = True
@@ -1014,11 +1062,11 @@ def evaluate_from_config(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
 
     from ramjax.api import load_model
 
-    records = tasks.read_jsonl(cfg.eval_file)
+    records = files.read_jsonl(cfg.eval_file, error=EvalError)
     if cfg.max_examples:
         records = records[: cfg.max_examples]
-    verifier = None if cfg.verifier == "task" else tasks.make_verifier(
-        cfg.verifier, field=cfg.verifier_field, case_sensitive=cfg.case_sensitive, full_match=cfg.full_match)
+    verifier = make_eval_verifier(cfg.verifier, records, field=cfg.verifier_field, case_sensitive=cfg.case_sensitive,
+                                  full_match=cfg.full_match)
     cache: dict[str, Any] = {}
 
     def model(path: str | None) -> Any:
@@ -1034,7 +1082,7 @@ def evaluate_from_config(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
                     "aligner_top_p": sc.aligner_top_p, "top_k": sc.top_k, "repetition_penalty": sc.repetition_penalty}
         systems.append(System(sc.name, proposal=model(sc.proposal), aligner=model(sc.aligner), mode=sc.mode,
                               corrector=model(sc.corrector), sampling=sampling))
-    align = tasks.read_jsonl(cfg.align_file) if cfg.align_file else None
+    align = files.read_jsonl(cfg.align_file, error=EvalError) if cfg.align_file else None
     results = evaluate_systems(systems, records, decoding=cfg.decodings, seed=cfg.seed,
                                max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, baseline_name=cfg.baseline,
                                align_records=align, verifier=verifier, batch_size=cfg.batch_size,

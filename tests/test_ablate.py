@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from ramjax import ablate
+from ramjax.experiments import ablate
 from ramjax.config import ConfigError, load_config
 
 N_PROMPTS = 20
@@ -153,7 +153,8 @@ def test_real_cells_end_to_end(tmp_path):
     """The default runner with ramjax.train_lib and the sampler on tiny models: 2 sizes (one from a pretrained
     base) × 1 α, then a rerun that reuses everything."""
     pytest.importorskip("ramjax.sampler")
-    from ramjax import checkpoint, tasks
+    from ramjax import checkpoint
+    from ramjax.experiments import tasks
     from ramjax.tokenizer import load_tokenizer
     from test_evaluate import _tiny_model
     from tokenizer_fixtures import make_sentencepiece
@@ -191,7 +192,7 @@ def test_reused_cell_with_other_settings_is_reported(tmp_path, caplog):
     cfg = _cfg(tmp_path, alphas=(1e-3,), sizes=(ablate.AlignerSize("small"),))
     ablate.run_ablation(cfg, cell_fn=FakeCell(), baseline_fn=None)
     fake = FakeCell()
-    with caplog.at_level("WARNING", logger="ramjax.ablate"):
+    with caplog.at_level("WARNING", logger="ramjax.experiments.ablate"):
         ablate.run_ablation(cfg, cell_fn=fake, baseline_fn=None)
         assert not caplog.records
         changed = _cfg(tmp_path, alphas=(1e-3,), sizes=(ablate.AlignerSize("small"),), max_new_tokens=99)

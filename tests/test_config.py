@@ -56,10 +56,10 @@ def test_defaults_and_every_shipped_config_load():
     files = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
     names = {os.path.basename(f) for f in files}
     assert {"pretrain.yaml", "sft.yaml", "dpo.yaml", "ram.yaml", "sample.yaml"} <= names
-    from ramjax.ablate import AblateConfig
+    from ramjax.experiments.ablate import AblateConfig
     from ramjax.evaluate import EvalConfig
-    from ramjax.pipeline import DefaultRunConfig
-    from ramjax.realign_sweep import RealignSweepConfig
+    from ramjax.experiments.pipeline import DefaultRunConfig
+    from ramjax.experiments.realign_sweep import RealignSweepConfig
 
     other = {"default.yaml": DefaultRunConfig, "ablate.yaml": AblateConfig, "eval.yaml": EvalConfig,
              "realign_sweep.yaml": RealignSweepConfig}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ramjax import evaluate as ev
-from ramjax import tasks
+from ramjax.experiments import tasks
 from ramjax.api import Model
 from ramjax.model import ModelConfig, param_shapes
 
@@ -57,7 +57,8 @@ def stub_results():
         ev.System("good", mode="product", generate_fn=_canned(good, kl=kl, ess=ess)),
         ev.System("chatty", generate_fn=_canned(chatty), train_cost=ev.training_cost(12.0, params=1000, tokens=500)),
     ]
-    res = ev.evaluate_systems(systems, recs, baseline_name="base", seed=0, n_boot=300, batch_size=8, warmup=True)
+    res = ev.evaluate_systems(systems, recs, baseline_name="base", seed=0, n_boot=300, batch_size=8, warmup=True,
+                              verifier=tasks.task_verifier)
     return dict(res=res, recs=recs, base=base, good=good, chatty=chatty, right=right, kl=kl, ess=ess,
                 systems=systems)
 
@@ -134,7 +135,7 @@ def test_report_files(stub_results, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert table in md and "## Stage times" in md and "| **total** | 12.5 |" in md
     assert "## Training cost" in md and "| chatty | 12.0 | 1,000 | 500 | 3.00e+06 |" in md  # 6 · 1000 params · 500 tokens
-    assert "## Strict accuracy per task kind" in md and "![acc.png](plots/acc.png)" in md and "![curves.png](plots/curves.png)" in md
+    assert "## Strict accuracy per group" in md and "![acc.png](plots/acc.png)" in md and "![curves.png](plots/curves.png)" in md
     # judged outputs and AlpacaEval files
     rows_out = tasks.read_jsonl(tmp_path / "outputs" / "good.greedy.jsonl")
     assert len(rows_out) == len(stub_results["recs"])
@@ -323,12 +324,12 @@ def test_evaluate_file_task_judge_and_config(tmp_path):
     recs = _records(14)
     rows = [{**r, "response": tasks.canonical_answer(r["prompt"]) if i % 2 else "nope"} for i, r in enumerate(recs)]
     path = tasks.write_jsonl(tmp_path / "judged.jsonl", rows)
-    res = ev.evaluate_file(path, n_boot=100)
+    res = ev.evaluate_file(path, verifier="task", n_boot=100)
     assert res["accuracy"]["mean"] == pytest.approx(0.5) and res["lenient"]["mean"] == pytest.approx(0.5)
     # the same through the config entry point (judge-only: no systems)
     from ramjax.config import load_config
 
-    cfg = load_config(ev.EvalConfig, None, [f"eval_file={path}", f"run_dir={tmp_path / 'run'}", "n_boot=100"])
+    cfg = load_config(ev.EvalConfig, None, [f"eval_file={path}", f"run_dir={tmp_path / 'run'}", "n_boot=100", "verifier=task"])
     out, table = ev.evaluate_from_config(cfg)
     assert out["accuracy"]["mean"] == pytest.approx(0.5) and "strict accuracy 0.500" in table
     assert json.loads((tmp_path / "run" / "results.json").read_text())["n"] == 14
@@ -352,7 +353,7 @@ def _is_png(path):
 
 
 def test_plots(stub_results, tmp_path):
-    from ramjax import plots
+    from ramjax.experiments import plots
 
     assert _is_png(plots.plot_accuracy(stub_results["res"], tmp_path / "p" / "acc.png"))
     assert _is_png(plots.plot_accuracy(stub_results["res"], tmp_path / "win.png", metric="win_rate"))

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from ramjax import config as config_lib
-from ramjax import pipeline
+from ramjax.experiments import pipeline
 
 TINY = ["pipeline.n_corpus=1500", "pipeline.n_align=1000", "pipeline.n_pref=100", "pipeline.n_eval=16",
         "pipeline.proposal_steps=3", "pipeline.warmup_steps=2", "pipeline.aligner_pretrain_steps=2",

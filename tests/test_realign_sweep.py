@@ -1,4 +1,4 @@
-"""The λ sweep runner (ramjax.realign_sweep) on a tiny default-run layout: table/JSON/plots, per-cell resume, and
+"""The λ sweep runner (ramjax.experiments.realign_sweep) on a tiny default-run layout: table/JSON/plots, per-cell resume, and
 InRa at λ = 0 (λ = 1) giving exactly the base (adapted) model's outputs."""
 import json
 import os
@@ -10,8 +10,9 @@ import pytest
 
 from ramjax import checkpoint as ckpt_lib
 from ramjax import model as model_lib
-from ramjax import realign, tasks
-from ramjax import realign_sweep as rs
+from ramjax import realign
+from ramjax.experiments import tasks
+from ramjax.experiments import realign_sweep as rs
 from ramjax.config import ConfigError, config_from_dict, load_config
 
 

@@ -1,14 +1,13 @@
-"""Tests of the task suite: verifiers per kind, generators (determinism, proportions, the held-out split),
-and the evaluation helpers (bootstrap interval, win rate, exact/regex verifiers)."""
+"""Tests of the task suite: verifiers per kind, generators (determinism, proportions, the held-out split), the
+judge as a ``ramjax.verify`` verifier. The library statistics and verifiers are tested in test_verify.py."""
 import json
-import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ramjax import tasks as T
+from ramjax.experiments import tasks as T
 
 # Hand-written cases: (prompt, canonical answer, some wrong answers).
 KNOWN = [
@@ -228,81 +227,8 @@ def test_generate_task_data_and_jsonl(tmp_path):
     assert T.read_jsonl(paths["pretrain"]) == T.pretrain_text(T.general_corpus(120, 5))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": 1}\n{oops\n')
-    with pytest.raises(T.TaskError, match="bad.jsonl:2"):
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
         T.read_jsonl(bad)
-
-
-def test_accuracy_by_kind_hand_computed():
-    res = [
-        {"kind": "add", "strict": 1.0, "lenient": 1.0},
-        {"kind": "add", "strict": 0.0, "lenient": 1.0},
-        {"kind": "max", "strict": 0.0, "lenient": 0.0},
-        {"kind": "add", "strict": 1.0, "lenient": 1.0},
-    ]
-    acc = T.accuracy_by_kind(res)
-    assert acc["add"] == {"n": 3, "strict": pytest.approx(2 / 3), "lenient": 1.0}
-    assert acc["max"] == {"n": 1, "strict": 0.0, "lenient": 0.0}
-    assert acc["all"] == {"n": 4, "strict": 0.5, "lenient": 0.75}
-    with pytest.raises(T.TaskError, match="lacks"):
-        T.accuracy_by_kind([{"strict": 1.0}])
-
-
-def test_bootstrap_ci():
-    rng = np.random.default_rng(0)
-    small = (rng.random(50) < 0.3).astype(float)
-    big = (rng.random(5000) < 0.3).astype(float)
-    ci_s, ci_b = T.bootstrap_ci(small), T.bootstrap_ci(big)
-    for x, ci in ((small, ci_s), (big, ci_b)):
-        assert ci.mean == pytest.approx(x.mean())
-        assert ci.low <= ci.mean <= ci.high
-    assert (ci_b.high - ci_b.low) < (ci_s.high - ci_s.low) / 5  # width ~ 1/sqrt(n): ratio 10 expected
-    # Against the normal approximation: half-width 1.96 * sqrt(p (1 - p) / n).
-    half = 1.96 * math.sqrt(big.mean() * (1 - big.mean()) / big.size)
-    assert (ci_b.high - ci_b.low) / 2 == pytest.approx(half, rel=0.15)
-    assert T.bootstrap_ci(big, seed=3) == T.bootstrap_ci(big, seed=3)
-    assert T.bootstrap_ci([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
-    with pytest.raises(T.TaskError, match="at least one"):
-        T.bootstrap_ci([])
-
-
-def test_win_rate_with_ties():
-    assert T.win_rate([1, 1, 1, 0], [0, 1, 0, 0]) == 0.75  # win, tie, win, tie
-    assert T.win_rate([0, 1, 0.5], [1, 0, 0.5]) == 0.5
-    assert T.win_values([0.2, 0.7], [0.5, 0.7]).tolist() == [0.0, 0.5]
-    rng = np.random.default_rng(1)
-    a, b = rng.integers(0, 2, 100), rng.integers(0, 2, 100)
-    assert T.win_rate(a, b) + T.win_rate(b, a) == pytest.approx(1.0)
-    with pytest.raises(T.TaskError, match="equal length"):
-        T.win_rate([1, 0], [1])
-
-
-def test_exact_and_regex_verifiers():
-    exact = T.make_verifier("exact")
-    assert exact({"reference": "42"}, " 42\n") == 1.0
-    assert exact({"reference": "42"}, "42.") == 0.0
-    assert exact({"reference": ["forty two", "42"]}, "forty  two") == 1.0
-    assert exact({"reference": "Paris"}, "paris") == 0.0
-    assert T.make_verifier("exact", case_sensitive=False)({"reference": "Paris"}, "PARIS") == 1.0
-    assert T.make_verifier("exact", field="answer")({"answer": "x"}, "x") == 1.0
-
-    rx = T.make_verifier("regex")
-    assert rx({"pattern": r"\d+"}, " 123 ") == 1.0
-    assert rx({"pattern": r"\d+"}, "It is 123") == 0.0  # full match by default
-    assert T.make_verifier("regex", full_match=False)({"pattern": r"\b123\b"}, "It is 123") == 1.0
-    assert rx({"pattern": [r"yes", r"y"]}, "y") == 1.0
-    assert T.make_verifier("regex", case_sensitive=False)({"pattern": "yes"}, "YES") == 1.0
-
-    task = T.make_verifier("task")
-    assert task({"prompt": "Add 2 and 3."}, "5") == 1.0 and task({"prompt": "Add 2 and 3."}, "6") == 0.0
-
-    with pytest.raises(T.VerifierError, match="lacks the 'reference' field"):
-        exact({"pattern": "x"}, "x")
-    with pytest.raises(T.VerifierError, match="bad regex"):
-        rx({"pattern": "("}, "x")
-    with pytest.raises(T.VerifierError, match="list of strings"):
-        exact({"reference": 42}, "42")
-    with pytest.raises(T.VerifierError, match="unknown verifier kind"):
-        T.make_verifier("fuzzy")
 
 
 def test_score_records_on_eval_file_matches_judge():
@@ -315,6 +241,9 @@ def test_score_records_on_eval_file_matches_judge():
     assert 0 < by_exact.mean() < 1
     with pytest.raises(T.VerifierError, match="pair up"):
         T.score_records(recs, responses[:-1], T.make_verifier("exact"))
+    # the judge as a verifier for ramjax.evaluate: strict, lenient and the kind as the group
+    assert T.task_verifier({"prompt": "Add 2 and 3."}, "5") == {"strict": 1.0, "lenient": 1.0, "group": "add"}
+    assert T.task_verifier({"prompt": "Max: 1 5"}, "It is 5!")["strict"] == 0.0
 
 
 def test_final_period_and_spacing_are_tolerated_in_prompts():

@@ -7,7 +7,7 @@ Stages (each writes ``run_dir/<stage>/`` and is skipped when its output already 
 continues where it stopped):
 
  1. ``data``         generate the task suite: corpus D (mixed quality), alignment set S, preference pairs, held-out
-                     evaluation prompts (``ramjax.tasks``), as ordinary JSONL files;
+                     evaluation prompts (``ramjax.experiments.tasks``), as ordinary JSONL files;
  2. ``tokenizer``    train a small sentencepiece tokenizer on D;
  3. ``proposal``     pretrain P_M from scratch on D;
  4. ``warmup``       short SFT of P_M on a slice of S (the paper's warm-up);
@@ -196,8 +196,9 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
     on_stage(stage, event, seconds): event "start" or "done" (with the stage's seconds) or "skip".
     train_progress(stage, info): forwarded from ``train_lib.train``'s progress callback.
     """
-    from ramjax import api, evaluate, plots, sampler, tasks, train_lib
+    from ramjax import api, evaluate, sampler, train_lib
     from ramjax import tokenizer as tok_lib
+    from ramjax.experiments import plots, tasks
 
     p = run.pipeline
     rd = run.run_dir
@@ -339,7 +340,7 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
         if p.baselines:
             systems += _baseline_systems(load, warm, aligner, ram_sampling, cost)
         results = evaluate.evaluate_systems(
-            systems, tasks.read_jsonl(f["eval"]), seed=run.seed, max_new_tokens=p.max_new_tokens,
+            systems, tasks.read_jsonl(f["eval"]), verifier=tasks.task_verifier, seed=run.seed, max_new_tokens=p.max_new_tokens,
             stop=["\n\nHuman:"], baseline_name="P_M (warmed up)", align_records=tasks.read_jsonl(f["align"])[:200],
             batch_size=p.eval_batch_size)
         plot_dir = os.path.join(rd, "plots")

@@ -3,7 +3,7 @@
 Drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``; pyplot is never imported), so
 plotting works headless, touches no global state and is safe in threads. Every function writes one PNG and
 returns its path. Values with intervals are given as ``{"mean", "low", "high"}`` dicts (what
-``ramjax.evaluate`` and ``ramjax.ablate`` produce) or as plain floats (no interval).
+``ramjax.evaluate`` and ``ramjax.experiments.ablate`` produce) or as plain floats (no interval).
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def _lines(rows: Sequence[Mapping[str, Any]], x: str, y: str, group: str | None)
         xs = [p[0] for p in pts]
         if len(set(xs)) != len(xs):
             raise PlotError(f"line {label or y!r} has several points at the same {x}; aggregate seeds first "
-                            f"(ramjax.ablate.aggregate)")
+                            f"(ramjax.experiments.ablate.aggregate)")
         pts.sort()
     return out
 

@@ -1,7 +1,7 @@
 """Ablations of the RAM aligner: α × aligner size (× seeds), reusing one proposal and its one-time samples.
 
-    python -m ramjax.ablate configs/ablate.yaml [key=value ...]
-    python -m ramjax.ablate configs/ablate.yaml 'alphas=[1e-4,1e-2]' 'seeds=[0,1]'
+    python -m ramjax.experiments.ablate configs/ablate.yaml [key=value ...]
+    python -m ramjax.experiments.ablate configs/ablate.yaml 'alphas=[1e-4,1e-2]' 'seeds=[0,1]'
 
 For every cell (aligner size, α, seed) the runner trains an aligner with the RAM stage of ``train_lib.train`` (a
 ``TrainConfig`` built from ``base_config`` + ``base_overrides`` + the size's overrides + α and seed), evaluates
@@ -37,7 +37,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ramjax import tasks
+from ramjax import stats
+from ramjax.experiments import tasks
 from ramjax.evaluate import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def _evaluate(cfg: AblateConfig, systems: list) -> dict[str, Any]:
     from ramjax import evaluate as ev
 
     align = tasks.read_jsonl(cfg.align_file) if cfg.align_file else None
-    res = ev.evaluate_systems(systems, _eval_records(cfg), decoding=cfg.decodings, seed=cfg.eval_seed,
+    res = ev.evaluate_systems(systems, _eval_records(cfg), verifier=tasks.task_verifier, decoding=cfg.decodings, seed=cfg.eval_seed,
                               max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, align_records=align,
                               batch_size=cfg.eval_batch_size, n_boot=cfg.n_boot)
     metrics, loglik = {}, {}
@@ -482,8 +483,8 @@ def aggregate(cfg: AblateConfig, results: Mapping[str, Mapping[str, Any]],
                         row[key] = _pool(key, [g[2] for g in got], cfg)
                     base_scores = (base or {}).get(dec, {}).get("scores") if base else None
                     if base_scores is not None and all(g[2].get("scores") is not None for g in got):
-                        wins = np.concatenate([tasks.win_values(g[2]["scores"], base_scores) for g in got])
-                        row["win_rate"] = _ci(tasks.bootstrap_ci(wins, n_boot=cfg.n_boot, seed=0))
+                        wins = np.concatenate([stats.win_values(g[2]["scores"], base_scores) for g in got])
+                        row["win_rate"] = _ci(stats.bootstrap_ci(wins, n_boot=cfg.n_boot, seed=0))
                     means = [_iv(g[2].get(cfg.metric))[0] for g in got if _iv(g[2].get(cfg.metric)) is not None]
                     row["seed_sd"] = float(np.std(means, ddof=1)) if len(means) > 1 else None
                     lls = [g[1].get("loglik", {}).get(mode) for g in got]
@@ -497,13 +498,13 @@ def aggregate(cfg: AblateConfig, results: Mapping[str, Mapping[str, Any]],
     return rows
 
 
-def _ci(ci: tasks.CI) -> dict[str, float]:
+def _ci(ci: stats.CI) -> dict[str, float]:
     return {"mean": ci.mean, "low": ci.low, "high": ci.high}
 
 
 def _pool(key: str, ms: Sequence[Mapping[str, Any]], cfg: AblateConfig) -> dict[str, float] | None:
     if key == "accuracy" and all(m.get("scores") is not None for m in ms):
-        return _ci(tasks.bootstrap_ci(np.concatenate([np.asarray(m["scores"], float) for m in ms]),
+        return _ci(stats.bootstrap_ci(np.concatenate([np.asarray(m["scores"], float) for m in ms]),
                                       n_boot=cfg.n_boot, seed=0))
     ivs = [_iv(m.get(key)) for m in ms]
     ivs = [v for v in ivs if v is not None]
@@ -538,7 +539,7 @@ def ablation_table(rows: Sequence[Mapping[str, Any]], cfg: AblateConfig | None =
 
 
 def _plot(cfg: AblateConfig, rows: Sequence[Mapping[str, Any]], baseline: Mapping[str, Any] | None) -> list[str]:
-    from ramjax import plots
+    from ramjax.experiments import plots
 
     base = _baseline_metrics(baseline) or {}
     out = []
@@ -573,7 +574,7 @@ def _report(cfg: AblateConfig, table: str, rows: Sequence[Mapping[str, Any]], pl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ramjax.ablate [CONFIG.yaml] [key=value ...]``: runs or resumes the sweep, prints the table."""
+    """``python -m ramjax.experiments.ablate [CONFIG.yaml] [key=value ...]``: runs or resumes the sweep, prints the table."""
     from ramjax import config as config_lib
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,7 +1,7 @@
 """The λ sweep of flexible realignment on the task suite: judge accuracy and response length vs λ, InRa and TrRa.
 
-    python -m ramjax.realign_sweep configs/realign_sweep.yaml [key=value ...]
-    python -m ramjax.realign_sweep configs/realign_sweep.yaml default_run=/tmp/full1 run_dir=runs/sweep
+    python -m ramjax.experiments.realign_sweep configs/realign_sweep.yaml [key=value ...]
+    python -m ramjax.experiments.realign_sweep configs/realign_sweep.yaml default_run=/tmp/full1 run_dir=runs/sweep
 
 After the embedded default (``python train.py`` → ``runs/default``), with ``base`` = the warmed-up P_M and
 ``aligned`` = its SFT model:
@@ -31,7 +31,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from ramjax import config as config_lib
-from ramjax import tasks
+from ramjax import stats
+from ramjax.experiments import tasks
 from ramjax.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class TrraSweepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RealignSweepConfig:
-    """``python -m ramjax.realign_sweep``: the InRa and TrRa λ sweeps on the task suite.
+    """``python -m ramjax.experiments.realign_sweep``: the InRa and TrRa λ sweeps on the task suite.
 
     default_run: a finished default pipeline run; ``base``, ``aligned``, ``align_file`` and ``eval_file`` left
                  null are its ``warmup/model``, ``sft/model``, ``data/align.jsonl`` and ``data/eval.jsonl``.
@@ -249,7 +250,7 @@ def summarise(records: Sequence[Mapping[str, Any]], results: Sequence[Any], *, n
     if len(records) != len(results):
         raise SweepError(f"{len(records)} records but {len(results)} responses")
     strict = [tasks.judge(r["prompt"], s.text or "")["strict"] for r, s in zip(records, results)]
-    ci = tasks.bootstrap_ci(strict, n_boot=n_boot, seed=seed)
+    ci = stats.bootstrap_ci(strict, n_boot=n_boot, seed=seed)
     return {"n": len(records), "accuracy": {"mean": ci.mean, "low": ci.low, "high": ci.high},
             "mean_length": float(np.mean([s.length for s in results])),
             "eos_rate": float(np.mean([s.finish_reason == "eos" for s in results])),
@@ -339,7 +340,8 @@ def run_sweep(cfg: RealignSweepConfig, cell_fn: CellFn | None = None,
     unless replaced); its result is written to ``run_dir/cells/<cell.name>.json`` and never recomputed.
     on_cell(cell, "start" | "done" | "skip", seconds). ``computed`` lists the cells run by this call.
     """
-    from ramjax import evaluate, plots
+    from ramjax import evaluate
+    from ramjax.experiments import plots
 
     cell_fn = cell_fn or default_cell
     notify = on_cell or (lambda *a: None)
@@ -398,7 +400,7 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ramjax.realign_sweep [CONFIG.yaml] [key=value ...]``: prints the config, progress, the table."""
+    """``python -m ramjax.experiments.realign_sweep [CONFIG.yaml] [key=value ...]``: prints the config, progress, the table."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -27,8 +27,9 @@ prompt space is split by a stable hash (:func:`is_eval_prompt`): training genera
 the training side and :func:`eval_prompts` only from the held-out side, so no evaluation prompt is ever seen
 in training, whatever the seeds and sizes.
 
-The evaluation helpers (:func:`judge`, :func:`accuracy_by_kind`, :func:`bootstrap_ci`, :func:`win_rate`,
-:func:`make_verifier`) also serve users' own data through exact-match and regex verifiers.
+:func:`task_verifier` is the judge as a ``ramjax.verify`` verifier for ``ramjax.evaluate``. The statistics
+(``ramjax.stats``) and verifiers (``ramjax.verify``) live in the library and are
+re-exported here for the experiment drivers.
 """
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ramjax import files
+from ramjax.stats import CI, accuracy_by_kind, bootstrap_ci, win_rate, win_values
+from ramjax.verify import VerifierError, make_verifier, score_records
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ __all__ = [
     "win_rate",
     "make_verifier",
     "score_records",
+    "task_verifier",
 ]
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,10 +109,6 @@ class TaskParseError(TaskError):
 
 class TaskConfigError(TaskError):
     """Bad generator settings: unknown kinds, bad proportions, impossible sizes."""
-
-
-class VerifierError(TaskError):
-    """A verifier was built with bad settings or given a record without the field it needs."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -828,160 +828,9 @@ def generate_task_data(
 # ---------------------------------------------------------------------------------------------------------
 
 
-class CI(NamedTuple):
-    """A point estimate with a confidence interval [low, high]."""
-
-    mean: float
-    low: float
-    high: float
-
-
-def accuracy_by_kind(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean scores per kind from judged results (dicts with "kind" and "strict", optionally "lenient").
-
-    Returns {kind: {"n", "strict", "lenient"?}, ..., "all": {...}}, kinds sorted; "lenient" only where every
-    result of that group has one.
-    """
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    allr = []
-    for i, r in enumerate(results):
-        if "kind" not in r or "strict" not in r:
-            raise TaskError(f"result {i} lacks 'kind' or 'strict' (keys: {sorted(r)}); pass judge() outputs")
-        groups.setdefault(str(r["kind"]), []).append(r)
-        allr.append(r)
-
-    def summary(rs: list[Mapping[str, Any]]) -> dict[str, float]:
-        s: dict[str, float] = {"n": len(rs), "strict": float(np.mean([r["strict"] for r in rs])) if rs else 0.0}
-        if rs and all("lenient" in r for r in rs):
-            s["lenient"] = float(np.mean([r["lenient"] for r in rs]))
-        return s
-
-    out = {k: summary(groups[k]) for k in sorted(groups)}
-    out["all"] = summary(allr)
-    return out
-
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> CI:
-    """Percentile-bootstrap confidence interval of the mean of values (shape [n]).
-
-    Resamples n values with replacement n_boot times (numpy Generator seeded with seed) and takes the
-    (1-level)/2 and (1+level)/2 quantiles of the resampled means; the interval is widened if needed so that it
-    always contains the sample mean.
-    """
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    if x.size == 0:
-        raise TaskError("bootstrap_ci needs at least one value")
-    if not np.all(np.isfinite(x)):
-        raise TaskError("bootstrap_ci got non-finite values")
-    if not (0.0 < level < 1.0):
-        raise TaskError(f"level must be in (0, 1), got {level}")
-    n_boot = _check_n(n_boot, "n_boot")
-    if n_boot < 1:
-        raise TaskError("n_boot must be >= 1")
-    rng = np.random.default_rng(seed)
-    mean = float(x.mean())
-    # Draw in chunks to bound memory at ~8M indices whatever n.
-    chunk = max(1, 8_000_000 // x.size)
-    means = np.concatenate(
-        [x[rng.integers(x.size, size=(min(chunk, n_boot - s), x.size))].mean(axis=1) for s in range(0, n_boot, chunk)]
-    )
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return CI(mean, float(min(lo, mean)), float(max(hi, mean)))
-
-
-def win_values(scores_a: Sequence[float], scores_b: Sequence[float]) -> np.ndarray:
-    """Per-example outcome of a against b: 1.0 win, 0.5 tie, 0.0 loss. Shape [n]."""
-    a = np.asarray(scores_a, dtype=np.float64).reshape(-1)
-    b = np.asarray(scores_b, dtype=np.float64).reshape(-1)
-    if a.shape != b.shape:
-        raise TaskError(f"win rate needs paired scores of equal length, got {a.size} and {b.size}")
-    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
-
-
-def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
-    """Pairwise win rate of system a over b on the same prompts, ties counted 0.5 (0.5 = no difference)."""
-    v = win_values(scores_a, scores_b)
-    if v.size == 0:
-        raise TaskError("win_rate needs at least one pair of scores")
-    return float(v.mean())
-
-
-def make_verifier(
-    kind: str = "exact",
-    *,
-    field: str | None = None,
-    strip: bool = True,
-    collapse_whitespace: bool = True,
-    case_sensitive: bool = True,
-    full_match: bool = True,
-) -> Callable[[Mapping[str, Any], str], float]:
-    """A verifier for users' JSONL records: verify(record, response) -> 1.0 or 0.0.
-
-    kind="exact": the response equals record[field or "reference"] (a str, or a list of accepted strs), after
-      stripping and collapsing whitespace (by default) and optionally ignoring case.
-    kind="regex": record[field or "pattern"] (a regex, or a list of them; any may match) matches the response,
-      the whole of it if full_match (default) else anywhere (re.search).
-    kind="task": the built-in strict judge, from record["prompt"] alone.
-    """
-
-    def norm(s: str) -> str:
-        if collapse_whitespace:
-            s = " ".join(s.split())
-        elif strip:
-            s = s.strip()
-        return s if case_sensitive else s.casefold()
-
-    def get(record: Mapping[str, Any], key: str) -> list[str]:
-        if key not in record:
-            raise VerifierError(f"record lacks the {key!r} field the {kind} verifier reads (keys: {sorted(record)})")
-        v = record[key]
-        vals = [v] if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else None
-        if vals is None or not all(isinstance(s, str) for s in vals):
-            raise VerifierError(f"field {key!r} must be a string or a list of strings, got {v!r}")
-        return vals
-
-    if kind == "exact":
-        key = field or "reference"
-
-        def verify(record: Mapping[str, Any], response: str) -> float:
-            r = norm(response)
-            return 1.0 if any(norm(ref) == r for ref in get(record, key)) else 0.0
-
-    elif kind == "regex":
-        key = field or "pattern"
-        flags = 0 if case_sensitive else re.IGNORECASE
-        cache: dict[str, re.Pattern] = {}
-
-        def compile_(p: str) -> re.Pattern:
-            if p not in cache:
-                try:
-                    cache[p] = re.compile(p, flags)
-                except re.error as e:
-                    raise VerifierError(f"bad regex {p!r} in field {key!r}: {e}") from None
-            return cache[p]
-
-        def verify(record: Mapping[str, Any], response: str) -> float:
-            r = response.strip() if strip else response
-            match = (lambda rx: rx.fullmatch(r)) if full_match else (lambda rx: rx.search(r))
-            return 1.0 if any(match(compile_(p)) for p in get(record, key)) else 0.0
-
-    elif kind == "task":
-        key = field or "prompt"
-
-        def verify(record: Mapping[str, Any], response: str) -> float:
-            return score(get(record, key)[0], response)
-
-    else:
-        raise VerifierError(f"unknown verifier kind {kind!r}; expected 'exact', 'regex' or 'task'")
-    return verify
-
-
-def score_records(
-    records: Sequence[Mapping[str, Any]],
-    responses: Sequence[str],
-    verifier: Callable[[Mapping[str, Any], str], float],
-) -> np.ndarray:
-    """Scores responses[i] against records[i] with a verifier from make_verifier. Returns shape [n] float64."""
-    if len(records) != len(responses):
-        raise VerifierError(f"{len(records)} records but {len(responses)} responses; they must pair up")
-    return np.asarray([verifier(r, s) for r, s in zip(records, responses)], dtype=np.float64)
+def task_verifier(record: Mapping[str, Any], response: str) -> dict[str, Any]:
+    """The suite's judge as a ``ramjax.verify`` verifier: {"strict", "lenient", "group"} from record["prompt"]."""
+    if "prompt" not in record:
+        raise VerifierError(f"record has no 'prompt' for the task judge (keys: {sorted(record)})")
+    j = judge(record["prompt"], response)
+    return {"strict": j["strict"], "lenient": j["lenient"], "group": j["kind"]}
