@@ -71,7 +71,9 @@ def test_wheel_builds_offline_with_the_library_and_console_scripts(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         modules = {n for n in names if n.startswith("ramjax/") and n.endswith(".py")}
-        want = {f"ramjax/{f}" for f in os.listdir(os.path.join(ROOT, "ramjax")) if f.endswith(".py")}
+        want = {os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")
+                for d, _, fs in os.walk(os.path.join(ROOT, "ramjax")) if "__pycache__" not in d
+                for f in fs if f.endswith(".py")}  # subpackages (ramjax/experiments) included
         assert modules == want  # the whole library, and nothing from tests/ or the scripts
         meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         entry_points = z.read(meta).decode()
