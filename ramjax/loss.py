@@ -84,6 +84,47 @@ def count_examples(loss_mask_bt: jax.Array, segment_ids_bt: jax.Array | None = N
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Chunked LM head: never hold [B, T, V] logits
+
+
+def chunked_sums(fn: Any, seq_arrays: Any, chunk: int) -> Any:
+    """``Σ_c fn(chunk c of seq_arrays)`` over blocks of ``chunk`` sequence positions, one block at a time.
+
+    seq_arrays: a pytree of ``[B, T, ...]`` arrays (hidden states of the models involved, targets, masks, segment
+    ids...). fn: maps the same pytree with ``[B, C, ...]`` leaves to a pytree of *sums over positions* (every
+    objective here is one: token log-prob sums, per-row or per-segment sums, KL and metric sums), typically by
+    applying the LM head (``model.logits_from_hidden``) to the block and calling the unchunked loss on it.
+    Each block runs under ``jax.checkpoint`` inside a ``lax.scan``: the forward holds one ``[B, C, V]`` block of
+    logits at a time and the backward recomputes it instead of storing it, so peak logits memory is
+    ``B·C·V`` floats instead of ``B·T·V``. ``T`` is padded up to a multiple of ``C`` with zeros, so fn must give
+    nothing for positions whose loss mask (and segment id) is 0 — every loss in this module does.
+    The result equals ``fn(seq_arrays)`` up to float32 summation order.
+    """
+    leaves = jax.tree_util.tree_leaves(seq_arrays)
+    T = leaves[0].shape[1]
+    C = max(1, min(int(chunk), T))
+    n = -(-T // C)
+
+    def split(x):
+        pad = n * C - T
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(x.shape[0], n, C, *x.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
+
+    blocks = jax.tree_util.tree_map(split, seq_arrays)
+    body_fn = jax.checkpoint(fn)
+    first = jax.tree_util.tree_map(lambda x: x[0], blocks)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
+
+    def body(acc, blk):
+        out = body_fn(blk)
+        return jax.tree_util.tree_map(jnp.add, acc, out), None
+
+    total, _ = jax.lax.scan(body, zeros, blocks)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------------------
 # SFT / pretraining: token-level negative log-likelihood
 
 
@@ -196,6 +237,6 @@ def validate_dpo(beta: float, label_smoothing: float) -> None:
 
 from ramjax.realign import TopKTeacher, trra_loss, trra_teacher_logprobs, trra_topk_teacher  # noqa: E402
 
-__all__: list[Any] = ["LossConfigError", "token_logprobs", "sequence_logprobs", "count_examples", "sft_loss",
+__all__: list[Any] = ["LossConfigError", "chunked_sums", "token_logprobs", "sequence_logprobs", "count_examples", "sft_loss",
                       "pretrain_loss", "validate_alpha", "ram_sums", "ram_loss", "dpo_loss", "validate_dpo",
                       "trra_loss", "trra_teacher_logprobs", "trra_topk_teacher", "TopKTeacher"]

@@ -544,6 +544,30 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Ar
                                            last_only=last_only)
 
 
+def hidden_states(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None, *, mesh: Mesh | None = None,
+                  rules: Rules = shd.DEFAULT_RULES) -> jax.Array:
+    """The last layer's output ``[batch, seq, hidden]`` (compute dtype; before the final norm), so that callers can
+    apply the LM head to a few positions at a time (``logits_from_hidden``; see ``loss.chunked_sums``)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+
+    def run(mdl, t, p, s):
+        return mdl.run_layers(mdl.embed_tokens(t), p, s, None)[0]
+
+    return Decoder(cfg, mesh, rules).apply({"params": params}, tokens, positions, segment_ids, method=run)
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict, hidden_btd: jax.Array, *, mesh: Mesh | None = None,
+                       rules: Rules = shd.DEFAULT_RULES) -> jax.Array:
+    """Final norm and LM head on ``hidden_states``' output: float32 logits ``[batch, seq, vocab_size]``;
+    ``forward(...)[0] == logits_from_hidden(hidden_states(...))``."""
+    return Decoder(cfg, mesh, rules).apply({"params": params}, hidden_btd, method=Decoder.head)
+
+
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     """Rotary positions ``[batch, seq]`` that restart at 0 at the start of each segment (padding gets 0)."""
     seg = jnp.asarray(segment_ids)
