@@ -211,13 +211,19 @@ def train_main(argv: list[str] | None = None) -> int:
         if dry:
             info = train_lib.dry_run(cfg)
             if primary:
+                from ramjax import memplan
+
                 mem = info.pop("memory")
+                plan = info.pop("plan", None)
                 print(json.dumps(info, indent=2, default=str))
                 print(f"parameters: {info['num_params']:,}")
                 if mem:
                     print("compiled train step per device: " + ", ".join(
                         f"{k.replace('_in_bytes', '').replace('_bytes', '')} {v / 2**20:.1f} MiB"
                         for k, v in mem.items()))
+                if plan:
+                    print(memplan.format_report(plan))
+                    print("PLAN_JSON " + json.dumps(plan))
             return 0
         progress = None
         if primary and cfg.logging.progress:

@@ -882,12 +882,46 @@ def dry_run(cfg: Any) -> dict[str, Any]:
     """Validates ``cfg``, builds shapes, compiles the step; writes nothing. Returns parameter counts, steps,
     data statistics and the compiled memory estimate."""
     plan = build(cfg, load_params=False)
-    _, mem, _ = compile_step(plan)
+    compiled, mem, _ = compile_step(plan)
     n = _trained_count(plan)
     return {"stage": cfg.stage, "num_params": n, "model": dataclasses.asdict(plan.model_cfg),
             "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps, "resume_step": plan.resume_step,
             "batches_per_epoch": plan.iterator.batches_per_epoch(0), "data": plan.iterator.stats.as_dict(),
-            "mesh": dict(plan.mesh.shape), "memory": mem}
+            "mesh": dict(plan.mesh.shape), "memory": mem, "plan": memory_plan(plan, compiled)}
+
+
+def memory_plan(plan: Plan, compiled: Any) -> dict[str, Any]:
+    """Per-device bytes of the run (see ``ramjax.memplan``): trained parameters, optimizer state, frozen models and
+    the compiled step; for ``stage=ram`` with ``proposal=``, P_M's sampler (parameters, KV cache, prefill) for the
+    one-time samples (``data.batch_size`` prompts of ``data.max_prompt_len`` + the rest of ``data.max_len``)."""
+    from ramjax import memplan
+
+    state_abs, _ = _state_abstract(plan)
+    frozen_abs, _ = _frozen_abstract(plan)
+    out = {"mesh": dict(plan.mesh.shape), "devices": int(plan.mesh.size),
+           "train": {"params": memplan.tree_bytes_per_device(state_abs.params),
+                     "optimizer": memplan.tree_bytes_per_device(state_abs.opt_state),
+                     "frozen": memplan.tree_bytes_per_device(frozen_abs) if frozen_abs else 0,
+                     "compiled": memplan.compiled_memory(compiled)},
+           "samplers": {}}
+    cfg = plan.cfg
+    if cfg.stage == "ram" and cfg.proposal and _has_model_config(cfg.proposal):
+        p_cfg = _peek_model_config(cfg.proposal)[0].replace(
+            dtype=cfg.model.dtype, param_dtype=cfg.model.dtype, remat=False,
+            attention_impl=cfg.model.attention_impl, attention_chunk=cfg.model.attention_chunk)
+        d = cfg.data
+        out["samplers"]["proposal"] = memplan.sampler_memory(
+            p_cfg, plan.mesh, plan.rules, batch=d.batch_size, prompt_len=d.max_prompt_len,
+            max_new=max(1, d.max_len - d.max_prompt_len))
+    return out
+
+
+def _has_model_config(path: str) -> bool:
+    import os
+
+    from ramjax import checkpoint as ckpt_lib
+
+    return ckpt_lib.is_model_dir(path) or os.path.isfile(os.path.join(path, "config.json"))
 
 
 class _StopFlag:
