@@ -117,7 +117,10 @@ class KVCache:
 
     k, v:        ``[layers, batch, max_len, kv_heads, head_dim]``
     segment_ids: ``[batch, max_len]`` segment of each written slot (0 = padding or not yet written)
-    index:       scalar int32, the next slot to write (all rows advance in lockstep; prompts are left-padded)
+    index:       scalar int32, the next slot to write (all rows advance in lockstep; prompts are left-padded), or
+                 int32 ``[batch]``, one next slot per row: each row writes its chunk at its own offset, and slots
+                 beyond a row's index are stale (never attended: a query sees only slots up to its own). Speculative
+                 decoding rolls a row back by lowering its index.
     """
 
     k: jax.Array
@@ -196,7 +199,7 @@ def apply_rope(x_bthd: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 def attention_mask(q_seg: jax.Array, kv_seg: jax.Array, q_slot: jax.Array, kv_slot: jax.Array) -> jax.Array:
     """Boolean ``[batch, q_len, kv_len]``: same segment and key slot not after the query slot."""
     same = q_seg[:, :, None] == kv_seg[:, None, :]
-    causal = kv_slot[None, None, :] <= q_slot[None, :, None]
+    causal = kv_slot[None, None, :] <= q_slot[..., None]  # q_slot [q_len], or [batch, q_len] (per-row index)
     return same & causal
 
 
@@ -205,9 +208,10 @@ class AttnMask:
     """What the attention mask is made of, kept small so no ``[batch, q, kv]`` array need exist:
     a query attends to a key iff ``q_seg == kv_seg`` and ``kv_slot <= q_slot``.
 
-    q_seg ``[batch, q_len]``, kv_seg ``[batch, kv_len]`` (int segment ids, 0 = padding), q_slot ``[q_len]``,
-    kv_slot ``[kv_len]`` (int cache slots). ``self_attention`` (static): queries and keys are the same tokens
-    (``q_slot == kv_slot == arange``; no cache), which block-sparse kernels (splash) need.
+    q_seg ``[batch, q_len]``, kv_seg ``[batch, kv_len]`` (int segment ids, 0 = padding), q_slot ``[q_len]``
+    (or ``[batch, q_len]`` with a per-row cache index), kv_slot ``[kv_len]`` (int cache slots).
+    ``self_attention`` (static): queries and keys are the same tokens (``q_slot == kv_slot == arange``; no cache),
+    which block-sparse kernels (splash) need.
     """
 
     q_seg: jax.Array
@@ -335,13 +339,21 @@ def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, m: AttnMa
     decode steps always take the einsum path.
     """
     impl = cfg.attention_impl
-    if impl == "xla" or q.shape[1] == 1:
+    if impl == "xla" or q.shape[1] == 1 or m.q_slot.ndim == 2:  # per-row slots: short verify chunks
         return _attend_einsum(q, k, v, m.dense())
     if impl == "chunked":
         return _attend_chunked(q, k, v, m, cfg.attention_chunk)
     if impl in ("dot_product", "cudnn"):
         return _attend_dot_product(q, k, v, m, "xla" if impl == "dot_product" else "cudnn")
     return _attend_splash(q, k, v, m, cfg.attention_chunk, mesh, rules)
+
+
+def _write_slots(buf: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes ``x`` ``[batch, T, ...]`` into ``buf`` ``[batch, max_len, ...]`` at slot ``index`` (a scalar: every
+    row at the same offset; ``[batch]``: each row at its own)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buf, x, index, axis=1)
+    return jax.vmap(lambda b, r, i: jax.lax.dynamic_update_slice_in_dim(b, r, i, axis=0))(buf, x, index)
 
 
 class RMSNorm(nn.Module):
@@ -396,8 +408,8 @@ class Block(nn.Module):
 
         if kv is not None:  # write this chunk into the cache at [index, index + T) and attend over the cache
             k_cache, v_cache = kv
-            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            k_cache = _write_slots(k_cache, k.astype(k_cache.dtype), cache_index)
+            v_cache = _write_slots(v_cache, v.astype(v_cache.dtype), cache_index)
             k_all, v_all, new_kv = k_cache.astype(cd), v_cache.astype(cd), (k_cache, v_cache)
         else:
             k_all, v_all, new_kv = k, v, None
@@ -460,9 +472,8 @@ class Decoder(nn.Module):
             mask = AttnMask(segment_ids, segment_ids, slots, slots, self_attention=True)
             x_btd, _ = self.layers(x_btd, None, sin, cos, mask, 0)
             return x_btd, None
-        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                                     cache.index, axis=1)
-        mask = AttnMask(segment_ids, kv_seg, cache.index + jnp.arange(T), jnp.arange(cache.max_len))
+        kv_seg = _write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache.index)
+        mask = AttnMask(segment_ids, kv_seg, cache.index[..., None] + jnp.arange(T), jnp.arange(cache.max_len))
         x_btd, (k, v) = self.layers(x_btd, (cache.k, cache.v), sin, cos, mask, cache.index)
         return x_btd, KVCache(k=k, v=v, segment_ids=kv_seg, index=cache.index + T)
 
