@@ -280,10 +280,85 @@ def num_uniforms(mode: str, n: int) -> int:
 # One step
 
 
+@flax.struct.dataclass
+class Target:
+    """The processed per-token target of a mode, per row: ``logits`` ``[B, V]`` (``-inf`` outside the support; the
+    distribution is ``softmax(logits)``), whether the KL fallback rule replaced the mode's rule (``fired`` ``[B]``)
+    and ``KL(P_M ‖ Q_θ)`` (``kl`` ``[B]``, NaN when the monitor is off)."""
+
+    logits: jax.Array
+    fired: jax.Array
+    kl: jax.Array
+
+
+def _fallback_logits(zp_bv, zp_pen, params: RowParams, kl_fallback: str) -> jax.Array:
+    if kl_fallback == "proposal":
+        return filter_logits(zp_pen / safe_temperature(params.proposal_temperature), params.top_k,
+                             params.proposal_top_p)
+    return filter_logits(zp_pen / safe_temperature(params.aligner_temperature), jnp.zeros_like(params.top_k),
+                         params.aligner_top_p)
+
+
+def target_logits(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv: jax.Array,
+                  params: RowParams, *, kl_fallback: str = "proposal", product_support: str = "nucleus",
+                  kl_monitor: bool = True) -> Target:
+    """The exact per-token distribution of every mode with a closed form (all but ``par``), KL monitor included.
+
+    This one function defines the target both of the token-level sampler (``choose`` draws from it) and of
+    speculative decoding (``ramjax.speculative`` accepts drafts against it), so the two cannot drift apart.
+    zp_bv, zq_bv: float32 logits ``[B, V]`` (None where the mode does not use the model); seen_bv: bool ``[B, V]``
+    the repetition-penalty set as of this position. Greedy rows are not special here (their token is the argmax).
+    """
+    if mode not in MODES or mode == "par":
+        raise ValueError(f"mode {mode!r} has no closed-form target; expected one of "
+                         f"{tuple(m for m in MODES if m != 'par')}")
+    B = (zp_bv if zp_bv is not None else zq_bv).shape[0]
+    nan = jnp.full((B,), jnp.nan, jnp.float32)
+    no = jnp.zeros((B,), bool)
+    rp = params.repetition_penalty
+    if mode == "aligner":
+        zq = repetition_penalty(zq_bv, seen_bv, rp) / safe_temperature(params.aligner_temperature)
+        return Target(filter_logits(zq, params.top_k, params.aligner_top_p), no, nan)
+
+    # P_M processed with its own settings; its support is the nucleus.
+    zp_pen = repetition_penalty(zp_bv, seen_bv, rp)
+    t_p = safe_temperature(params.proposal_temperature)
+    zp_t = zp_pen / t_p
+    if mode in ("proposal", "inra"):  # InRa: zp already holds the λ-mixed logits of its two streams
+        return Target(filter_logits(zp_t, params.top_k, params.proposal_top_p), no, nan)
+
+    t_q = safe_temperature(params.aligner_temperature)
+    if mode == "sparse":
+        # The released rule: P_M's nucleus from its raw (unpenalised) logits at T_M; the penalty applies to the
+        # aligner's logits only (their ParKlLogitsWarper filters the base logits, then the aligner-side
+        # processors run: temperature, repetition penalty, top-p).
+        nucleus = nucleus_mask(zp_bv / t_p, params.top_k, params.proposal_top_p)
+        zq_pen_t = repetition_penalty(zq_bv, seen_bv, rp) / t_q
+        restricted = jnp.where(nucleus, zq_pen_t, NEG_INF)
+        logits = filter_logits(restricted, jnp.zeros_like(params.top_k), params.aligner_top_p)
+    else:  # product
+        if product_support not in SUPPORTS:
+            raise ValueError(f"unknown product_support {product_support!r}; expected one of {SUPPORTS}")
+        logits = zp_t + zq_bv / t_q
+        if product_support == "nucleus":
+            logits = jnp.where(nucleus_mask(zp_t, params.top_k, params.proposal_top_p), logits, NEG_INF)
+
+    if not kl_monitor:
+        return Target(logits, no, nan)
+    if kl_fallback not in FALLBACKS:
+        raise ValueError(f"unknown kl_fallback {kl_fallback!r}; expected one of {FALLBACKS}")
+    kl = kl_divergence(zp_bv, zq_bv)
+    fired = kl > params.kl_threshold
+    # The fallback rule runs only in steps where some row needs it.
+    fb = jax.lax.cond(jnp.any(fired), lambda: _fallback_logits(zp_bv, zp_pen, params, kl_fallback), lambda: logits)
+    return Target(jnp.where(fired[:, None], fb, logits), fired, kl)
+
+
 def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv: jax.Array, u_bm: jax.Array,
            params: RowParams, *, kl_fallback: str = "proposal", product_support: str = "nucleus",
            kl_monitor: bool = True) -> TokenChoice:
-    """Draws the next token of every row.
+    """Draws the next token of every row: from ``target_logits`` in every mode but ``par``, which draws
+    candidates and weights (and, where the KL fallback fires, from the fallback rule).
 
     zp_bv, zq_bv: float32 logits ``[B, V]`` of P_M and Q_θ (None where the mode does not use the model).
     seen_bv:      bool ``[B, V]``, tokens already in the row (prompt and generated) for the repetition penalty.
@@ -294,66 +369,27 @@ def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     B = u_bm.shape[0]
     nan = jnp.full((B,), jnp.nan, jnp.float32)
-    no = jnp.zeros((B,), bool)
     u_main, u_fallback = u_bm[:, 0], u_bm[:, 1]
-    rp, greedy = params.repetition_penalty, params.greedy
+    greedy = params.greedy
+    if mode != "par":
+        t = target_logits(mode, zp_bv, zq_bv, seen_bv, params, kl_fallback=kl_fallback,
+                          product_support=product_support, kl_monitor=kl_monitor)
+        return TokenChoice(draw(u_main, t.logits, greedy), t.fired, nan, t.kl)
 
-    if mode == "aligner":
-        zq = repetition_penalty(zq_bv, seen_bv, rp) / safe_temperature(params.aligner_temperature)
-        logits = filter_logits(zq, params.top_k, params.aligner_top_p)
-        return TokenChoice(draw(u_main, logits, greedy), no, nan, nan)
-
-    # P_M processed with its own settings; its support is the nucleus.
-    zp_pen = repetition_penalty(zp_bv, seen_bv, rp)
-    t_p = safe_temperature(params.proposal_temperature)
-    zp_t = zp_pen / t_p
-
-    def proposal_logits():
-        return filter_logits(zp_t, params.top_k, params.proposal_top_p)
-
-    if mode in ("proposal", "inra"):  # InRa: zp already holds the λ-mixed logits of its two streams
-        return TokenChoice(draw(u_main, proposal_logits(), greedy), no, nan, nan)
-    if mode != "sparse":
-        nucleus = nucleus_mask(zp_t, params.top_k, params.proposal_top_p)
-
-    t_q = safe_temperature(params.aligner_temperature)
-    zq_t = zq_bv / t_q
-    ess = nan
-    if mode == "par":
-        product = jnp.where(nucleus, zp_t + zq_t, NEG_INF)
-        tok, ess = par_draw(u_bm[:, 3:], u_bm[:, 2], jnp.where(nucleus, zp_t, NEG_INF), zq_t)
-        tok = jnp.where(greedy, jnp.argmax(product, axis=-1).astype(jnp.int32), tok)
-    elif mode == "sparse":
-        # The released rule: P_M's nucleus from its raw (unpenalised) logits at T_M; the penalty applies to the
-        # aligner's logits only (their ParKlLogitsWarper filters the base logits, then the aligner-side
-        # processors run: temperature, repetition penalty, top-p).
-        nucleus = nucleus_mask(zp_bv / t_p, params.top_k, params.proposal_top_p)
-        zq_pen_t = repetition_penalty(zq_bv, seen_bv, rp) / t_q
-        restricted = jnp.where(nucleus, zq_pen_t, NEG_INF)
-        logits = filter_logits(restricted, jnp.zeros_like(params.top_k), params.aligner_top_p)
-        tok = draw(u_main, logits, greedy)
-    else:  # product
-        if product_support not in SUPPORTS:
-            raise ValueError(f"unknown product_support {product_support!r}; expected one of {SUPPORTS}")
-        product = zp_t + zq_t
-        if product_support == "nucleus":
-            product = jnp.where(nucleus, product, NEG_INF)
-        tok = draw(u_main, product, greedy)
-
+    zp_pen = repetition_penalty(zp_bv, seen_bv, params.repetition_penalty)
+    zp_t = zp_pen / safe_temperature(params.proposal_temperature)
+    nucleus = nucleus_mask(zp_t, params.top_k, params.proposal_top_p)
+    zq_t = zq_bv / safe_temperature(params.aligner_temperature)
+    product = jnp.where(nucleus, zp_t + zq_t, NEG_INF)
+    tok, ess = par_draw(u_bm[:, 3:], u_bm[:, 2], jnp.where(nucleus, zp_t, NEG_INF), zq_t)
+    tok = jnp.where(greedy, jnp.argmax(product, axis=-1).astype(jnp.int32), tok)
     if not kl_monitor:
-        return TokenChoice(tok, no, ess, nan)
+        return TokenChoice(tok, jnp.zeros((B,), bool), ess, nan)
     if kl_fallback not in FALLBACKS:
         raise ValueError(f"unknown kl_fallback {kl_fallback!r}; expected one of {FALLBACKS}")
     kl = kl_divergence(zp_bv, zq_bv)
     fired = kl > params.kl_threshold
-
-    def fallback_draw():
-        if kl_fallback == "proposal":
-            fb_logits = proposal_logits()
-        else:
-            fb_logits = filter_logits(zp_pen / t_q, jnp.zeros_like(params.top_k), params.aligner_top_p)
-        return draw(u_fallback, fb_logits, greedy)
-
-    # The fallback rule runs only in steps where some row needs it.
-    fb_tok = jax.lax.cond(jnp.any(fired), fallback_draw, lambda: tok)
+    fb_tok = jax.lax.cond(jnp.any(fired),
+                          lambda: draw(u_fallback, _fallback_logits(zp_bv, zp_pen, params, kl_fallback), greedy),
+                          lambda: tok)
     return TokenChoice(jnp.where(fired, fb_tok, tok), fired, jnp.where(fired, jnp.nan, ess), kl)
