@@ -562,6 +562,8 @@ class SampleResult:
     ess_mean:   mean effective sample size of the par weights over tokens drawn by par (None elsewhere)
     kl_fallback, ess, kl: the per-token diagnostics (lists of ``length`` entries; NaN where not computed)
     prompt_index, sample_index: which prompt and which of its ``num_samples`` samples
+    acceptance_rate: speculative decoding only: accepted drafts / drafted tokens (None otherwise)
+    tokens_per_call: speculative decoding only: tokens generated per P_M verify forward (None otherwise)
     """
 
     token_ids: list[int]
@@ -575,10 +577,14 @@ class SampleResult:
     kl: list[float]
     prompt_index: int
     sample_index: int
+    acceptance_rate: float | None = None
+    tokens_per_call: float | None = None
 
     def to_dict(self, per_token: bool = False) -> dict[str, Any]:
         d = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
              "length": self.length, "kl_fallback_rate": self.kl_fallback_rate, "ess_mean": self.ess_mean}
+        if self.acceptance_rate is not None:
+            d.update(acceptance_rate=self.acceptance_rate, tokens_per_call=self.tokens_per_call)
         if per_token:
             d.update(kl_fallback=self.kl_fallback, ess=self.ess, kl=self.kl)
         return d
@@ -892,9 +898,14 @@ def _results(plan: _Plan, rows, out: dict[str, np.ndarray], kl_monitor: bool, mo
         rate = float(np.mean(fb)) if kl_monitor and length else None
         par_ess = [e for e in ess if not math.isnan(e)]
         ess_mean = float(np.mean(par_ess)) if mode == "par" and par_ess else None
+        acc = per_call = None
+        if "rounds" in out:  # speculative decoding
+            rounds = int(out["rounds"][r])
+            acc = float(out["accepted"][r]) / (out["k"] * rounds) if rounds else None
+            per_call = length / rounds if rounds else None
         res.append(SampleResult(token_ids=ids, text=text, finish_reason=reason, length=length,
                                 kl_fallback_rate=rate, ess_mean=ess_mean, kl_fallback=fb, ess=ess, kl=kl,
-                                prompt_index=i, sample_index=j))
+                                prompt_index=i, sample_index=j, acceptance_rate=acc, tokens_per_call=per_call))
     return res
 
 
@@ -923,6 +934,9 @@ _COMMON_DOC = """
     batch_size: rows per jitted call, fixed (a short last batch gets inactive rows, so calls of one size share one
         compile); default: all ``len(prompts) * num_samples`` rows in one call.
     example_offset: added to the prompt index in the PRNG key, so prompt i of a file slice keeps its samples.
+    num_speculative_tokens: ``sample`` only: k > 0 turns on exact speculative decoding (``ramjax.speculative``):
+        the aligner drafts k tokens per round and P_M verifies them in one forward; same distribution as token by
+        token (different tokens for a seed). Modes product, sparse, proposal (aligner: ignored); par is refused.
 """
 
 
@@ -934,9 +948,12 @@ def sample(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: i
            top_k: int | Sequence[int] = 0, repetition_penalty: float | Sequence[float] = 1.05,
            template: str = "plain", batch_size: int | None = None, greedy: bool | Sequence[bool] = False,
            eos_ids: Sequence[int] | None = None, example_offset: int = 0, rules=shd.DEFAULT_RULES,
-           inra_lambda: float | Sequence[float] = 1.0) -> list[list[SampleResult]]:
+           inra_lambda: float | Sequence[float] = 1.0, num_speculative_tokens: int = 0) -> list[list[SampleResult]]:
     """Samples ``num_samples`` responses per prompt; returns ``results[prompt][sample]`` (``SampleResult``).
     """
+    from ramjax import speculative
+
+    k = speculative.check_request(mode, num_speculative_tokens, proposal, aligner)
     plan = _plan(proposal, aligner, prompts, mode=mode, n=n, max_new_tokens=max_new_tokens, num_samples=num_samples,
                  seed=seed, proposal_temperature=proposal_temperature, aligner_temperature=aligner_temperature,
                  proposal_top_p=proposal_top_p, aligner_top_p=aligner_top_p, kl_threshold=kl_threshold,
@@ -949,11 +966,22 @@ def sample(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: i
     for start in range(0, len(all_rows), plan.batch_size):
         rows = all_rows[start:start + plan.batch_size]
         st, batch, rowp = _chunk_inputs(plan, rows)
-        gen, _, _ = _compiled(st)
         t0 = time.perf_counter()
-        final = gen(plan.params_p, plan.params_q, batch, plan.tables, rowp, seed_key, np.int32(plan.max_new))
-        host = jax.device_get(dict(tokens=final.tokens, finish=final.finish, length=final.length,
-                                   fallback=final.fallback, ess=final.ess, kl=final.kl, nonfinite=final.nonfinite))
+        if k:
+            params_q = plan.params_q if plan.params_q is not None else aligner.params  # proposal mode: the draft
+            final = speculative.generate(st, k, aligner.config, plan.params_p, params_q, batch, plan.tables, rowp,
+                                         seed_key, np.int32(plan.max_new))
+            host = jax.device_get(dict(tokens=final.tokens, finish=final.finish, length=final.length,
+                                       fallback=final.fallback, kl=final.kl, nonfinite=final.nonfinite,
+                                       rounds=final.rounds, accepted=final.accepted))
+            host["ess"] = np.full(host["kl"].shape, np.nan, np.float32)
+            host["k"] = k
+        else:
+            gen, _, _ = _compiled(st)
+            final = gen(plan.params_p, plan.params_q, batch, plan.tables, rowp, seed_key, np.int32(plan.max_new))
+            host = jax.device_get(dict(tokens=final.tokens, finish=final.finish, length=final.length,
+                                       fallback=final.fallback, ess=final.ess, kl=final.kl,
+                                       nonfinite=final.nonfinite))
         check_nonfinite(host["nonfinite"], proposal, aligner)
         log.debug("sampled %d rows in %.3fs (batch %d, prompt bucket %d)", len(rows), time.perf_counter() - t0,
                   st.batch, st.prompt_len)

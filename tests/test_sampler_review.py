@@ -244,12 +244,12 @@ def test_nonfinite_logits_at_sampling_name_the_model():
     q_bad = Model(config=Q_CFG, params=jax.tree_util.tree_map(jnp.asarray, _poisoned(random_params(Q_CFG, 2))),
                   vocab_limit=V, source="/models/bad_aligner")
     kw = dict(max_new_tokens=4, eos_ids=[], kl_threshold=0.1)
-    for mode in ("product", "par"):
-        with pytest.raises(S.NonFiniteLogitsError, match=r"the aligner model \(/models/bad_aligner\)") as e:
-            S.sample(p, q_bad, [[1, 2, 3], [4]], mode=mode, **kw)
-        assert "proposal" not in str(e.value)
+    # par: where the review saw normal-looking text from a NaN aligner
+    with pytest.raises(S.NonFiniteLogitsError, match=r"the aligner model \(/models/bad_aligner\)") as e:
+        S.sample(p, q_bad, [[1, 2, 3], [4]], mode="par", **kw)
+    assert "proposal" not in str(e.value)
     with pytest.raises(S.NonFiniteLogitsError, match="aligner"):
-        list(S.stream(p, q_bad, [[1, 2, 3]], mode="sparse", **kw))
+        list(S.stream(p, q_bad, [[1, 2, 3], [4]], mode="par", **kw))
     # the healthy pair samples fine with the same shapes
     assert len(S.sample(p, Model(config=Q_CFG, params=jax.tree_util.tree_map(jnp.asarray, random_params(Q_CFG, 2)),
-                                 vocab_limit=V), [[1, 2, 3], [4]], mode="product", **kw)[0][0].token_ids) == 4
+                                 vocab_limit=V), [[1, 2, 3], [4]], mode="par", **kw)[0][0].token_ids) == 4
