@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ramjax import model as model_lib  # noqa: E402
-from ramjax import realign  # noqa: E402
+from ramjax import inra as inra_lib  # noqa: E402
 
 PROPOSAL = model_lib.ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
                                  num_heads=8, num_kv_heads=2, head_dim=64)
@@ -60,8 +60,8 @@ def _plain_generate(cfg, new):
 def _inra_generate(cfg, new):
     def gen(params, adapter, prompt, lam):
         B, P = prompt.shape
-        cache = realign.init_inra_cache(cfg, B, P + new)
-        logits, cache = realign.inra_forward(cfg, params, adapter, prompt, caches=cache, lam=lam, last_only=True)
+        cache = inra_lib.init_inra_cache(cfg, B, P + new)
+        logits, cache = inra_lib.inra_forward(cfg, params, adapter, prompt, caches=cache, lam=lam, last_only=True)
         out = jnp.zeros((B, new), jnp.int32)
 
         def body(t, carry):
@@ -69,7 +69,7 @@ def _inra_generate(cfg, new):
             tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
             out = out.at[:, t].set(tok)
             pos = jnp.full((B, 1), P + t, jnp.int32)
-            logits, cache = realign.inra_forward(cfg, params, adapter, tok[:, None], pos,
+            logits, cache = inra_lib.inra_forward(cfg, params, adapter, tok[:, None], pos,
                                                  jnp.ones((B, 1), jnp.int32), cache, lam, last_only=True)
             return logits, cache, out
 
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     cfg = PROPOSAL
     kp, ka, kt = jax.random.split(jax.random.key(0), 3)
     params = jax.jit(model_lib.init_params, static_argnums=0)(cfg, kp)
-    adapter = realign.build_adapter(cfg, params)
+    adapter = inra_lib.build_adapter(cfg, params)
     # a trained-looking adapter (non-zero output projections) so the λ rows really differ
     leaves, tree = jax.tree_util.tree_flatten(adapter)
     keys = jax.random.split(ka, len(leaves))
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     from ramjax import sampler
 
     base_model = api.Model(config=cfg, params=params)
-    inra_model = realign.inra_model(base_model, adapter)
+    inra_model = inra_lib.inra_model(base_model, adapter)
     ps = np.asarray(prompt).tolist()
     kw = dict(max_new_tokens=args.new, eos_ids=[], seed=0, batch_size=args.batch, proposal_temperature=0.5,
               proposal_top_p=0.95, repetition_penalty=1.05)

@@ -34,8 +34,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ramjax import loss as loss_lib  # noqa: E402
 from ramjax import model as model_lib  # noqa: E402
 from ramjax import sharding as shd  # noqa: E402
+from ramjax import stages  # noqa: E402
 from ramjax import train_lib  # noqa: E402
 
 V = 8192
@@ -94,8 +96,9 @@ class System:
         self.batch = {k: jax.device_put(v, b_sh[k]) for k, v in b.items()}
         f_sh = None if frozen is None else {k: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                                            for k in frozen}
-        step = train_lib.jit_train_step(train_lib.make_train_step(objective, optimizer, schedule=sched, mesh=mesh),
-                                        st_sh, b_sh, f_sh, mesh)
+        step_fn = train_lib.make_train_step(objective, optimizer, forward=stages.model_forward(cfg, mesh),
+                                            schedule=sched, mesh=mesh)
+        step = train_lib.jit_train_step(step_fn, st_sh, b_sh, f_sh, mesh)
         t0 = time.perf_counter()
         self.compiled = step.lower(self.state, self.batch, frozen).compile()
         self.compile_s = time.perf_counter() - t0
@@ -124,8 +127,6 @@ class System:
 
 def bench_reference_pass(cfg: model_lib.ModelConfig, batch, mesh, repeats: int) -> float:
     """Seconds of the DPO reference forward pass (chosen + rejected) over one batch."""
-    from ramjax import loss as loss_lib
-
     p_sh = model_lib.param_shardings(cfg, mesh)
     params = shd.shard_tree(_random_params(cfg, 1), p_sh)
 
@@ -159,12 +160,12 @@ def main() -> None:
     common = dict(vocab_size=V, dtype=args.dtype, max_position_embeddings=max(2048, args.seq))
     p_cfg = model_lib.ModelConfig(**PROPOSAL, **common)
     ref_table = {"ref_logps": jnp.zeros((args.batch, 2), jnp.float32)}
-    systems = [System("proposal SFT", p_cfg, train_lib.lm_objective(p_cfg, mesh=mesh), "adamw", batch, mesh),
-               System("proposal DPO", p_cfg, train_lib.dpo_objective(p_cfg, 0.1, mesh=mesh), "adamw", batch, mesh,
+    systems = [System("proposal SFT", p_cfg, loss_lib.lm_objective(), "adamw", batch, mesh),
+               System("proposal DPO", p_cfg, loss_lib.dpo_objective(0.1), "adamw", batch, mesh,
                       frozen=ref_table)]
     for ratio, shape in ALIGNERS.items():
         a_cfg = model_lib.ModelConfig(**shape, **common)
-        systems.append(System(f"aligner RAM {ratio}", a_cfg, train_lib.ram_objective(a_cfg, 1e-4, mesh=mesh),
+        systems.append(System(f"aligner RAM {ratio}", a_cfg, loss_lib.ram_objective(1e-4),
                               "rmsprop", batch, mesh))
     # Round-robin timing: on a shared machine the load drifts, and interleaving gives every system the same drift.
     for _ in range(args.repeats):

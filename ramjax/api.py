@@ -8,14 +8,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from ramjax import checkpoint, hf, hub
 from ramjax import model as model_lib
 from ramjax import sharding as shd
+from ramjax import tokenizer as tok_lib
 
 
 @dataclasses.dataclass
@@ -84,22 +86,31 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str 
     placed directly onto its sharding. ``dtype``/``param_dtype`` override the
     compute/storage dtypes (default: float32 compute, checkpoint storage dtype kept as configured).
     """
-    from ramjax import hub
-    from ramjax import tokenizer as tok_lib
-
     path = hub.resolve_model_path(path)
-
-    if os.path.exists(os.path.join(path, "ramjax_model.json")):
-        from ramjax import checkpoint
-
+    if model_format(path) == "ramjax":  # else Hugging Face (its reader names what is missing)
         cfg, params = checkpoint.load_model_dir(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, rules=rules)
     else:
-        from ramjax import hf
-
         cfg, params = hf.load_hf(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, rules=rules)
     check_finite_weights(params, _weights_file(path))
     tokenizer = tok_lib.load_tokenizer(path) if tok_lib.has_tokenizer(path) else None
     return Model(config=cfg, params=params, tokenizer=tokenizer, mesh=mesh, source=path)
+
+
+def model_format(path: str | os.PathLike) -> Literal["ramjax", "hf"] | None:
+    """Whether a directory holds a ramjax checkpoint (``ramjax_model.json``), a Hugging Face model
+    (``config.json``) or neither (None). The one place this is decided."""
+    if checkpoint.is_model_dir(path):
+        return "ramjax"
+    return "hf" if os.path.isfile(os.path.join(os.fspath(path), "config.json")) else None
+
+
+def read_config(path: str | os.PathLike) -> tuple[model_lib.ModelConfig, Literal["ramjax", "hf"]]:
+    """``(ModelConfig, format)`` of a model directory without loading its weights (a directory that is neither
+    format is read as Hugging Face, whose reader names the missing ``config.json``)."""
+    path = os.fspath(path)
+    if model_format(path) == "ramjax":
+        return checkpoint.read_model_config(path), "ramjax"
+    return hf.config_from_hf(hf.read_hf_config(path)), "hf"
 
 
 def logits(model: Model, token_ids: Sequence[Sequence[int]] | jax.Array) -> jax.Array:

@@ -284,9 +284,9 @@ def sample_main(argv: list[str] | None = None) -> int:
         mesh = shd.make_mesh(cfg.mesh.mesh_config())
         rules = cfg.mesh.sharding_rules()
         if cfg.mode == "inra":
-            from ramjax import realign
+            from ramjax import inra
 
-            proposal, aligner = realign.load_inra_model(cfg.proposal, cfg.adapter, mesh=mesh, rules=rules), None
+            proposal, aligner = inra.load_inra_model(cfg.proposal, cfg.adapter, mesh=mesh, rules=rules), None
         else:
             proposal = api.load_model(cfg.proposal, mesh=mesh, rules=rules) if cfg.mode != "aligner" else None
             aligner = api.load_model(cfg.aligner, mesh=mesh, rules=rules) if cfg.mode != "proposal" else None

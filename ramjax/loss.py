@@ -1,4 +1,4 @@
-"""Training objectives. Every objective returns *sums* and *counts*, never means.
+"""Training objectives: SFT/pretrain, RAM, DPO/RPO and TrRa. Every loss returns *sums* and *counts*, never means.
 
 The train step normalises once per global batch: it computes each objective's normalisers (token or example
 counts, which depend on the data only) over the whole global batch before it scans over micro-batches, then adds
@@ -20,17 +20,40 @@ Packed rows (several examples per row) are handled as follows:
 * DPO is non-linear in each example's chosen and rejected log-probs and therefore needs them paired per example:
   it uses one example per row (padding mode); the trainer rejects packing for ``stage=dpo``. ``sequence_logprobs``
   with ``max_segments`` gives per-segment sums for callers that do keep the pairing.
+* TrRa: a token mean of the KL to the teacher, so packing changes nothing (except with a precomputed top-k teacher,
+  which is looked up per example: one example per row).
+
+Each stage's objective is an ``Objective`` record (``lm_objective``, ``ram_objective``, ``dpo_objective``,
+``trra_objective``): its global-batch normalisers and its micro-batch loss, a pure function of the *logits* of the
+trained model (``LogitsFn``: an LM batch → ``[B, T, V]``) and the batch. The trainer (``ramjax.train_lib``) supplies
+the logits function (the model, or the model with an InRa adapter) and never looks at which objective it runs.
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+
+Batch = Mapping[str, jax.Array]
+LogitsFn = Callable[[Batch], jax.Array]
+"""The trained model as a function of an LM batch ``{tokens, positions, segment_ids}`` (each ``[B, T]``) to its
+logits ``[B, T, V]`` (the parameters are closed over, so the objective is differentiated through it)."""
+
+LM_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+PAIR_KEYS = tuple("chosen_" + k for k in LM_KEYS) + tuple("rejected_" + k for k in LM_KEYS)
+TOPK_KEYS = ("trra_top_indices", "trra_top_logprobs", "trra_rest_logprob")
 
 
 class LossConfigError(ValueError):
     """An objective's hyper-parameter is out of its valid range."""
+
+
+class RealignError(ValueError):
+    """Bad input to a realignment function: the TrRa teacher or loss (shapes, direction, λ) or an InRa adapter."""
 
 
 def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array, vocab_limit: int | None = None) -> jax.Array:
@@ -153,8 +176,9 @@ def validate_alpha(alpha: float) -> float:
     """Checks the RAM weight α (finite, ≥ 0) and returns it as a float."""
     a = float(alpha)
     if not (a >= 0.0) or a != a or a == float("inf"):
-        raise LossConfigError(f"ram.alpha={alpha!r}: α must be a finite number >= 0 (the paper uses 1e-4; a "
-                              f"negative α would reward the proposal's samples instead of pushing them down)")
+        raise LossConfigError(f"ram.alpha={alpha!r} must be >= 0 and finite (it weighs +log Q(y_neg|x), "
+                              f"which pushes the negatives' likelihood down; the paper uses 1e-4, ablated over "
+                              f"1e-5 … 1e-1)")
     return a
 
 
@@ -222,21 +246,373 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
     return jnp.sum(losses * valid), jnp.sum(valid), metrics
 
 
-def validate_dpo(beta: float, label_smoothing: float) -> None:
-    """Checks DPO's β > 0 and 0 ≤ label_smoothing < 0.5."""
+def validate_dpo(beta: float, label_smoothing: float, rpo_alpha: float = 0.0) -> None:
+    """Checks DPO's β > 0, 0 ≤ label_smoothing < 0.5 and rpo_alpha ≥ 0."""
     if not float(beta) > 0:
         raise LossConfigError(f"dpo.beta={beta!r} must be > 0 (TRL's default is 0.1)")
     if not 0.0 <= float(label_smoothing) < 0.5:
         raise LossConfigError(f"dpo.label_smoothing={label_smoothing!r} must be in [0, 0.5)")
+    if not float(rpo_alpha) >= 0:
+        raise LossConfigError(f"dpo.rpo_alpha={rpo_alpha!r} must be >= 0 (0 = plain DPO, RPO uses 1)")
 
 
 # ------------------------------------------------------------------------------------------------------------
-# TrRa (training-time realignment). Implemented in ``ramjax.realign`` next to the teacher it distils and the InRa
-# adapter; re-exported so every objective is reachable from this module. ``trra_loss`` returns
-# ``(Σ KL over response tokens, token count, metric sums)`` like the objectives above.
+# TrRa (training-time realignment, arXiv 2506.12704): a frozen reference model (logits ``h_ref``) and a frozen
+# aligned model (``h_align``) define at every response position the teacher
+# ``softmax_vocab((λ·h_align + (1−λ)·h_ref) / T)``; λ > 1 extrapolates past the aligned model, λ < 0 away from it.
+# The student is trained to match it by KL on response tokens.
 
-from ramjax.realign import TopKTeacher, trra_loss, trra_teacher_logprobs, trra_topk_teacher  # noqa: E402
 
-__all__: list[Any] = ["LossConfigError", "chunked_sums", "token_logprobs", "sequence_logprobs", "count_examples", "sft_loss",
-                      "pretrain_loss", "validate_alpha", "ram_sums", "ram_loss", "dpo_loss", "validate_dpo",
-                      "trra_loss", "trra_teacher_logprobs", "trra_topk_teacher", "TopKTeacher"]
+def lam_per_row(lam: Any, batch: int) -> jax.Array:
+    """λ as float32 ``[B, 1, 1]`` (a scalar is broadcast to every row)."""
+    lam = jnp.asarray(lam, jnp.float32)
+    if lam.ndim == 0:
+        lam = jnp.broadcast_to(lam, (batch,))
+    if lam.shape != (batch,):
+        raise RealignError(f"lam has shape {lam.shape}; give a scalar or one value per row, shape ({batch},)")
+    return lam[:, None, None]
+
+
+def _slice_vocab(x: jax.Array, vocab_limit: int | None) -> jax.Array:
+    # Padded embedding rows (ids >= vocab_limit) are not tokens: drop them so every softmax is over real tokens.
+    if vocab_limit is not None and vocab_limit < x.shape[-1]:
+        return x[..., :vocab_limit]
+    return x
+
+
+def trra_teacher_logits(h_ref: jax.Array, h_align: jax.Array, lam: Any, temperature: float = 1.0,
+                        vocab_limit: int | None = None) -> jax.Array:
+    """The teacher's fused logits ``(λ·h_align + (1−λ)·h_ref) / T``, float32 ``[B, T, V]``.
+
+    h_ref, h_align: ``[B, T, V]`` logits of the frozen reference and aligned models on the same tokens.
+    lam: scalar or ``[B]`` (one λ per row). Any real λ is allowed (λ > 1 extrapolates).
+    vocab_limit: keep only the first ``vocab_limit`` ids (drops padded embedding rows).
+    """
+    if h_ref.shape != h_align.shape or h_ref.ndim != 3:
+        raise RealignError(f"h_ref {h_ref.shape} and h_align {h_align.shape} must both be [B, T, V] logits of the "
+                           f"same tokens (the two models must share the vocabulary)")
+    if not temperature > 0:
+        raise RealignError(f"temperature={temperature} must be positive")
+    l = lam_per_row(lam, h_ref.shape[0])
+    h_ref = _slice_vocab(h_ref.astype(jnp.float32), vocab_limit)
+    h_align = _slice_vocab(h_align.astype(jnp.float32), vocab_limit)
+    # h_ref + λ(h_align − h_ref): the form of the paper, and exact for λ = 0 and λ = 1.
+    return (h_ref + l * (h_align - h_ref)) / temperature
+
+
+def trra_teacher_logprobs(h_ref: jax.Array, h_align: jax.Array, lam: Any, temperature: float = 1.0,
+                          vocab_limit: int | None = None) -> jax.Array:
+    """``log_softmax_vocab((λ·h_align + (1−λ)·h_ref) / T)``, float32 ``[B, T, V]`` (see ``trra_teacher_logits``)."""
+    return jax.nn.log_softmax(trra_teacher_logits(h_ref, h_align, lam, temperature, vocab_limit), axis=-1)
+
+
+@flax.struct.dataclass
+class TopKTeacher:
+    """A teacher distribution stored as its k most likely tokens plus one bucket for the remaining mass.
+
+    indices:       int32 ``[B, T, k]`` token ids
+    logprobs:      float32 ``[B, T, k]`` their teacher log-probs
+    rest_logprob:  float32 ``[B, T]`` log of the teacher mass on all other tokens (``-inf`` if none)
+    The KL against it is the exact KL between the two distributions coarsened to these k+1 outcomes, which is a
+    lower bound on the full KL (data processing) and equal to it when the teacher's mass outside the top k is 0.
+    """
+
+    indices: jax.Array
+    logprobs: jax.Array
+    rest_logprob: jax.Array
+
+
+def trra_topk_teacher(h_ref: jax.Array, h_align: jax.Array, lam: Any, k: int, temperature: float = 1.0,
+                      vocab_limit: int | None = None) -> TopKTeacher:
+    """The TrRa teacher compressed to its top ``k`` tokens per position plus a residual-mass bucket.
+
+    Memory per position drops from V floats to 2k+1 numbers; use it to precompute teachers offline or to keep the
+    two teacher models off the training devices.
+    """
+    logits = trra_teacher_logits(h_ref, h_align, lam, temperature, vocab_limit)
+    if not 1 <= k <= logits.shape[-1]:
+        raise RealignError(f"k={k} must be in [1, vocabulary size {logits.shape[-1]}]")
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    top, idx = jax.lax.top_k(logits, k)
+    rest = _logsumexp_excluding(logits, idx) - lse
+    return TopKTeacher(indices=idx.astype(jnp.int32), logprobs=top - lse[..., None], rest_logprob=rest)
+
+
+def _logsumexp_excluding(logits_btv: jax.Array, idx_btk: jax.Array) -> jax.Array:
+    """``log Σ_{v ∉ idx} exp(logits_v)`` ``[B, T]``, computed directly (stable even when that mass is tiny)."""
+    hit = jnp.sum(jax.nn.one_hot(idx_btk, logits_btv.shape[-1], dtype=jnp.int32), axis=-2) > 0
+    left = ~jnp.all(hit, axis=-1)
+    # Where no id is left (k = V) run the logsumexp on finite values and select -inf afterwards, so the backward
+    # pass sees no exp(-inf - -inf) = NaN.
+    excl = jnp.where(hit & left[..., None], -jnp.inf, logits_btv)
+    return jnp.where(left, jax.nn.logsumexp(excl, axis=-1), -jnp.inf)
+
+
+def _plogp_diff(lp: jax.Array, lq: jax.Array) -> jax.Array:
+    """``exp(lp)·(lp − lq)`` with the convention ``0·log 0 = 0`` (also when ``lp = -inf``)."""
+    finite = lp > -jnp.inf
+    lp_safe = jnp.where(finite, lp, 0.0)
+    return jnp.where(finite, jnp.exp(lp_safe) * (lp_safe - lq), 0.0)
+
+
+def _entropy(lp: jax.Array) -> jax.Array:
+    return -jnp.sum(_plogp_diff(lp, jnp.zeros_like(lp)), axis=-1)
+
+
+TeacherSpec = jax.Array | TopKTeacher | tuple
+
+
+def trra_loss(student_logits: jax.Array, teacher: TeacherSpec, loss_mask: jax.Array, *,
+              targets: jax.Array | None = None, segment_ids: jax.Array | None = None,
+              direction: str = "forward", temperature: float = 1.0, vocab_limit: int | None = None
+              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The TrRa distillation loss as ``(Σ_tokens KL, number of response tokens, metric sums)``.
+
+    student_logits: ``[B, T, V]`` logits of the student (the model being trained).
+    teacher: one of
+      * teacher log-probs ``[B, T, V]`` (from ``trra_teacher_logprobs``),
+      * a tuple ``(h_ref, h_align, lam)`` of raw teacher logits, fused here with ``temperature``,
+      * a ``TopKTeacher`` (KL over the top-k tokens plus the residual bucket).
+      The teacher is put under ``stop_gradient``: gradients reach only the student.
+    loss_mask: ``[B, T]``, 1 on response tokens (prompt and padding 0); ``segment_ids`` (0 = padding) also masks.
+    targets: ``[B, T]`` data tokens, only for the accuracy metrics.
+    direction: ``forward`` = KL(teacher ‖ student) (the default, mass-covering), ``reverse`` = KL(student ‖ teacher).
+    The loss is ``kl_sum / count`` with count taken over the *global* batch (every token of every row counts the
+    same), so micro-batch contributions ``kl_sum_i / count_global`` add up exactly. Masked positions contribute
+    nothing, whatever their logits (NaN included). Metric sums (divide each by ``count``): ``trra/kl``,
+    ``trra/teacher_entropy``, ``trra/student_entropy`` and, with targets, ``trra/accuracy`` (student argmax ==
+    target) and ``trra/teacher_accuracy``.
+    """
+    if direction not in ("forward", "reverse"):
+        raise RealignError(f"direction={direction!r}; use 'forward' (KL(teacher‖student)) or 'reverse'")
+    if student_logits.ndim != 3:
+        raise RealignError(f"student_logits must be [B, T, V], got shape {student_logits.shape}")
+    mask = loss_mask.astype(jnp.float32)
+    if segment_ids is not None:
+        mask = mask * (segment_ids > 0)
+    on = mask[..., None] > 0
+    s = _slice_vocab(student_logits.astype(jnp.float32), vocab_limit)
+    # Masked rows are replaced by zeros before any arithmetic so that garbage there (padding logits, NaN) can
+    # reach neither the loss nor, through 0·NaN in the backward pass, the gradient.
+    s = jnp.where(on, s, 0.0)
+    lq = jax.nn.log_softmax(s, axis=-1)
+    metrics: dict[str, jax.Array] = {}
+
+    if isinstance(teacher, TopKTeacher):
+        k = teacher.indices.shape[-1]
+        idx = jnp.where(on, teacher.indices, jnp.arange(k))
+        # masked positions get a uniform (finite) teacher over the k+1 outcomes; their KL is multiplied by 0
+        uniform = -jnp.log(float(k + 1))
+        lp_top = jax.lax.stop_gradient(jnp.where(on, teacher.logprobs, uniform))
+        lp_rest = jax.lax.stop_gradient(jnp.where(mask > 0, teacher.rest_logprob, uniform))
+        lq_top = jnp.take_along_axis(lq, idx, axis=-1)
+        lq_rest = _logsumexp_excluding(s, idx) - jax.nn.logsumexp(s, axis=-1)
+        # the coarsened (k+1)-outcome distributions
+        lp_c = jnp.concatenate([lp_top, lp_rest[..., None]], axis=-1)
+        lq_c = jnp.concatenate([lq_top, lq_rest[..., None]], axis=-1)
+        teacher_argmax = jnp.take_along_axis(idx, jnp.argmax(lp_top, axis=-1)[..., None], axis=-1)[..., 0]
+    else:
+        if isinstance(teacher, tuple):
+            if len(teacher) != 3:
+                raise RealignError("a raw teacher is the tuple (h_ref, h_align, lam)")
+            lp = trra_teacher_logprobs(*teacher, temperature=temperature, vocab_limit=vocab_limit)
+        else:
+            lp = _slice_vocab(jnp.asarray(teacher, jnp.float32), vocab_limit)
+            if vocab_limit is not None:  # renormalise over the kept ids (a no-op when already normalised there)
+                lp = jax.nn.log_softmax(lp, axis=-1)
+        if lp.shape != s.shape:
+            raise RealignError(f"teacher log-probs {lp.shape} and student logits {s.shape} differ in shape; the "
+                               f"teacher and the student must share the vocabulary (pass vocab_limit to drop padded "
+                               f"rows)")
+        lp = jax.lax.stop_gradient(jnp.where(on, lp, -jnp.log(float(lp.shape[-1]))))
+        lp_c, lq_c = lp, lq
+        teacher_argmax = jnp.argmax(lp, axis=-1)
+
+    if direction == "forward":
+        kl = jnp.sum(_plogp_diff(lp_c, lq_c), axis=-1)
+    else:
+        kl = jnp.sum(_plogp_diff(lq_c, lp_c), axis=-1)
+    kl_sum = jnp.sum(kl * mask)
+    metrics["trra/kl"] = jax.lax.stop_gradient(kl_sum)
+    metrics["trra/teacher_entropy"] = jnp.sum(_entropy(lp_c) * mask)
+    metrics["trra/student_entropy"] = jax.lax.stop_gradient(jnp.sum(_entropy(lq) * mask))
+    if targets is not None:
+        tgt = targets.astype(jnp.int32)
+        metrics["trra/accuracy"] = jnp.sum((jnp.argmax(s, axis=-1) == tgt) * mask)
+        metrics["trra/teacher_accuracy"] = jnp.sum((teacher_argmax == tgt) * mask)
+    return kl_sum, jnp.sum(mask), metrics
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Objectives: one record per stage, pure functions of the trained model's logits and the batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One stage's training objective.
+
+    normalizers(batch) -> dict of float32 scalars computed from the *global* batch (data only: token / example
+        counts); passed to every micro-batch.
+    loss(logits_fn, micro_batch, norms, frozen) -> (loss, metrics): the micro-batch's contribution, already
+        divided by the global normalisers, so contributions add up to the global-batch loss; ``metrics`` values
+        add up the same way. ``logits_fn`` is the trained model (see ``LogitsFn``); ``frozen`` holds the inputs
+        that do not train (the DPO reference table, the TrRa teacher models).
+    batch_keys: the batch entries the objective reads (the others are dropped before sharding).
+    tokens_key: the loss mask whose non-zero entries are reported as ``tokens``.
+    extra_dims: trailing dimensions of batch entries beyond ``[B, T]`` (the precomputed top-k teacher's k).
+    """
+
+    name: str
+    normalizers: Callable[[Batch], dict[str, jax.Array]]
+    loss: Callable[[LogitsFn, Batch, dict[str, jax.Array], Any], tuple[jax.Array, dict[str, jax.Array]]]
+    batch_keys: tuple[str, ...]
+    tokens_key: str = "loss_mask"
+    extra_dims: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+
+def lm_inputs(batch: Batch, prefix: str = "") -> dict[str, jax.Array]:
+    """The model inputs ``{tokens, positions, segment_ids}`` of the ``prefix`` rows of a batch."""
+    return {k: batch[prefix + k] for k in ("tokens", "positions", "segment_ids")}
+
+
+def _both(b: Batch) -> dict[str, jax.Array]:
+    """The chosen rows followed by the rejected rows, as one LM batch ``[2B, T]`` (one forward, bigger matmuls)."""
+    return {k: jnp.concatenate([b["chosen_" + k], b["rejected_" + k]], axis=0) for k in LM_KEYS}
+
+
+def _response_tokens(b: Batch) -> jax.Array:
+    return jnp.sum((b["loss_mask"] > 0) & (b["segment_ids"] > 0)).astype(jnp.float32)
+
+
+def lm_objective(name: str = "sft", *, vocab_limit: int | None = None) -> Objective:
+    """Token-mean NLL over masked tokens (``sft``: response tokens; ``pretrain``: every real token)."""
+
+    def normalizers(b):
+        return {"tokens": _response_tokens(b)}
+
+    def loss(logits_fn, b, norms, frozen):
+        s, _ = sft_loss(logits_fn(lm_inputs(b)), b["targets"], b["loss_mask"], b["segment_ids"], vocab_limit)
+        l = s / jnp.maximum(norms["tokens"], 1.0)
+        return l, {"loss": l}
+
+    return Objective(name, normalizers, loss, LM_KEYS)
+
+
+def ram_objective(alpha: float, *, vocab_limit: int | None = None) -> Objective:
+    """The RAM aligner loss (``ram_sums``/``ram_loss``), an example mean over the global batch, on ``chosen_*``
+    (data) and ``rejected_*`` (negative: the proposal's sample or the dataset's rejected response) entries."""
+    alpha = validate_alpha(alpha)
+
+    def normalizers(b):
+        return {"examples": count_examples(b["chosen_loss_mask"], b["chosen_segment_ids"])}
+
+    def loss(logits_fn, b, norms, frozen):
+        # One forward over data and negative rows together (bigger matmuls) when their shapes agree.
+        if b["chosen_tokens"].shape == b["rejected_tokens"].shape:
+            logits = logits_fn(lm_inputs(_both(b)))
+            n = b["chosen_tokens"].shape[0]
+            lg_d, lg_n = logits[:n], logits[n:]
+        else:
+            lg_d, lg_n = logits_fn(lm_inputs(b, "chosen_")), logits_fn(lm_inputs(b, "rejected_"))
+        sums = ram_sums(lg_d, b["chosen_targets"], b["chosen_loss_mask"], b["chosen_segment_ids"],
+                        lg_n, b["rejected_targets"], b["rejected_loss_mask"], b["rejected_segment_ids"], vocab_limit)
+        out = ram_loss(sums, norms["examples"], alpha)
+        return out["loss"], out
+
+    return Objective("ram", normalizers, loss, PAIR_KEYS, tokens_key="chosen_loss_mask")
+
+
+def pair_logprobs(logits_fn: LogitsFn, batch: Batch, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed response log-probs ``([B] chosen, [B] rejected)`` of a pair batch (one example per row)."""
+    both = _both(batch)
+    lp = sequence_logprobs(logits_fn(lm_inputs(both)), both["targets"], both["loss_mask"], both["segment_ids"],
+                           vocab_limit=vocab_limit)
+    n = batch["chosen_tokens"].shape[0]
+    return lp[:n], lp[n:]
+
+
+def dpo_objective(beta: float, label_smoothing: float = 0.0, *, rpo_alpha: float = 0.0,
+                  vocab_limit: int | None = None) -> Objective:
+    """Sigmoid DPO with one example per row, an example mean over the global batch. ``frozen["ref_logps"]`` is a
+    ``[N, 2]`` table of the reference model's summed (chosen, rejected) log-probs for every training example
+    (``ramjax.stages`` precomputes it); the batch carries ``example_index`` ``[B]`` (−1 on padding rows).
+
+    rpo_alpha > 0 adds ``rpo_alpha ·`` the token-mean NLL of the chosen responses over the global batch (TRL's
+    ``rpo_alpha``), reported as ``nll``."""
+    validate_dpo(beta, label_smoothing, rpo_alpha)
+
+    def normalizers(b):
+        valid = (b["example_index"] >= 0)[:, None]
+        chosen = (b["chosen_loss_mask"] > 0) & (b["chosen_segment_ids"] > 0) & valid
+        return {"examples": jnp.sum(b["example_index"] >= 0).astype(jnp.float32),
+                "chosen_tokens": jnp.sum(chosen).astype(jnp.float32)}
+
+    def loss(logits_fn, b, norms, frozen):
+        lp_c, lp_r = pair_logprobs(logits_fn, b, vocab_limit)
+        idx = b["example_index"]
+        valid = idx >= 0
+        ref = jax.lax.stop_gradient(frozen["ref_logps"][jnp.maximum(idx, 0)])
+        s, _, m = dpo_loss(lp_c, lp_r, ref[:, 0], ref[:, 1], beta, label_smoothing, valid)
+        denom = jnp.maximum(norms["examples"], 1.0)
+        l = s / denom
+        metrics = {k: v / denom for k, v in m.items()}
+        metrics["dpo_loss"] = l
+        if rpo_alpha:
+            nll = -jnp.sum(jnp.where(valid, lp_c, 0.0)) / jnp.maximum(norms["chosen_tokens"], 1.0)
+            metrics["nll"] = nll
+            l = l + rpo_alpha * nll
+        metrics["loss"] = l
+        return l, metrics
+
+    return Objective("dpo", normalizers, loss, PAIR_KEYS + ("example_index",), tokens_key="chosen_loss_mask")
+
+
+TeacherLogitsFn = Callable[[Batch, Any], tuple[jax.Array, jax.Array]]
+"""``(LM batch, frozen) -> (h_ref, h_align)``: the two frozen TrRa teachers' logits ``[B, T, V]``."""
+
+
+def trra_objective(lam: float, *, direction: str = "forward", temperature: float = 1.0,
+                   vocab_limit: int | None = None, teacher_logits: TeacherLogitsFn | None = None,
+                   topk: int = 0) -> Objective:
+    """TrRa (``trra_loss``): the student matches softmax((λ·h_aligned + (1−λ)·h_ref)/T) on response tokens, a
+    token mean over the global batch.
+
+    teacher_logits: the frozen teachers' logits per micro-batch (so the full teacher never exists for the whole
+        batch at once); held under stop_gradient.
+    topk > 0: the teacher comes precomputed with the batch instead, as ``trra_top_indices`` /
+        ``trra_top_logprobs`` ``[B, T, k]`` and ``trra_rest_logprob`` ``[B, T]`` (``trra_topk_teacher``), and the
+        loss is the KL between the (k+1)-outcome coarsenings; no teacher model runs in the step.
+    vocab_limit: the softmax runs over ids ``< vocab_limit`` (the teachers may pad their embeddings differently
+        from the student).
+    """
+    if not topk and teacher_logits is None:
+        raise LossConfigError("trra_objective needs teacher_logits (the frozen teachers) or topk > 0 (a "
+                              "precomputed teacher in the batch)")
+
+    def normalizers(b):
+        return {"tokens": _response_tokens(b)}
+
+    def loss(logits_fn, b, norms, frozen):
+        logits = logits_fn(lm_inputs(b))
+        if topk:
+            teacher = TopKTeacher(indices=b["trra_top_indices"], logprobs=b["trra_top_logprobs"],
+                                  rest_logprob=b["trra_rest_logprob"])
+        else:
+            h_ref, h_al = jax.lax.stop_gradient(teacher_logits(lm_inputs(b), frozen))
+            teacher = (h_ref[..., :vocab_limit], h_al[..., :vocab_limit], lam)
+        kl, _, m = trra_loss(logits, teacher, b["loss_mask"], targets=b["targets"], segment_ids=b["segment_ids"],
+                             direction=direction, temperature=temperature, vocab_limit=vocab_limit)
+        denom = jnp.maximum(norms["tokens"], 1.0)
+        metrics = {k: v / denom for k, v in m.items()}
+        metrics["loss"] = kl / denom
+        return kl / denom, metrics
+
+    extra = {"trra_top_indices": (topk,), "trra_top_logprobs": (topk,)} if topk else {}
+    return Objective("trra", normalizers, loss, LM_KEYS + (TOPK_KEYS if topk else ()), extra_dims=extra)
+
+
+__all__ = ["LossConfigError", "RealignError", "Batch", "LogitsFn", "LM_KEYS", "PAIR_KEYS", "TOPK_KEYS",
+           "chunked_sums", "token_logprobs", "sequence_logprobs", "count_examples", "sft_loss", "pretrain_loss", "validate_alpha",
+           "ram_sums", "ram_loss", "dpo_loss", "validate_dpo", "lam_per_row", "trra_teacher_logits",
+           "trra_teacher_logprobs", "TopKTeacher", "trra_topk_teacher", "trra_loss", "Objective", "lm_inputs",
+           "lm_objective", "ram_objective", "pair_logprobs", "dpo_objective", "trra_objective"]

@@ -1,6 +1,6 @@
 """The jitted two-model decoder: P_M and Q_θ advance in lockstep, each with its own KV cache, and every token is
 drawn by one of the rules of ``ramjax.decode_rules`` (``proposal``, ``aligner``, ``par``, ``sparse``,
-``product``, with the KL monitor), or by InRa (``inra``: the proposal slot holds ``realign.inra_model(base,
+``product``, with the KL monitor), or by InRa (``inra``: the proposal slot holds ``inra.inra_model(base,
 adapter)``, two streams with their own KV caches whose logits are mixed per row with ``inra_lambda``, then drawn
 with the proposal-side temperature/top-k/top-p/penalty).
 
@@ -313,7 +313,7 @@ def _forward(cfg, params, tokens, positions, segment_ids, cache, vocab, static: 
     if isinstance(cfg, model_lib.ModelConfig):
         logits, cache = model_lib.forward(cfg, params, tokens, positions, segment_ids, cache, last_only=True,
                                           mesh=static.mesh, rules=static.rules)
-    else:  # a realign.InraSpec: two streams, logits mixed per row by λ
+    else:  # an inra.InraSpec: two streams, logits mixed per row by λ
         logits, cache = cfg.forward(params, tokens, positions, segment_ids, cache, lam, last_only=True,
                                     mesh=static.mesh, rules=static.rules)
     return logits[:, 0, :vocab], cache
@@ -690,7 +690,7 @@ def _resolve_models(proposal, aligner, mode: str):
     inra = proposal is not None and not isinstance(proposal.config, model_lib.ModelConfig)
     if mode == "inra" and proposal is not None and not inra:
         raise ModeError("mode='inra' needs the InRa model as the proposal: pass "
-                        "proposal=ramjax.realign.load_inra_model(base_dir, adapter_file) (or realign.inra_model)")
+                        "proposal=ramjax.inra.load_inra_model(base_dir, adapter_file) (or inra.inra_model)")
     if inra and mode != "inra":
         raise ModeError(f"the proposal is an InRa model; sample it with mode='inra', not {mode!r}")
     if need_p and proposal is None:
@@ -917,7 +917,7 @@ _COMMON_DOC = """
         training), ``{role, content}`` message lists,
         or token-id lists (used as-is).
     mode: ``proposal`` | ``aligner`` | ``par`` | ``sparse`` | ``product`` (see ``ramjax.decode_rules``) | ``inra``
-        (``proposal`` is an InRa model from ``ramjax.realign.load_inra_model``; ``aligner`` is unused; tokens are
+        (``proposal`` is an InRa model from ``ramjax.inra.load_inra_model``; ``aligner`` is unused; tokens are
         drawn from the λ-mixed logits with the proposal-side settings).
     inra_lambda: mode ``inra`` only: λ, one value or one per prompt (0 = the base model, 1 = the adapted model,
         other values interpolate or extrapolate); a traced array, so changing it never recompiles.

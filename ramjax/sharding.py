@@ -222,3 +222,13 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None,
     if any(size % _mesh_size(mesh, e) for size, e in zip(x.shape, spec)):
         return x  # e.g. a batch of 1 while sampling: leave the layout to the partitioner
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global(batch: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays on ``shardings`` (one code path for one and many processes)."""
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(batch[k])) for k, sh in shardings.items()}

@@ -8,7 +8,7 @@ import pytest
 
 from ramjax import loss as loss_lib
 from ramjax import model as model_lib
-from ramjax import train_lib
+from ramjax import stages
 
 CFG = model_lib.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=8)
@@ -77,9 +77,9 @@ def params():
 
 @functools.partial(jax.jit, static_argnums=2)
 def _ram_loss(params, batch, alpha):
-    obj = train_lib.ram_objective(CFG, alpha)
-    norms = obj.normalizers(batch)
-    l, m = obj.loss(params, batch, norms, None, jax.random.key(0))
+    obj = loss_lib.ram_objective(alpha)
+    fwd = stages.model_forward(CFG)
+    l, m = obj.loss(lambda lm: fwd(params, None, lm), batch, obj.normalizers(batch), None)
     return l, m
 
 

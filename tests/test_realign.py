@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+from ramjax import inra as inra_lib
 from ramjax import loss as loss_lib
 from ramjax import model as model_lib
-from ramjax import realign
 from ramjax import sharding as shd
 
 CFG = model_lib.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -21,12 +21,12 @@ CFG_BIAS = CFG.replace(qkv_bias=True, o_bias=True, mlp_bias=True)
 
 # Jitted entry points: eager Flax applies with a scanned stack are slow op-by-op; compiled, each test is ~1 s.
 _fwd = jax.jit(model_lib.forward, static_argnums=0)
-_inra = jax.jit(realign.inra_forward, static_argnums=0, static_argnames=("last_only",))
-_adapter_fwd = jax.jit(realign.adapter_forward, static_argnums=0)
+_inra = jax.jit(inra_lib.inra_forward, static_argnums=0, static_argnames=("last_only",))
+_adapter_fwd = jax.jit(inra_lib.adapter_forward, static_argnums=0)
 # Jitted TrRa functions: one compile instead of dozens of op-by-op dispatches (test time is mostly compiling).
-_trra = jax.jit(realign.trra_loss, static_argnames=("direction", "temperature", "vocab_limit"))
-_teacher = jax.jit(realign.trra_teacher_logprobs, static_argnames=("temperature", "vocab_limit"))
-_topk = jax.jit(realign.trra_topk_teacher, static_argnums=3)
+_trra = jax.jit(loss_lib.trra_loss, static_argnames=("direction", "temperature", "vocab_limit"))
+_teacher = jax.jit(loss_lib.trra_teacher_logprobs, static_argnames=("temperature", "vocab_limit"))
+_topk = jax.jit(loss_lib.trra_topk_teacher, static_argnums=3)
 
 
 def random_params(cfg, seed=0):
@@ -107,7 +107,7 @@ def test_loss_zero_when_student_equals_teacher():
     k1, k2 = jax.random.split(jax.random.key(3))
     h_ref, h_al = _logits(k1, (2, 5, 9)), _logits(k2, (2, 5, 9))
     lam = jnp.array([3.0, -1.0])
-    teacher_logits = realign.trra_teacher_logits(h_ref, h_al, lam)
+    teacher_logits = loss_lib.trra_teacher_logits(h_ref, h_al, lam)
     mask = jnp.ones((2, 5))
     for direction in ("forward", "reverse"):
         kl, _, _ = _trra(teacher_logits + 7.0, (h_ref, h_al, lam), mask, direction=direction)
@@ -194,12 +194,12 @@ def test_topk_teacher_is_the_coarsened_kl():
 
 def test_bad_inputs_raise_named_errors():
     x = jnp.zeros((2, 3, 5))
-    with pytest.raises(realign.RealignError, match="direction"):
-        realign.trra_loss(x, (x, x, 1.0), jnp.ones((2, 3)), direction="sideways")
-    with pytest.raises(realign.RealignError, match="lam"):
-        realign.trra_teacher_logprobs(x, x, jnp.ones(3))
-    with pytest.raises(realign.RealignError, match="vocabulary"):
-        realign.trra_teacher_logprobs(x, jnp.zeros((2, 3, 6)), 1.0)
+    with pytest.raises(inra_lib.RealignError, match="direction"):
+        loss_lib.trra_loss(x, (x, x, 1.0), jnp.ones((2, 3)), direction="sideways")
+    with pytest.raises(inra_lib.RealignError, match="lam"):
+        loss_lib.trra_teacher_logprobs(x, x, jnp.ones(3))
+    with pytest.raises(inra_lib.RealignError, match="vocabulary"):
+        loss_lib.trra_teacher_logprobs(x, jnp.zeros((2, 3, 6)), 1.0)
 
 
 @pytest.mark.slow
@@ -254,7 +254,7 @@ def _lam(*values):
 def test_fresh_adapter_is_identity_for_every_lambda():
     cfg = CFG_BIAS  # every bias: bo and b_down must be zeroed too
     params = _base(cfg)
-    adapter = realign.build_adapter(cfg, params)
+    adapter = inra_lib.build_adapter(cfg, params)
     for name in ("wo", "w_down") + (("bo", "b_down") if cfg.o_bias else ()):
         assert not np.any(np.asarray(adapter[name]))
     np.testing.assert_array_equal(np.asarray(adapter["wq"]), np.asarray(params["layers"]["wq"][0]))
@@ -267,9 +267,9 @@ def test_fresh_adapter_is_identity_for_every_lambda():
 
 def test_adapter_forward_equals_merged_model_and_the_two_streams():
     params = _base(CFG)
-    adapter = _randomise(realign.build_adapter(CFG, params), 3)
+    adapter = _randomise(inra_lib.build_adapter(CFG, params), 3)
     tokens = _tokens(2)
-    cfg1, merged = realign.merge_adapter(CFG, params, adapter)
+    cfg1, merged = inra_lib.merge_adapter(CFG, params, adapter)
     assert cfg1.num_layers == CFG.num_layers + 1
     want, _ = _fwd(cfg1, merged, tokens)
     np.testing.assert_allclose(np.asarray(_adapter_fwd(CFG, params, adapter, tokens)), want, atol=1e-5)
@@ -286,7 +286,7 @@ def test_adapter_forward_equals_merged_model_and_the_two_streams():
 
 def test_training_touches_only_the_adapter_and_lambda0_stays_base():
     params = _base(CFG)
-    adapter = realign.build_adapter(CFG, params)
+    adapter = inra_lib.build_adapter(CFG, params)
     tokens = _tokens(3)
     targets = jnp.roll(tokens, -1, axis=1)
     mask = jnp.zeros(tokens.shape).at[:, 3:6].set(1.0)
@@ -322,7 +322,7 @@ def test_training_touches_only_the_adapter_and_lambda0_stays_base():
 
 def test_per_row_lambda_equals_separate_runs():
     params = _base(CFG)
-    adapter = _randomise(realign.build_adapter(CFG, params), 4)
+    adapter = _randomise(inra_lib.build_adapter(CFG, params), 4)
     tokens = _tokens(5)
     lams = _lam(0.0, 0.5, 2.0)
     mixed, _ = _inra(CFG, params, adapter, tokens, lam=lams)
@@ -334,15 +334,15 @@ def test_per_row_lambda_equals_separate_runs():
 def test_cached_decode_equals_full_forward_with_left_padding():
     cfg = CFG_BIAS
     params = _base(cfg)
-    adapter = _randomise(realign.build_adapter(cfg, params), 6)
+    adapter = _randomise(inra_lib.build_adapter(cfg, params), 6)
     B, P, N = 3, 4, 3
     tokens = _tokens(7)
     seg = jnp.ones((B, P + N), jnp.int32).at[1, :2].set(0).at[2, :1].set(0)  # left padding in rows 1 and 2
     pos = model_lib.positions_from_segments(seg)
     lams = _lam(0.3, 1.7, -0.4)
     full, _ = _inra(cfg, params, adapter, tokens, pos, seg, lam=lams)
-    fwd = jax.jit(lambda t, p, s, c: realign.inra_forward(cfg, params, adapter, t, p, s, c, lams, last_only=True))
-    cache = realign.init_inra_cache(cfg, B, P + N)
+    fwd = jax.jit(lambda t, p, s, c: inra_lib.inra_forward(cfg, params, adapter, t, p, s, c, lams, last_only=True))
+    cache = inra_lib.init_inra_cache(cfg, B, P + N)
     logits, cache = fwd(tokens[:, :P], pos[:, :P], seg[:, :P], cache)
     outs = [logits[:, 0]]
     for t in range(P, P + N - 1):
@@ -357,13 +357,13 @@ def test_cached_decode_equals_full_forward_with_left_padding():
 def test_sharded_inra_equals_unsharded():
     mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
     params = _base(CFG)
-    adapter = _randomise(realign.build_adapter(CFG, params), 8)
+    adapter = _randomise(inra_lib.build_adapter(CFG, params), 8)
     tokens = _tokens(9, batch=4)
     lams = jnp.array([0.0, 0.5, 1.0, 2.0])
     p_sh = jax.device_put(params, model_lib.param_shardings(CFG, mesh))
-    a_sh = jax.device_put(adapter, realign.adapter_shardings(CFG, mesh))
-    f = jax.jit(lambda p, a, t, l, c: realign.inra_forward(CFG, p, a, t, None, None, c, l, mesh=mesh))
-    cache = jax.device_put(realign.init_inra_cache(CFG, 4, 8), realign.inra_cache_shardings(mesh, CFG, 4, 8))
+    a_sh = jax.device_put(adapter, inra_lib.adapter_shardings(CFG, mesh))
+    f = jax.jit(lambda p, a, t, l, c: inra_lib.inra_forward(CFG, p, a, t, None, None, c, l, mesh=mesh))
+    cache = jax.device_put(inra_lib.init_inra_cache(CFG, 4, 8), inra_lib.inra_cache_shardings(mesh, CFG, 4, 8))
     got, cache = f(p_sh, a_sh, jax.device_put(tokens, shd.named_sharding(mesh, ("act_batch", None))), lams, cache)
     want, _ = f(params, adapter, tokens, lams, None)  # same program without shardings on the inputs
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
@@ -372,23 +372,23 @@ def test_sharded_inra_equals_unsharded():
 
 def test_adapter_file_roundtrip_and_mismatch(tmp_path):
     params = _base(CFG_BIAS)
-    adapter = _randomise(realign.build_adapter(CFG_BIAS, params), 9)
+    adapter = _randomise(inra_lib.build_adapter(CFG_BIAS, params), 9)
     path = tmp_path / "adapter.safetensors"
-    realign.save_adapter(path, adapter, CFG_BIAS)
-    back = realign.load_adapter(path, CFG_BIAS)
+    inra_lib.save_adapter(path, adapter, CFG_BIAS)
+    back = inra_lib.load_adapter(path, CFG_BIAS)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), adapter, back)
     assert path.stat().st_size < 4 * model_lib.count_params(adapter) + 4096
-    with pytest.raises(realign.RealignError, match="unexpected"):
-        realign.load_adapter(path, CFG)  # CFG has no biases
-    with pytest.raises(realign.RealignError, match="shape"):
-        realign.load_adapter(path, CFG_BIAS.replace(intermediate_size=32))
-    with pytest.raises(realign.RealignError, match="does not exist"):
-        realign.load_adapter(tmp_path / "nope.safetensors")
+    with pytest.raises(inra_lib.RealignError, match="unexpected"):
+        inra_lib.load_adapter(path, CFG)  # CFG has no biases
+    with pytest.raises(inra_lib.RealignError, match="shape"):
+        inra_lib.load_adapter(path, CFG_BIAS.replace(intermediate_size=32))
+    with pytest.raises(inra_lib.RealignError, match="does not exist"):
+        inra_lib.load_adapter(tmp_path / "nope.safetensors")
 
 
 def test_build_adapter_rejects_wrong_config():
-    with pytest.raises(realign.RealignError, match="num_layers"):
-        realign.build_adapter(CFG.replace(num_layers=3), _base(CFG))
+    with pytest.raises(inra_lib.RealignError, match="num_layers"):
+        inra_lib.build_adapter(CFG.replace(num_layers=3), _base(CFG))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ramjax.hf") is None, reason="ramjax.hf not available yet")
@@ -396,8 +396,8 @@ def test_exported_checkpoint_matches_adapter_path_in_transformers(tmp_path):
     from hf_fixtures import hf_logits, load_hf_reference
 
     params = _base(CFG_BIAS)
-    adapter = _randomise(realign.build_adapter(CFG_BIAS, params), 10)
-    cfg1 = realign.export_inra_hf(tmp_path / "hf", CFG_BIAS, params, adapter)
+    adapter = _randomise(inra_lib.build_adapter(CFG_BIAS, params), 10)
+    cfg1 = inra_lib.export_inra_hf(tmp_path / "hf", CFG_BIAS, params, adapter)
     assert cfg1.num_layers == CFG_BIAS.num_layers + 1
     hf_model = load_hf_reference(tmp_path / "hf")
     assert hf_model.config.num_hidden_layers == CFG_BIAS.num_layers + 1
@@ -573,9 +573,9 @@ def test_inra_stage_trains_only_the_adapter_and_exports(train_fx, tmp_path):
 
     cfg = _train_cfg(train_fx, str(tmp_path / "run"), "stage=sft", "inra.enabled=true")
     result = train_lib.train(cfg)
-    adapter_count = model_lib.count_params(realign.adapter_shapes(TRAIN_CFG))
+    adapter_count = model_lib.count_params(inra_lib.adapter_shapes(TRAIN_CFG))
     assert result.num_params == adapter_count  # the train state (and optimizer state) holds the adapter only
-    adapter = realign.load_adapter(tmp_path / "run" / "adapter.safetensors", TRAIN_CFG)
+    adapter = inra_lib.load_adapter(tmp_path / "run" / "adapter.safetensors", TRAIN_CFG)
     assert np.any(np.asarray(adapter["wo"])) and np.any(np.asarray(adapter["w_down"]))  # it trained
     _, base = ckpt_lib.load_model_dir(f"{train_fx}/ref")
     np.testing.assert_array_equal(np.asarray(adapter["wq"]) != np.asarray(base["layers"]["wq"][0]), True)
@@ -606,10 +606,10 @@ def _sampler_models(mesh=None):
     from ramjax import api
 
     params = _base(CFG_BIAS)
-    adapter = _randomise(realign.build_adapter(CFG_BIAS, params), 12)
+    adapter = _randomise(inra_lib.build_adapter(CFG_BIAS, params), 12)
     base = api.Model(config=CFG_BIAS, params=params, mesh=mesh)
-    cfg1, merged = realign.merge_adapter(CFG_BIAS, params, adapter)
-    return base, realign.inra_model(base, adapter), api.Model(config=cfg1, params=merged, mesh=mesh)
+    cfg1, merged = inra_lib.merge_adapter(CFG_BIAS, params, adapter)
+    return base, inra_lib.inra_model(base, adapter), api.Model(config=cfg1, params=merged, mesh=mesh)
 
 
 def _ids(results):
@@ -633,7 +633,7 @@ def test_sampler_inra_mode_matches_base_and_adapted_models():
     mixed = sampler.sample(inra, None, prompts, mode="inra", inra_lambda=[0.0, 1.0, 0.0], **kw)
     assert _ids(mixed) == [_ids(got0)[0], _ids(got1)[1], _ids(got0)[2]]
     # the sweep helper: one row per λ, same seed at every λ (so its rows are the calls above)
-    rows = realign.inra_sweep(inra, prompts, [0.0, 1.0], score=lambda i, r: float(i), **kw)
+    rows = inra_lib.inra_sweep(inra, prompts, [0.0, 1.0], score=lambda i, r: float(i), **kw)
     assert [r["lambda"] for r in rows] == [0.0, 1.0]
     assert _ids(rows[0]["results"]) == _ids(got0) and _ids(rows[1]["results"]) == _ids(got1)
     assert rows[0]["mean_length"] == 8.0 and rows[0]["mean_score"] == 1.0 and rows[0]["eos_rate"] == 0.0
@@ -677,8 +677,8 @@ def test_sample_py_inra_with_per_prompt_lambda(train_fx, tmp_path):
     import sample as sample_cli
 
     _, base = __import__("ramjax.checkpoint", fromlist=["x"]).load_model_dir(f"{train_fx}/ref")
-    adapter = _randomise(realign.build_adapter(TRAIN_CFG, base), 13)
-    realign.save_adapter(tmp_path / "adapter.safetensors", adapter, TRAIN_CFG)
+    adapter = _randomise(inra_lib.build_adapter(TRAIN_CFG, base), 13)
+    inra_lib.save_adapter(tmp_path / "adapter.safetensors", adapter, TRAIN_CFG)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in (
         {"prompt": "the quick fox"}, {"prompt": "lazy dog", "lambda": 0.0}, {"prompt": "model proposal"})))
@@ -716,9 +716,9 @@ def test_trained_adapter_moves_length_monotonically_with_lambda(train_fx, tmp_pa
             "logging.progress=false", "mesh.data=8", "mesh.fsdp=1", f"model.init={train_fx}/ref", "stage=sft",
             "inra.enabled=true"]
     train_lib.train(config_lib.load_config(config_lib.TrainConfig, None, over))
-    model = realign.load_inra_model(f"{train_fx}/ref", run / "adapter.safetensors")
+    model = inra_lib.load_inra_model(f"{train_fx}/ref", run / "adapter.safetensors")
     prompts = [json.loads(line)["prompt"] for line in open(f"{train_fx}/sft.jsonl")][:16]
-    rows = realign.inra_sweep(model, prompts, [0.0, 0.5, 0.75, 1.0], max_new_tokens=16, greedy=True,
+    rows = inra_lib.inra_sweep(model, prompts, [0.0, 0.5, 0.75, 1.0], max_new_tokens=16, greedy=True,
                               repetition_penalty=1.0, batch_size=16)
     lengths = [r["mean_length"] for r in rows]
     assert all(a >= b for a, b in zip(lengths, lengths[1:])), lengths

@@ -10,9 +10,9 @@ import pytest
 
 from ramjax import checkpoint as ckpt_lib
 from ramjax import model as model_lib
-from ramjax import realign
-from ramjax.experiments import tasks
+from ramjax import inra as inra_lib
 from ramjax.experiments import realign_sweep as rs
+from ramjax.experiments import tasks
 from ramjax.config import ConfigError, config_from_dict, load_config
 
 
@@ -46,11 +46,11 @@ def tiny_run(tmp_path_factory):
     base = _random_params(cfg, 1)
     ckpt_lib.save_model_dir(f"{root}/warmup/model", cfg, base, tokenizer=f"{root}/tokenizer")
     ckpt_lib.save_model_dir(f"{root}/sft/model", cfg, _random_params(cfg, 2), tokenizer=f"{root}/tokenizer")
-    adapter = realign.build_adapter(cfg, base)
+    adapter = inra_lib.build_adapter(cfg, base)
     rng = np.random.default_rng(3)
     for k in ("wo", "w_down"):
         adapter[k] = jnp.asarray(rng.normal(0, 0.3, adapter[k].shape), adapter[k].dtype)
-    realign.save_adapter(f"{root}/adapter.safetensors", adapter, cfg)
+    inra_lib.save_adapter(f"{root}/adapter.safetensors", adapter, cfg)
     return root, cfg, base, adapter
 
 
@@ -117,7 +117,7 @@ def test_inra_lambda0_is_the_base_model_and_lambda1_the_adapted_model(tiny_run, 
     assert sorted(cells) == ["inra_lam0_greedy", "inra_lam0_sampled", "inra_lam1_greedy", "inra_lam1_sampled"]
     records = tasks.read_jsonl(f"{root}/data/eval.jsonl")
     base_model = api.load_model(f"{root}/warmup/model")
-    cfg1, merged = realign.merge_adapter(cfg_m, base_model.params, realign.load_adapter(f"{root}/adapter.safetensors"))
+    cfg1, merged = inra_lib.merge_adapter(cfg_m, base_model.params, inra_lib.load_adapter(f"{root}/adapter.safetensors"))
     adapted = api.Model(config=cfg1, params=merged, tokenizer=base_model.tokenizer,
                         vocab_limit=base_model.vocab_limit)
     for dec in ("greedy", "sampled"):
@@ -131,7 +131,7 @@ def test_inra_lambda0_is_the_base_model_and_lambda1_the_adapted_model(tiny_run, 
     # the adapter matters at λ = 1: otherwise the λ = 0 check above would be vacuous
     assert cells["inra_lam0_greedy"]["token_ids"] != cells["inra_lam1_greedy"]["token_ids"]
     # and sample_cell's InRa path is the sampler's mode=inra
-    inra = realign.inra_model(base_model, realign.load_adapter(f"{root}/adapter.safetensors"))
+    inra = inra_lib.inra_model(base_model, inra_lib.load_adapter(f"{root}/adapter.safetensors"))
     direct = sampler.sample(inra, None, [r["prompt"] for r in records], mode="inra", inra_lambda=0.0,
                             max_new_tokens=6, proposal_temperature=0.0, proposal_top_p=1.0, repetition_penalty=1.0,
                             kl_threshold=None, stop=["\n\nHuman:"])

@@ -7,8 +7,10 @@ import numpy as np
 import optax
 import pytest
 
+from ramjax import loss as loss_lib
 from ramjax import model as model_lib
 from ramjax import sharding as shd
+from ramjax import stages
 from ramjax import train_lib
 
 CFG = model_lib.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -49,7 +51,7 @@ def _params0():
 def _setup(mesh, grad_accum=1, opt="sgd", lr=0.1):
     sched = train_lib.make_schedule(lr, 10)
     optimizer = train_lib.make_optimizer(opt, sched, clip_norm=None, momentum=0.9)
-    obj = train_lib.ram_objective(CFG, 0.1, mesh=mesh)
+    obj = loss_lib.ram_objective(0.1)
     p_sh = model_lib.param_shardings(CFG, mesh)
     params = shd.shard_tree(_params0(), p_sh)
     shapes = jax.eval_shape(lambda p: train_lib.init_state(p, optimizer, jax.random.key(1)), params)
@@ -57,8 +59,9 @@ def _setup(mesh, grad_accum=1, opt="sgd", lr=0.1):
     state = jax.jit(lambda p: train_lib.init_state(p, optimizer, jax.random.key(1)), out_shardings=st_sh)(params)
     batch = _ram_batch()
     b_sh = train_lib.batch_shardings(batch, mesh)
-    step = train_lib.jit_train_step(train_lib.make_train_step(obj, optimizer, grad_accum=grad_accum, schedule=sched,
-                                                              mesh=mesh), st_sh, b_sh, None, mesh)
+    step = train_lib.jit_train_step(train_lib.make_train_step(obj, optimizer, forward=stages.model_forward(CFG, mesh),
+                                                              grad_accum=grad_accum, schedule=sched, mesh=mesh),
+                                    st_sh, b_sh, None, mesh)
     return state, step, {k: jax.device_put(v, b_sh[k]) for k, v in batch.items()}
 
 
@@ -437,10 +440,10 @@ def test_sft_from_hf_exports_hf_and_model_dir(fx, tmp_path):
 
 
 def test_alpha_term_domination_warns(caplog):
-    with caplog.at_level("WARNING", logger="ramjax.train_lib"):
-        assert train_lib._warn_alpha({"train/nll_data": 10.0, "train/logq_neg": -50.0}, 0.1, 0) == 0
+    with caplog.at_level("WARNING", logger="ramjax.stages"):
+        assert stages.warn_alpha({"train/nll_data": 10.0, "train/logq_neg": -50.0}, 0.1, 0) == 0
         assert not caplog.records
-        assert train_lib._warn_alpha({"train/nll_data": 10.0, "train/logq_neg": -50.0}, 0.5, 0) == 1
+        assert stages.warn_alpha({"train/nll_data": 10.0, "train/logq_neg": -50.0}, 0.5, 0) == 1
     assert "alpha term dominates" in caplog.text
 
 
@@ -452,17 +455,18 @@ def test_dpo_rpo_alpha_adds_token_mean_nll_of_chosen():
     b["example_index"] = np.array([0, 1, 2, 3, 4, 5, -1, -1], np.int32)
     frozen = {"ref_logps": jnp.asarray(np.random.default_rng(0).normal(-20, 3, (6, 2)), jnp.float32)}
 
-    def run(obj, batch):
-        return obj.loss(params, batch, obj.normalizers(batch), frozen, jax.random.key(0))
+    fwd = stages.model_forward(CFG)
 
-    plain, m0 = run(train_lib.dpo_objective(CFG, 0.3), b)
-    rpo, m1 = run(train_lib.dpo_objective(CFG, 0.3, rpo_alpha=0.7), b)
+    def run(obj, batch, frozen):
+        return obj.loss(lambda lm: fwd(params, None, lm), batch, obj.normalizers(batch), frozen)
+
+    plain, m0 = run(loss_lib.dpo_objective(0.3), b, frozen)
+    rpo, m1 = run(loss_lib.dpo_objective(0.3, rpo_alpha=0.7), b, frozen)
     chosen = {k[len("chosen_"):]: v[:6] for k, v in b.items() if k.startswith("chosen_")}
-    lm = train_lib.lm_objective(CFG)
-    nll, _ = lm.loss(params, chosen, lm.normalizers(chosen), None, None)
+    nll, _ = run(loss_lib.lm_objective(), chosen, None)
     assert float(m1["dpo_loss"]) == pytest.approx(float(plain), rel=1e-6)
     assert float(m1["nll"]) == pytest.approx(float(nll), rel=1e-5)
     assert float(rpo) == pytest.approx(float(plain) + 0.7 * float(nll), rel=1e-5)
     assert "nll" not in m0
     with pytest.raises(Exception, match="rpo_alpha"):
-        train_lib.dpo_objective(CFG, 0.3, rpo_alpha=-1.0)
+        loss_lib.dpo_objective(0.3, rpo_alpha=-1.0)

@@ -273,11 +273,11 @@ def sample_cell(model: Any, records: Sequence[Mapping[str, Any]], cfg: RealignSw
 
 def default_cell(cell: Cell, ctx: SweepContext) -> dict[str, Any]:
     """Samples and judges one cell: InRa at λ, the TrRa student for λ (trained if needed), or the aligned model."""
-    from ramjax import api, realign
+    from ramjax import api, inra
 
     cfg = ctx.cfg
     if cell.series == INRA:
-        model = ctx.model("inra", lambda: realign.load_inra_model(cfg.path("base"), train_inra_adapter(cfg)))
+        model = ctx.model("inra", lambda: inra.load_inra_model(cfg.path("base"), train_inra_adapter(cfg)))
         results = sample_cell(model, ctx.records, cfg, cell.decoding, mode="inra", lam=cell.lam)
     elif cell.series == TRRA:
         path = train_trra_student(cfg, cell.lam)

@@ -1,28 +1,22 @@
-"""Flexible Realignment (arXiv 2506.12704): training-time realignment (TrRa) and the InRa layer adapter.
+"""InRa, inference-time realignment (Flexible Realignment, arXiv 2506.12704): the identity-initialised layer adapter.
 
-**TrRa.** A frozen reference model (logits ``h_ref``) and a frozen aligned model (``h_align``) define, at every
-response position, the teacher ``softmax_vocab((λ·h_align + (1−λ)·h_ref) / T)``; λ > 1 extrapolates past the
-aligned model, λ < 0 away from it. A student (initialised from the reference) is trained to match the teacher by
-KL on response tokens. ``trra_teacher_logprobs`` builds the teacher, ``trra_loss`` returns ``(kl_sum, count,
-metric sums)`` like every objective in ``ramjax.loss``; ``trra_topk_teacher`` stores the teacher as its top-k
-log-probs plus one bucket holding the rest of the mass, for when a full ``[B, T, V]`` teacher does not fit.
-
-**InRa.** ``build_adapter`` copies the bottom decoder layer and zeroes its attention-output and MLP-down
-projections (weights and biases), so inserted below layer 0 it is the identity (each sub-block is residual:
-``x + 0``). Only the adapter trains (``adapter_forward`` is the L+1-layer model as a function of the adapter, with
-the base params frozen). At inference ``inra_forward`` runs two streams through the shared layers — embedding →
-adapter → L layers, and embedding → L layers — and mixes the logits per row: ``(1−λ_b)·h_bypass + λ_b·h_adapter``.
-The two streams share one stacked KV cache of ``2B`` rows (row ``2b`` = adapter stream of example b, ``2b+1`` =
-bypass stream), so the L layers run once over a doubled batch and a row's two streams stay on the same device
-under batch sharding; the adapter layer has its own one-layer cache.
+``build_adapter`` copies the bottom decoder layer and zeroes its attention-output and MLP-down projections (weights
+and biases), so inserted below layer 0 it is the identity (each sub-block is residual: ``x + 0``). Only the adapter
+trains (``adapter_forward`` is the L+1-layer model as a function of the adapter, with the base params frozen). At
+inference ``inra_forward`` runs two streams through the shared layers — embedding → adapter → L layers, and
+embedding → L layers — and mixes the logits per row: ``(1−λ_b)·h_bypass + λ_b·h_adapter``. The two streams share
+one stacked KV cache of ``2B`` rows (row ``2b`` = adapter stream of example b, ``2b+1`` = bypass stream), so the L
+layers run once over a doubled batch and a row's two streams stay on the same device under batch sharding; the
+adapter layer has its own one-layer cache.
 
 Export: ``merge_adapter`` gives the plain ``L+1``-layer params (adapter as layer 0), ``export_inra_hf`` writes them
 as a Hugging Face checkpoint, ``save_adapter``/``load_adapter`` the adapter alone (one small safetensors file).
 
-Where it plugs in: ``train.py`` stage ``trra`` (``trra.iterations`` for iterated TrRa) and ``inra.enabled=true``
-(train only the adapter, with any stage's objective); ``ramjax.sample(..., mode="inra", inra_lambda=...)`` with the
-proposal slot holding ``inra_model(base, adapter)`` / ``load_inra_model(base_dir, adapter_file)`` (an ``InraSpec``
-config); ``sample.py mode=inra adapter=FILE lambda=...``; ``inra_sweep`` / ``lambda_sweep`` for λ sweeps.
+Where it plugs in: ``train.py`` with ``inra.enabled=true`` (train only the adapter, with any stage's objective; set
+up in ``ramjax.stages``); ``ramjax.sample(..., mode="inra", inra_lambda=...)`` with the proposal slot holding
+``inra_model(base, adapter)`` / ``load_inra_model(base_dir, adapter_file)`` (an ``InraSpec`` config);
+``sample.py mode=inra adapter=FILE lambda=...``; ``inra_sweep`` / ``lambda_sweep`` for λ sweeps. TrRa, the
+training-time half of the paper, is an objective in ``ramjax.loss`` (``trra_objective``).
 """
 from __future__ import annotations
 
@@ -40,6 +34,7 @@ from jax.sharding import Mesh
 
 from ramjax import model as model_lib
 from ramjax import sharding as shd
+from ramjax.loss import RealignError, lam_per_row
 from ramjax.model import KVCache, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -50,196 +45,8 @@ ADAPTER_FORMAT = "ramjax-inra-adapter-v1"
 _ZEROED = ("wo", "bo", "w_down", "b_down")
 
 
-class RealignError(ValueError):
-    """Bad input to a realignment function (shapes, direction, adapter file, λ)."""
-
-
-# ================================================================================================================
-# TrRa: training-time realignment
-
-
-def _as_lam(lam: Any, batch: int) -> jax.Array:
-    """λ as float32 ``[B, 1, 1]`` (a scalar is broadcast to every row)."""
-    lam = jnp.asarray(lam, jnp.float32)
-    if lam.ndim == 0:
-        lam = jnp.broadcast_to(lam, (batch,))
-    if lam.shape != (batch,):
-        raise RealignError(f"lam has shape {lam.shape}; give a scalar or one value per row, shape ({batch},)")
-    return lam[:, None, None]
-
-
-def _slice_vocab(x: jax.Array, vocab_limit: int | None) -> jax.Array:
-    # Padded embedding rows (ids >= vocab_limit) are not tokens: drop them so every softmax is over real tokens.
-    if vocab_limit is not None and vocab_limit < x.shape[-1]:
-        return x[..., :vocab_limit]
-    return x
-
-
-def trra_teacher_logits(h_ref: jax.Array, h_align: jax.Array, lam: Any, temperature: float = 1.0,
-                        vocab_limit: int | None = None) -> jax.Array:
-    """The teacher's fused logits ``(λ·h_align + (1−λ)·h_ref) / T``, float32 ``[B, T, V]``.
-
-    h_ref, h_align: ``[B, T, V]`` logits of the frozen reference and aligned models on the same tokens.
-    lam: scalar or ``[B]`` (one λ per row). Any real λ is allowed (λ > 1 extrapolates).
-    vocab_limit: keep only the first ``vocab_limit`` ids (drops padded embedding rows).
-    """
-    if h_ref.shape != h_align.shape or h_ref.ndim != 3:
-        raise RealignError(f"h_ref {h_ref.shape} and h_align {h_align.shape} must both be [B, T, V] logits of the "
-                           f"same tokens (the two models must share the vocabulary)")
-    if not temperature > 0:
-        raise RealignError(f"temperature={temperature} must be positive")
-    l = _as_lam(lam, h_ref.shape[0])
-    h_ref = _slice_vocab(h_ref.astype(jnp.float32), vocab_limit)
-    h_align = _slice_vocab(h_align.astype(jnp.float32), vocab_limit)
-    # h_ref + λ(h_align − h_ref): the form of the paper, and exact for λ = 0 and λ = 1.
-    return (h_ref + l * (h_align - h_ref)) / temperature
-
-
-def trra_teacher_logprobs(h_ref: jax.Array, h_align: jax.Array, lam: Any, temperature: float = 1.0,
-                          vocab_limit: int | None = None) -> jax.Array:
-    """``log_softmax_vocab((λ·h_align + (1−λ)·h_ref) / T)``, float32 ``[B, T, V]`` (see ``trra_teacher_logits``)."""
-    return jax.nn.log_softmax(trra_teacher_logits(h_ref, h_align, lam, temperature, vocab_limit), axis=-1)
-
-
-@flax.struct.dataclass
-class TopKTeacher:
-    """A teacher distribution stored as its k most likely tokens plus one bucket for the remaining mass.
-
-    indices:       int32 ``[B, T, k]`` token ids
-    logprobs:      float32 ``[B, T, k]`` their teacher log-probs
-    rest_logprob:  float32 ``[B, T]`` log of the teacher mass on all other tokens (``-inf`` if none)
-    The KL against it is the exact KL between the two distributions coarsened to these k+1 outcomes, which is a
-    lower bound on the full KL (data processing) and equal to it when the teacher's mass outside the top k is 0.
-    """
-
-    indices: jax.Array
-    logprobs: jax.Array
-    rest_logprob: jax.Array
-
-
-def trra_topk_teacher(h_ref: jax.Array, h_align: jax.Array, lam: Any, k: int, temperature: float = 1.0,
-                      vocab_limit: int | None = None) -> TopKTeacher:
-    """The TrRa teacher compressed to its top ``k`` tokens per position plus a residual-mass bucket.
-
-    Memory per position drops from V floats to 2k+1 numbers; use it to precompute teachers offline or to keep the
-    two teacher models off the training devices.
-    """
-    logits = trra_teacher_logits(h_ref, h_align, lam, temperature, vocab_limit)
-    if not 1 <= k <= logits.shape[-1]:
-        raise RealignError(f"k={k} must be in [1, vocabulary size {logits.shape[-1]}]")
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    top, idx = jax.lax.top_k(logits, k)
-    rest = _logsumexp_excluding(logits, idx) - lse
-    return TopKTeacher(indices=idx.astype(jnp.int32), logprobs=top - lse[..., None], rest_logprob=rest)
-
-
-def _logsumexp_excluding(logits_btv: jax.Array, idx_btk: jax.Array) -> jax.Array:
-    """``log Σ_{v ∉ idx} exp(logits_v)`` ``[B, T]``, computed directly (stable even when that mass is tiny)."""
-    hit = jnp.sum(jax.nn.one_hot(idx_btk, logits_btv.shape[-1], dtype=jnp.int32), axis=-2) > 0
-    left = ~jnp.all(hit, axis=-1)
-    # Where no id is left (k = V) run the logsumexp on finite values and select -inf afterwards, so the backward
-    # pass sees no exp(-inf - -inf) = NaN.
-    excl = jnp.where(hit & left[..., None], -jnp.inf, logits_btv)
-    return jnp.where(left, jax.nn.logsumexp(excl, axis=-1), -jnp.inf)
-
-
-def _plogp_diff(lp: jax.Array, lq: jax.Array) -> jax.Array:
-    """``exp(lp)·(lp − lq)`` with the convention ``0·log 0 = 0`` (also when ``lp = -inf``)."""
-    finite = lp > -jnp.inf
-    lp_safe = jnp.where(finite, lp, 0.0)
-    return jnp.where(finite, jnp.exp(lp_safe) * (lp_safe - lq), 0.0)
-
-
-def _entropy(lp: jax.Array) -> jax.Array:
-    return -jnp.sum(_plogp_diff(lp, jnp.zeros_like(lp)), axis=-1)
-
-
-TeacherSpec = jax.Array | TopKTeacher | tuple
-
-
-def trra_loss(student_logits: jax.Array, teacher: TeacherSpec, loss_mask: jax.Array, *,
-              targets: jax.Array | None = None, segment_ids: jax.Array | None = None,
-              direction: str = "forward", temperature: float = 1.0, vocab_limit: int | None = None
-              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """The TrRa distillation loss as ``(Σ_tokens KL, number of response tokens, metric sums)``.
-
-    student_logits: ``[B, T, V]`` logits of the student (the model being trained).
-    teacher: one of
-      * teacher log-probs ``[B, T, V]`` (from ``trra_teacher_logprobs``),
-      * a tuple ``(h_ref, h_align, lam)`` of raw teacher logits, fused here with ``temperature``,
-      * a ``TopKTeacher`` (KL over the top-k tokens plus the residual bucket).
-      The teacher is put under ``stop_gradient``: gradients reach only the student.
-    loss_mask: ``[B, T]``, 1 on response tokens (prompt and padding 0); ``segment_ids`` (0 = padding) also masks.
-    targets: ``[B, T]`` data tokens, only for the accuracy metrics.
-    direction: ``forward`` = KL(teacher ‖ student) (the default, mass-covering), ``reverse`` = KL(student ‖ teacher).
-    The loss is ``kl_sum / count`` with count taken over the *global* batch (every token of every row counts the
-    same), so micro-batch contributions ``kl_sum_i / count_global`` add up exactly. Masked positions contribute
-    nothing, whatever their logits (NaN included). Metric sums (divide each by ``count``): ``trra/kl``,
-    ``trra/teacher_entropy``, ``trra/student_entropy`` and, with targets, ``trra/accuracy`` (student argmax ==
-    target) and ``trra/teacher_accuracy``.
-    """
-    if direction not in ("forward", "reverse"):
-        raise RealignError(f"direction={direction!r}; use 'forward' (KL(teacher‖student)) or 'reverse'")
-    if student_logits.ndim != 3:
-        raise RealignError(f"student_logits must be [B, T, V], got shape {student_logits.shape}")
-    mask = loss_mask.astype(jnp.float32)
-    if segment_ids is not None:
-        mask = mask * (segment_ids > 0)
-    on = mask[..., None] > 0
-    s = _slice_vocab(student_logits.astype(jnp.float32), vocab_limit)
-    # Masked rows are replaced by zeros before any arithmetic so that garbage there (padding logits, NaN) can
-    # reach neither the loss nor, through 0·NaN in the backward pass, the gradient.
-    s = jnp.where(on, s, 0.0)
-    lq = jax.nn.log_softmax(s, axis=-1)
-    metrics: dict[str, jax.Array] = {}
-
-    if isinstance(teacher, TopKTeacher):
-        k = teacher.indices.shape[-1]
-        idx = jnp.where(on, teacher.indices, jnp.arange(k))
-        # masked positions get a uniform (finite) teacher over the k+1 outcomes; their KL is multiplied by 0
-        uniform = -jnp.log(float(k + 1))
-        lp_top = jax.lax.stop_gradient(jnp.where(on, teacher.logprobs, uniform))
-        lp_rest = jax.lax.stop_gradient(jnp.where(mask > 0, teacher.rest_logprob, uniform))
-        lq_top = jnp.take_along_axis(lq, idx, axis=-1)
-        lq_rest = _logsumexp_excluding(s, idx) - jax.nn.logsumexp(s, axis=-1)
-        # the coarsened (k+1)-outcome distributions
-        lp_c = jnp.concatenate([lp_top, lp_rest[..., None]], axis=-1)
-        lq_c = jnp.concatenate([lq_top, lq_rest[..., None]], axis=-1)
-        teacher_argmax = jnp.take_along_axis(idx, jnp.argmax(lp_top, axis=-1)[..., None], axis=-1)[..., 0]
-    else:
-        if isinstance(teacher, tuple):
-            if len(teacher) != 3:
-                raise RealignError("a raw teacher is the tuple (h_ref, h_align, lam)")
-            lp = trra_teacher_logprobs(*teacher, temperature=temperature, vocab_limit=vocab_limit)
-        else:
-            lp = _slice_vocab(jnp.asarray(teacher, jnp.float32), vocab_limit)
-            if vocab_limit is not None:  # renormalise over the kept ids (a no-op when already normalised there)
-                lp = jax.nn.log_softmax(lp, axis=-1)
-        if lp.shape != s.shape:
-            raise RealignError(f"teacher log-probs {lp.shape} and student logits {s.shape} differ in shape; the "
-                               f"teacher and the student must share the vocabulary (pass vocab_limit to drop padded "
-                               f"rows)")
-        lp = jax.lax.stop_gradient(jnp.where(on, lp, -jnp.log(float(lp.shape[-1]))))
-        lp_c, lq_c = lp, lq
-        teacher_argmax = jnp.argmax(lp, axis=-1)
-
-    if direction == "forward":
-        kl = jnp.sum(_plogp_diff(lp_c, lq_c), axis=-1)
-    else:
-        kl = jnp.sum(_plogp_diff(lq_c, lp_c), axis=-1)
-    kl_sum = jnp.sum(kl * mask)
-    metrics["trra/kl"] = jax.lax.stop_gradient(kl_sum)
-    metrics["trra/teacher_entropy"] = jnp.sum(_entropy(lp_c) * mask)
-    metrics["trra/student_entropy"] = jax.lax.stop_gradient(jnp.sum(_entropy(lq) * mask))
-    if targets is not None:
-        tgt = targets.astype(jnp.int32)
-        metrics["trra/accuracy"] = jnp.sum((jnp.argmax(s, axis=-1) == tgt) * mask)
-        metrics["trra/teacher_accuracy"] = jnp.sum((teacher_argmax == tgt) * mask)
-    return kl_sum, jnp.sum(mask), metrics
-
-
-# ================================================================================================================
-# InRa: the identity-initialised layer adapter
+# ------------------------------------------------------------------------------------------------------------
+# The identity-initialised layer adapter
 
 
 def _decoder(cfg: ModelConfig, mesh: Mesh | None, rules: Rules) -> model_lib.Decoder:
@@ -404,7 +211,7 @@ def inra_stream_logits(cfg: ModelConfig, params: dict, adapter: dict, tokens: ja
 
 def mix_logits(h_adapter: jax.Array, h_bypass: jax.Array, lam: Any) -> jax.Array:
     """``(1−λ_b)·h_bypass + λ_b·h_adapter`` per row b, float32 ``[B, T, V]``; lam is a scalar or ``[B]``."""
-    l = _as_lam(lam, h_adapter.shape[0])
+    l = lam_per_row(lam, h_adapter.shape[0])
     h_a, h_b = h_adapter.astype(jnp.float32), h_bypass.astype(jnp.float32)
     return h_b + l * (h_a - h_b)  # exact at λ = 0 (the base model) and λ = 1 (the adapted model)
 
@@ -547,7 +354,7 @@ def load_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -> dic
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise RealignError(f"adapter file {path!r} does not exist; write one with ramjax.realign.save_adapter")
+        raise RealignError(f"adapter file {path!r} does not exist; write one with ramjax.inra.save_adapter")
     with safe_open(path, framework="numpy") as f:
         meta = f.metadata() or {}
         flat = {k: f.get_tensor(k) for k in f.keys()}
@@ -633,8 +440,7 @@ def inra_sweep(model: Any, prompts: Sequence[Any], lams: Iterable[float],
     return lambda_sweep(lams, run)
 
 
-__all__ = ["RealignError", "trra_teacher_logits", "trra_teacher_logprobs", "TopKTeacher", "trra_topk_teacher",
-           "trra_loss", "build_adapter", "adapter_shapes", "adapter_logical_axes", "adapter_shardings",
+__all__ = ["RealignError", "build_adapter", "adapter_shapes", "adapter_logical_axes", "adapter_shardings",
            "merge_adapter", "adapter_forward", "InraCache", "init_inra_cache", "inra_cache_shardings",
            "inra_stream_logits", "mix_logits", "inra_forward", "InraSpec", "inra_model", "load_inra_model",
            "save_adapter", "load_adapter", "export_inra_hf", "lambda_sweep", "inra_sweep"]
