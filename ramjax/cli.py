@@ -268,9 +268,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    output = getattr(cfg, "output_format", "samples")
-    if training:
-        output = "training"
+    output = "training" if training else "samples"  # SampleConfig has no output key: the flag decides
 
     import jax
 

@@ -882,7 +882,7 @@ def _pack_rows(order: np.ndarray, lengths: np.ndarray, max_len: int, window: int
     return done
 
 
-def _fill(rows: Sequence[Sequence[int]], seqs: Sequence[Seq], T: int, pad: int) -> dict[str, np.ndarray]:
+def fill_rows(rows: Sequence[Sequence[int]], seqs: Sequence[Seq], T: int, pad: int) -> dict[str, np.ndarray]:
     """The five ``[len(rows), T]`` arrays for rows of sequence indices (see the module docstring)."""
     B = len(rows)
     tokens = np.full((B, T), pad, np.int32)
@@ -1014,11 +1014,11 @@ class BatchIterator:
     def _make_batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
         T, pad = self.data.max_len, self.data.pad_id
         if self.data.kind == "single":
-            batch = _fill(rows, self.data.examples, T, pad)
+            batch = fill_rows(rows, self.data.examples, T, pad)
         else:
             batch = {}
             for j, name in enumerate(("chosen", "rejected")):
-                part = _fill(rows, [e[j] for e in self.data.examples], T, pad)
+                part = fill_rows(rows, [e[j] for e in self.data.examples], T, pad)
                 batch.update({f"{name}_{k}": v for k, v in part.items()})
         if not self.packing:
             batch["example_index"] = np.asarray([r[0] if r else -1 for r in rows], np.int32)

@@ -39,9 +39,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ramjax import files, stats, verify
+from ramjax import config as config_lib
+from ramjax import data as data_lib
+from ramjax import files, sampler, stats, verify
+from ramjax import loss as loss_lib
+from ramjax import model as model_lib
+from ramjax.api import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +282,6 @@ def _run_sampler(proposal: Any, aligner: Any, prompts: Sequence[str], mode: str,
     same shape and compiles once; ``example_offset`` keeps each prompt's random stream what a single call over all
     prompts would give it.
     """
-    from ramjax import sampler  # imported here: tests with stub systems need no sampler
 
     kw = dict(settings)
     if mode in ("proposal", "aligner"):
@@ -352,8 +358,6 @@ def product_token_logprobs(logits_p_btv: Any, logits_q_btv: Any, targets_bt: Any
     from at temperature 1 over the full vocabulary, and the limit of ``par`` as n → ∞ (without a nucleus).
     Ids ``>= vocab_limit`` (padded embedding rows) are excluded.
     """
-    import jax
-    import jax.numpy as jnp
 
     lp = logits_p_btv.astype(jnp.float32)
     lq = logits_q_btv.astype(jnp.float32)
@@ -366,11 +370,7 @@ def product_token_logprobs(logits_p_btv: Any, logits_q_btv: Any, targets_bt: Any
 @functools.lru_cache(maxsize=None)
 def _loglik_fn(kind: str, cfg_p: Any, cfg_q: Any, vocab: int):
     """A jitted ``(params_p, params_q, batch) -> (sums [B], counts [B])`` for one kind and pair of configs."""
-    import jax
-    import jax.numpy as jnp
 
-    from ramjax import loss as loss_lib
-    from ramjax import model as model_lib
 
     def fn(params_p, params_q, b):
         def logits(cfg, params):
@@ -386,23 +386,6 @@ def _loglik_fn(kind: str, cfg_p: Any, cfg_q: Any, vocab: int):
         return jnp.sum(lp * mask, axis=-1), jnp.sum(mask, axis=-1)
 
     return jax.jit(fn)
-
-
-def _pad_rows(seqs: Sequence[Any], B: int, T: int, pad: int) -> dict[str, np.ndarray]:
-    """One right-padded row per sequence (rows beyond len(seqs) empty): the five LM arrays, ``[B, T]``."""
-    tokens = np.full((B, T), pad, np.int32)
-    targets = np.full((B, T), pad, np.int32)
-    mask = np.zeros((B, T), np.float32)
-    seg = np.zeros((B, T), np.int32)
-    pos = np.zeros((B, T), np.int32)
-    for r, (toks, tgt) in enumerate(seqs):
-        L = len(toks)
-        tokens[r, :L] = toks
-        targets[r, : L - 1] = toks[1:]
-        mask[r, : L - 1] = tgt[1:]
-        seg[r, :L] = 1
-        pos[r, :L] = np.arange(L)
-    return {"tokens": tokens, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
 
 
 def sequence_logliks(seqs: Sequence[tuple[Sequence[int], Sequence[bool]]], *, kind: str, proposal: Any = None,
@@ -438,7 +421,8 @@ def sequence_logliks(seqs: Sequence[tuple[Sequence[int], Sequence[bool]]], *, ki
     T = max(8, 1 << (max(len(t) for t, _ in seqs) - 1).bit_length()) if seqs else 8
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
-        b = _pad_rows(chunk, batch_size, T, pad_id)
+        rows = [[i] for i in range(len(chunk))] + [[]] * (batch_size - len(chunk))  # one sequence per row
+        b = data_lib.fill_rows(rows, [data_lib.Seq(t, g) for t, g in chunk], T, pad_id)
         s, c = fn(params_p, params_q, b)
         sums[start : start + len(chunk)] = np.asarray(s, np.float64)[: len(chunk)]
         counts[start : start + len(chunk)] = np.asarray(c, np.float64)[: len(chunk)]
@@ -454,7 +438,6 @@ def heldout_loglik(records: Sequence[Mapping[str, Any]], *, kind: str, proposal:
     Returns {"per_token": total log-lik / tokens, "per_sequence": mean summed log-lik per record, "tokens",
     "sequences"}. tokenizer: defaults to the proposal's (or the aligner's).
     """
-    from ramjax import data as data_lib
 
     tok = tokenizer or _get(proposal, "tokenizer") or _get(aligner, "tokenizer")
     if tok is None:
@@ -1060,7 +1043,6 @@ def evaluate_from_config(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
             f.write(f"# Judged {cfg.responses_file or cfg.eval_file}\n\n{table}\n")
         return res, table
 
-    from ramjax.api import load_model
 
     records = files.read_jsonl(cfg.eval_file, error=EvalError)
     if cfg.max_examples:
@@ -1099,7 +1081,6 @@ def evaluate_from_config(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ramjax.evaluate [CONFIG.yaml] [key=value ...]``: prints the resolved config and the table."""
-    from ramjax import config as config_lib
 
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -182,14 +182,7 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
             lines = []
             for k, (rec, prompt, samples) in enumerate(zip(chunk, prompts, results)):
                 if output == "training":
-                    texts = [s.text for s in samples]
-                    line = dict(rec)
-                    line["proposal"] = texts[0] if num_samples == 1 else texts
-                    first = samples[0]
-                    if first.finish_reason != "stop":  # a stop string cuts the text inside the tokens
-                        line["proposal_token_ids"] = first.token_ids
-                    line["proposal_finish_reason"] = first.finish_reason
-                    lines.append(line)
+                    lines.append(training_record(rec, samples))
                 else:
                     for s in samples:
                         d = {"index": start + k, "sample_index": s.sample_index, "prompt": prompt}
@@ -207,6 +200,20 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     if alpaca_output is not None and output == "samples":
         summary.alpaca_output = write_alpaca_eval(output_file, alpaca_output, generator)
     return summary
+
+
+def training_record(record: Mapping[str, Any], samples: Sequence[Any]) -> dict[str, Any]:
+    """One input record with its proposal sample(s) for RAM training: ``proposal`` (the text, or the list of texts
+    for several samples), ``proposal_token_ids`` of the first sample (unless a stop string cut its text inside
+    the tokens) and ``proposal_finish_reason``."""
+    texts = [s.text for s in samples]
+    line = dict(record)
+    line["proposal"] = texts[0] if len(texts) == 1 else texts
+    first = samples[0]
+    if first.finish_reason != "stop":  # a stop string cuts the text inside the tokens
+        line["proposal_token_ids"] = list(first.token_ids)
+    line["proposal_finish_reason"] = first.finish_reason
+    return line
 
 
 def _chunk_lambdas(chunk: Sequence[Mapping[str, Any]], field: str | None, default: Any, start: int) -> list[float]:

@@ -237,19 +237,39 @@ def inra_forward(cfg: ModelConfig, params: dict, adapter: dict, tokens: jax.Arra
 
 @dataclasses.dataclass(frozen=True)
 class InraSpec:
-    """Stands in for a ``ModelConfig`` where a decoder holds one model: the base architecture plus an adapter.
+    """The base architecture plus an adapter, as a ``model.DecoderSpec`` (what the sampler needs of a model).
 
-    Hashable (a static argument of ``jax.jit``); attribute reads it does not define (``vocab_size``,
-    ``max_position_embeddings``, ``eos_token_id`` ...) are the base config's. Its params are
-    ``{"base": base params, "adapter": adapter}`` and its cache an ``InraCache``; ``forward`` takes λ per row.
+    Hashable (a static argument of ``jax.jit``). Its vocabulary, token ids and context length are the base
+    config's; its params are ``{"base": base params, "adapter": adapter}`` and its cache an ``InraCache``;
+    ``forward`` takes λ per row.
     """
 
     base: ModelConfig
+    takes_lambda = True  # a class attribute, not a field
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "base":  # not yet set (unpickling): avoid recursing
-            raise AttributeError(name)
-        return getattr(self.base, name)
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    @property
+    def eos_token_id(self) -> int | tuple[int, ...] | None:
+        return self.base.eos_token_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.base.bos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.base.pad_token_id
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.base.max_position_embeddings
+
+    @property
+    def compute_dtype(self) -> Any:
+        return self.base.compute_dtype
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> InraCache:
         return init_inra_cache(self.base, batch, max_len, dtype)

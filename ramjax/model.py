@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Literal, Protocol, Sequence, get_args
 
 import flax.linen as nn
 import flax.struct
@@ -26,7 +26,10 @@ from jax.sharding import Mesh
 from ramjax import sharding as shd
 
 Rules = Sequence[tuple[str, Any]]
-ARCHITECTURES = ("llama", "qwen2")
+Architecture = Literal["llama", "qwen2"]
+DType = Literal["float32", "bfloat16", "float16"]
+AttentionImpl = Literal["xla", "dot_product", "cudnn", "chunked", "splash"]
+ARCHITECTURES = get_args(Architecture)
 # How training/prefill attention is computed (single-token decode always uses the plain einsum path):
 #   xla          scores [batch, kv_heads, group, q, kv] in float32 by einsum (the reference numerics)
 #   dot_product  jax.nn.dot_product_attention(implementation="xla") with the segment/causal mask
@@ -34,7 +37,7 @@ ARCHITECTURES = ("llama", "qwen2")
 #   chunked      the xla numerics one block of ``attention_chunk`` queries at a time, rematerialised in the
 #                backward pass: peak score memory [batch, heads, chunk, kv] instead of [batch, heads, q, kv]
 #   splash       Pallas splash attention (TPU only; segment ids and the causal mask inside the kernel)
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "chunked", "splash")
+ATTENTION_IMPLS = get_args(AttentionImpl)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -42,7 +45,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 class RopeScaling:
     """Rotary frequency scaling. ``rope_type`` is ``"llama3"`` (Llama-3.1 style) or ``"linear"``."""
 
-    rope_type: str = "llama3"
+    rope_type: Literal["llama3", "linear"] = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -66,7 +69,7 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 16
-    architecture: str = "llama"
+    architecture: Architecture = "llama"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
@@ -75,16 +78,20 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: DType = "float32"
+    param_dtype: DType = "float32"
     remat: bool = False
-    attention_impl: str = "xla"
+    attention_impl: AttentionImpl = "xla"
     attention_chunk: int = 512
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            if getattr(self, name) < (0 if name == "vocab_size" else 1):
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; supported: {ARCHITECTURES}")
         for name in ("dtype", "param_dtype"):
@@ -109,6 +116,50 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+    # --- the ``DecoderSpec`` protocol (what the sampler needs of a model; ``inra.InraSpec`` is the other one)
+    takes_lambda = False  # a class attribute, not a field: ``forward`` ignores λ
+
+    def param_shapes(self) -> dict:
+        return param_shapes(self)
+
+    def param_shardings(self, mesh: Mesh, rules: Rules = shd.DEFAULT_RULES) -> dict:
+        return param_shardings(self, mesh, rules)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> "KVCache":
+        return init_cache(self, batch, max_len, dtype)
+
+    def cache_shardings(self, mesh: Mesh, batch: int, max_len: int, rules: Rules = shd.DEFAULT_RULES) -> Any:
+        return cache_shardings(mesh, self, batch, max_len, rules)
+
+    def forward(self, params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                cache: "KVCache | None", lam: Any = None, *, last_only: bool = False, mesh: Mesh | None = None,
+                rules: Rules = shd.DEFAULT_RULES) -> tuple[jax.Array, "KVCache | None"]:
+        """``forward`` of this config (``lam`` is ignored: one model, nothing to mix)."""
+        return forward(self, params, tokens, positions, segment_ids, cache, last_only=last_only, mesh=mesh,
+                       rules=rules)
+
+
+class DecoderSpec(Protocol):
+    """What the sampler needs of a model's ``config``: a ``ModelConfig`` (one decoder) or an ``inra.InraSpec``
+    (a base model plus an InRa adapter, two streams mixed per row by λ). Hashable (a static argument of jit)."""
+
+    takes_lambda: bool
+    vocab_size: int
+    eos_token_id: int | tuple[int, ...] | None
+    max_position_embeddings: int
+
+    def param_shapes(self) -> Any: ...
+
+    def param_shardings(self, mesh: Mesh, rules: Rules = ...) -> Any: ...
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Any: ...
+
+    def cache_shardings(self, mesh: Mesh, batch: int, max_len: int, rules: Rules = ...) -> Any: ...
+
+    def forward(self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: Any,
+                lam: Any = None, *, last_only: bool = False, mesh: Mesh | None = None,
+                rules: Rules = ...) -> tuple[jax.Array, Any]: ...
 
 
 @flax.struct.dataclass

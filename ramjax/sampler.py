@@ -296,8 +296,8 @@ class _Static:
     kl_monitor: bool
     kl_fallback: str
     product_support: str
-    cfg_p: model_lib.ModelConfig | None
-    cfg_q: model_lib.ModelConfig | None
+    cfg_p: model_lib.DecoderSpec | None
+    cfg_q: model_lib.DecoderSpec | None
     vocab: int
     batch: int
     prompt_len: int
@@ -309,36 +309,28 @@ class _Static:
     rules: tuple
 
 
-def _forward(cfg, params, tokens, positions, segment_ids, cache, vocab, static: _Static, lam=None):
-    if isinstance(cfg, model_lib.ModelConfig):
-        logits, cache = model_lib.forward(cfg, params, tokens, positions, segment_ids, cache, last_only=True,
-                                          mesh=static.mesh, rules=static.rules)
-    else:  # an inra.InraSpec: two streams, logits mixed per row by λ
-        logits, cache = cfg.forward(params, tokens, positions, segment_ids, cache, lam, last_only=True,
-                                    mesh=static.mesh, rules=static.rules)
+def _forward(cfg: model_lib.DecoderSpec, params, tokens, positions, segment_ids, cache, vocab, static: _Static,
+             lam=None):
+    # a ModelConfig ignores λ; an inra.InraSpec runs two streams and mixes their logits per row by λ
+    logits, cache = cfg.forward(params, tokens, positions, segment_ids, cache, lam, last_only=True,
+                                mesh=static.mesh, rules=static.rules)
     return logits[:, 0, :vocab], cache
 
 
-def _init_cache(cfg, batch: int, max_len: int):
-    if isinstance(cfg, model_lib.ModelConfig):
-        return model_lib.init_cache(cfg, batch, max_len)
+def _init_cache(cfg: model_lib.DecoderSpec, batch: int, max_len: int):
     return cfg.init_cache(batch, max_len)
 
 
-def _cache_shardings(mesh, cfg, batch: int, max_len: int, rules):
-    if isinstance(cfg, model_lib.ModelConfig):
-        return model_lib.cache_shardings(mesh, cfg, batch, max_len, rules)
+def _cache_shardings(mesh, cfg: model_lib.DecoderSpec, batch: int, max_len: int, rules):
     return cfg.cache_shardings(mesh, batch, max_len, rules)
 
 
-def _param_shardings(cfg, mesh, rules):
-    if isinstance(cfg, model_lib.ModelConfig):
-        return model_lib.param_shardings(cfg, mesh, rules)
+def _param_shardings(cfg: model_lib.DecoderSpec, mesh, rules):
     return cfg.param_shardings(mesh, rules)
 
 
-def _param_shapes(cfg):
-    return model_lib.param_shapes(cfg) if isinstance(cfg, model_lib.ModelConfig) else cfg.param_shapes()
+def _param_shapes(cfg: model_lib.DecoderSpec):
+    return cfg.param_shapes()
 
 
 def prompt_seen_set(tokens_bp: jax.Array, segment_ids_bp: jax.Array, vocab: int) -> jax.Array:
@@ -687,7 +679,7 @@ def _resolve_models(proposal, aligner, mode: str):
         raise ModeError(f"unknown mode {mode!r}; expected one of {MODES}")
     need_p = mode != "aligner"
     need_q = mode not in ("proposal", "inra")
-    inra = proposal is not None and not isinstance(proposal.config, model_lib.ModelConfig)
+    inra = proposal is not None and proposal.config.takes_lambda
     if mode == "inra" and proposal is not None and not inra:
         raise ModeError("mode='inra' needs the InRa model as the proposal: pass "
                         "proposal=ramjax.inra.load_inra_model(base_dir, adapter_file) (or inra.inra_model)")

@@ -196,7 +196,7 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
     on_stage(stage, event, seconds): event "start" or "done" (with the stage's seconds) or "skip".
     train_progress(stage, info): forwarded from ``train_lib.train``'s progress callback.
     """
-    from ramjax import api, evaluate, sampler, train_lib
+    from ramjax import api, evaluate, generate, sampler, train_lib
     from ramjax import tokenizer as tok_lib
     from ramjax.experiments import plots, tasks
 
@@ -284,11 +284,7 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
                              max_new_tokens=p.max_new_tokens, seed=run.seed + 1,
                              proposal_temperature=p.sample_temperature, proposal_top_p=1.0,
                              repetition_penalty=1.0, stop=["\n\nHuman:"], batch_size=p.eval_batch_size)
-        # on a stop-string finish the ids include the stop string's tokens: keep only the (cut) text then
-        _write_jsonl(samples_path, [{**r, "proposal": o[0].text,
-                                     **({"proposal_token_ids": list(o[0].token_ids)}
-                                        if o[0].finish_reason != "stop" else {})}
-                                    for r, o in zip(align, out)])
+        _write_jsonl(samples_path, [generate.training_record(r, o) for r, o in zip(align, out)])
     stage("samples", samples_path, make_samples)
 
     # 6-7. aligner: pretrain on D, then RAM -------------------------------------------------------------------
