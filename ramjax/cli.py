@@ -51,8 +51,11 @@ records its λ)::
     python sample.py configs/sample.yaml mode=inra proposal=runs/sft/model adapter=runs/inra/adapter.safetensors \\
         lambda=0.5 prompts_file=data/eval.jsonl output_file=samples_inra.jsonl
 
-Both resume where an interrupted run stopped (no duplicates, no lost rows). The script only parses, loads and
-calls ``ramjax.generate.generate_jsonl``.
+Both resume where an interrupted run stopped (no duplicates, no lost rows). Several processes (a TPU pod: the
+same command on every worker; SLURM: ``srun``; or ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID`` on each process) each sample their share of the prompts on their own devices, and process 0
+writes the one output, identical to a one-process run's. The script only parses, loads and calls
+``ramjax.generate.generate_jsonl``.
 """
 
 
@@ -270,6 +273,14 @@ def sample_main(argv: list[str] | None = None) -> int:
         return 2
     output = "training" if training else "samples"  # SampleConfig has no output key: the flag decides
 
+    from ramjax import distributed
+
+    try:  # before anything touches a device
+        # auto: a TPU slice, SLURM, Open MPI or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
+        distributed.initialize(getattr(cfg, "distributed", None) or config_lib.DistributedConfig(enabled=None))
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import jax
 
     from ramjax import api, generate
@@ -279,7 +290,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     if primary:
         print(config_lib.format_config(cfg), flush=True)
     try:
-        mesh = shd.make_mesh(cfg.mesh.mesh_config())
+        # each process samples its share of the prompts on its own devices (see ramjax.generate)
+        mesh = shd.make_mesh(cfg.mesh.mesh_config(), devices=jax.local_devices())
         rules = cfg.mesh.sharding_rules()
         if cfg.mode == "inra":
             from ramjax import inra

@@ -45,7 +45,7 @@ import numpy as np
 
 from ramjax import config as config_lib
 from ramjax import data as data_lib
-from ramjax import files, sampler, stats, verify
+from ramjax import distributed, files, sampler, stats, verify
 from ramjax import loss as loss_lib
 from ramjax import model as model_lib
 from ramjax.api import load_model
@@ -289,16 +289,22 @@ def _run_sampler(proposal: Any, aligner: Any, prompts: Sequence[str], mode: str,
     prompts = list(prompts)
     gens: list[Generation] = []
     times: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        real = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_size - real)
-        t0 = time.perf_counter()
-        out = sampler.sample(proposal, aligner, chunk, mode=mode, max_new_tokens=max_new_tokens, num_samples=1,
-                             seed=seed, stop=list(stop), template=template, batch_size=batch_size,
-                             example_offset=start, **kw)
-        times.append(time.perf_counter() - t0)
-        gens += [_to_generation(r) for r in out[:real]]
+    # Several processes (models on each one's local devices): each samples its batch of every round of
+    # process_count batches; the results come back to every process in prompt order.
+    for round_start in range(0, len(prompts), batch_size * jax.process_count()):
+        start, chunk = distributed.local_share(prompts, round_start, batch_size)
+        mine: tuple[list[Generation], list[float]] = ([], [])
+        if chunk:
+            real = len(chunk)
+            chunk = chunk + [chunk[-1]] * (batch_size - real)
+            t0 = time.perf_counter()
+            out = sampler.sample(proposal, aligner, chunk, mode=mode, max_new_tokens=max_new_tokens, num_samples=1,
+                                 seed=seed, stop=list(stop), template=template, batch_size=batch_size,
+                                 example_offset=start, **kw)
+            mine = ([_to_generation(r) for r in out[:real]], [time.perf_counter() - t0])
+        for g, t in distributed.allgather_objects(mine):
+            gens += g
+            times += t
     return gens, times
 
 
@@ -1086,12 +1092,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     path, overrides = config_lib.split_cli_args(argv)
     cfg = config_lib.load_config(EvalConfig, path, overrides)
-    print(config_lib.format_config(cfg))
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    config_lib.save_config(cfg, os.path.join(cfg.run_dir, "eval_config.yaml"))
+    from ramjax import distributed
+
+    # On a TPU pod / SLURM (detected from the environment) every process samples its share of the prompts.
+    distributed.initialize(config_lib.DistributedConfig(enabled=None))
+    import jax
+
+    primary = jax.process_index() == 0
+    if primary:
+        print(config_lib.format_config(cfg))
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        config_lib.save_config(cfg, os.path.join(cfg.run_dir, "eval_config.yaml"))
     _, table = evaluate_from_config(cfg)
-    print(table)
-    print(f"\nwrote {os.path.join(cfg.run_dir, 'report.md')} and results.json")
+    if primary:
+        print(table)
+        print(f"\nwrote {os.path.join(cfg.run_dir, 'report.md')} and results.json")
     return 0
 
 

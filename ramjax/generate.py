@@ -26,7 +26,9 @@ import logging
 import os
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from ramjax import evaluate, files
+import jax
+
+from ramjax import distributed, evaluate, files
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +150,9 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     sample_kwargs: passed to ``ramjax.sampler.sample`` (mode, n, temperatures, top-p, stop, seed, template...).
     lambda_field: mode ``inra``: a record with this field is sampled with its own λ (else ``inra_lambda``); the
         samples output then records each line's ``lambda``.
+    Several processes (``jax.distributed``; models loaded on each process's local devices): each samples its
+    share of every round of batches; the output is the one a single process writes (process 0 writes it).
     """
-    from ramjax import sampler
-
     if output not in ("samples", "training"):
         raise GenerateError(f"output={output!r}; expected 'samples' or 'training'")
     prompts_file, output_file = os.fspath(prompts_file), os.fspath(output_file)
@@ -158,8 +160,13 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
         raise GenerateError(f"output_file {output_file!r} is the prompts file; choose another path")
     records = read_prompt_records(prompts_file)
     per_record = num_samples if output == "samples" else 1
-    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-    done = _resume(output_file, per_record)
+    primary = jax.process_index() == 0
+    # Several processes: each samples its batch of every round of process_count batches on its own devices
+    # (``distributed.local_share``); process 0 alone reads, resumes and appends to the output, in example order.
+    if primary:
+        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+        done = _resume(output_file, per_record)
+    done = distributed.broadcast_int(done if primary else 0)
     if done > len(records):
         raise GenerateError(f"{output_file} already holds {done} examples but {prompts_file} has only "
                             f"{len(records)}; it belongs to another prompts file: choose a new output_file")
@@ -168,36 +175,26 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     written = 0
     if progress is not None:
         progress(done, len(records))
-    with open(output_file, "a", encoding="utf-8") as out:
-        for start in range(done, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            prompts = [prompt_of(r) for r in chunk]
-            kw = dict(sample_kwargs)
-            lams = None
-            if kw.get("mode") == "inra":
-                lams = _chunk_lambdas(chunk, lambda_field, kw.get("inra_lambda", 1.0), start)
-                kw["inra_lambda"] = lams
-            results = sampler.sample(proposal, aligner, prompts, num_samples=num_samples,
-                                     batch_size=batch_size * num_samples, example_offset=start, **kw)
-            lines = []
-            for k, (rec, prompt, samples) in enumerate(zip(chunk, prompts, results)):
-                if output == "training":
-                    lines.append(training_record(rec, samples))
-                else:
-                    for s in samples:
-                        d = {"index": start + k, "sample_index": s.sample_index, "prompt": prompt}
-                        if lams is not None:
-                            d["lambda"] = lams[k]
-                        d.update({key: _jsonable(v) for key, v in s.to_dict().items()})
-                        lines.append(d)
-            out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-            out.flush()
-            os.fsync(out.fileno())
-            written += len(chunk)
+    out = open(output_file, "a", encoding="utf-8") if primary else None
+    try:
+        for round_start in range(done, len(records), batch_size * jax.process_count()):
+            start, chunk = distributed.local_share(records, round_start, batch_size)
+            lines = _sample_lines(proposal, aligner, chunk, start, output, batch_size, num_samples, lambda_field,
+                                  sample_kwargs) if chunk else []
+            parts = distributed.allgather_objects((len(chunk), lines))
+            n_round = sum(n for n, _ in parts)
+            if out is not None:
+                out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for _, ls in parts for line in ls))
+                out.flush()
+                os.fsync(out.fileno())
+            written += n_round
             if progress is not None:
                 progress(done + written, len(records))
+    finally:
+        if out is not None:
+            out.close()
     summary = GenerateSummary(total=len(records), skipped=done, written=written, output_file=output_file)
-    if alpaca_output is not None and output == "samples":
+    if alpaca_output is not None and output == "samples" and primary:
         summary.alpaca_output = write_alpaca_eval(output_file, alpaca_output, generator)
     return summary
 
@@ -214,6 +211,33 @@ def training_record(record: Mapping[str, Any], samples: Sequence[Any]) -> dict[s
         line["proposal_token_ids"] = list(first.token_ids)
     line["proposal_finish_reason"] = first.finish_reason
     return line
+
+
+def _sample_lines(proposal, aligner, chunk: Sequence[Mapping[str, Any]], start: int, output: str, batch_size: int,
+                  num_samples: int, lambda_field: str | None, sample_kwargs: Mapping[str, Any]) -> list[dict]:
+    """The output lines of one batch of records (``chunk``, the first being example ``start``)."""
+    from ramjax import sampler
+
+    prompts = [prompt_of(r) for r in chunk]
+    kw = dict(sample_kwargs)
+    lams = None
+    if kw.get("mode") == "inra":
+        lams = _chunk_lambdas(chunk, lambda_field, kw.get("inra_lambda", 1.0), start)
+        kw["inra_lambda"] = lams
+    results = sampler.sample(proposal, aligner, prompts, num_samples=num_samples,
+                             batch_size=batch_size * num_samples, example_offset=start, **kw)
+    lines = []
+    for k, (rec, prompt, samples) in enumerate(zip(chunk, prompts, results)):
+        if output == "training":
+            lines.append(training_record(rec, samples))
+        else:
+            for s in samples:
+                d = {"index": start + k, "sample_index": s.sample_index, "prompt": prompt}
+                if lams is not None:
+                    d["lambda"] = lams[k]
+                d.update({key: _jsonable(v) for key, v in s.to_dict().items()})
+                lines.append(d)
+    return lines
 
 
 def _chunk_lambdas(chunk: Sequence[Mapping[str, Any]], field: str | None, default: Any, start: int) -> list[float]:

@@ -513,7 +513,18 @@ def _compiled(st: _Static):
     pre_j = jax.jit(pre, in_shardings=(psh, qsh, batch_sh, rep, rowp_sh), out_shardings=state_sh)
     step_j = jax.jit(step, in_shardings=(psh, qsh, state_sh, tables_sh, rowp_sh, rep),
                      out_shardings=(state_sh, col_sh), donate_argnums=(2,))
+    if jax.process_count() > 1:  # jit takes no host arrays then: place them first (each process, its local mesh)
+        gen_j = _placing(gen_j, (psh, qsh, batch_sh, tables_sh, rowp_sh, rep, rep))
+        pre_j = _placing(pre_j, (psh, qsh, batch_sh, rep, rowp_sh))
+        step_j = _placing(step_j, (psh, qsh, state_sh, tables_sh, rowp_sh, rep))
     return gen_j, pre_j, step_j
+
+
+def _placing(fn, shardings):
+    """``fn`` with its arguments ``device_put`` onto ``shardings`` first (a no-op for arrays already there)."""
+    def call(*args):
+        return fn(*jax.device_put(args, shardings))
+    return call
 
 
 def _abstract_inputs(st: _Static) -> dict[str, Any]:

@@ -327,12 +327,11 @@ class TrainResult:
 
 
 def initialize_distributed(dist: DistributedConfig) -> None:
-    """``jax.distributed.initialize`` when ``dist.enabled``; no-op otherwise or if done."""
-    if not getattr(dist, "enabled", False) or jax.distributed.is_initialized():
-        return
-    log.info("jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s)",
-             dist.coordinator_address, dist.num_processes, dist.process_id)
-    jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
+    """Starts ``jax.distributed`` for a ``DistributedConfig`` when the run is multi-process (explicitly or detected
+    from the environment); see ``ramjax.distributed.initialize``."""
+    from ramjax import distributed
+
+    distributed.initialize(dist)
 
 
 def _check_batch(cfg: TrainConfig, mesh: Mesh, rules) -> None:

@@ -66,3 +66,80 @@ def test_two_processes_match_one(fx, tmp_path):
     _, p_multi = ckpt_lib.load_model_dir(os.path.join(multi_dir, "model"))
     _, p_one = ckpt_lib.load_model_dir(os.path.join(one_dir, "model"))
     _assert_trees_close(p_multi, p_one, 1e-5)
+
+
+_SAMPLE_WORKER = """
+import sys
+sys.path.insert(0, {root!r})
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+import sample
+rc = sample.main({args!r})
+print("RC", rc, jax.process_index(), jax.process_count(), flush=True)
+sys.exit(rc)
+"""
+
+
+def _run_workers(argvs, env, timeout=600, envs=None):
+    procs = [subprocess.Popen([sys.executable, "-c", _SAMPLE_WORKER.format(root=ROOT, args=a)],
+                              env=dict(env, **(envs[i] if envs else {})), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i, a in enumerate(argvs)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+    return outs
+
+
+def test_sample_py_two_processes_write_the_one_process_file(tmp_path):
+    """sample.py on two gloo processes (2 devices each) writes byte for byte the file of one process (2 devices):
+    5 prompts × 2 samples in batches of 2, so the second round leaves process 1 without prompts; and it resumes a
+    file cut inside a prompt's group of samples."""
+    import json
+
+    import jax
+
+    from tokenizer_fixtures import make_hf_tokenizer
+
+    from hf_fixtures import random_params
+    from ramjax.model import ModelConfig
+    from ramjax.tokenizer import load_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    make_hf_tokenizer(tok_dir, "llama")
+    tok = load_tokenizer(tok_dir)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, eos_token_id=tok.eos_id)
+    ckpt_lib.save_model_dir(tmp_path / "model", cfg, jax.tree_util.tree_map(np.asarray, random_params(cfg, 5)),
+                            tokenizer=str(tok_dir))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (
+        "the quick brown fox", "hello world", "lazy dog", "a b c", "model proposal")))
+    common = [f"proposal={tmp_path}/model", f"prompts_file={prompts}", "mode=proposal", "num_samples=2",
+              "batch_size=2", "max_new_tokens=6", "proposal_temperature=1.0", "proposal_top_p=1.0", "seed=3",
+              "repetition_penalty=1.0", "kl_threshold=null"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    one = tmp_path / "one.jsonl"
+    _run_workers([common + [f"output_file={one}"]], env)
+    want = one.read_text()
+    assert len(want.splitlines()) == 10
+
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text("".join(want.splitlines(keepends=True)[:3]))  # prompt 0 and half of prompt 1's samples
+    port = _free_port()
+    # launched as on a cluster: the environment says how many processes there are and which one each is
+    outs = _run_workers([common + [f"output_file={multi}"] for i in range(2)], env,
+                        envs=[{"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                               "JAX_PROCESS_ID": str(i)} for i in range(2)])
+    assert "RC 0 0 2" in outs[0] and "RC 0 1 2" in outs[1]
+    assert multi.read_text() == want
+    # Not trivially equal: the draws are random (a prompt's two samples differ), so a wrong key or order shows.
+    rows = [json.loads(x) for x in want.splitlines()]
+    assert [r["index"] for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert rows[0]["token_ids"] != rows[1]["token_ids"]
