@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from ramjax import api, files
+from ramjax import api, distributed, files
 from ramjax import checkpoint as ckpt_lib
 from ramjax import config as config_lib
 from ramjax import data as data_lib
@@ -547,7 +547,8 @@ def train(cfg: TrainConfig, *, progress: Callable[[dict[str, Any]], None] | None
     checkpoints every ``checkpoint.every`` steps, and at the end the final checkpoint, a ramjax model directory
     ``run_dir/model`` and Hugging Face safetensors in ``run_dir/hf`` (when the model came from HF or with
     ``checkpoint.export_hf``). A stage that runs as several trainer runs (iterated TrRa) does so here.
-    SIGTERM/SIGINT: checkpoint after the current step and return with ``interrupted=True``.
+    SIGTERM/SIGINT (on any process of a multi-host run): every process checkpoints after the same step and returns
+    with ``interrupted=True``.
 
     progress: called after every step with ``{"step", "total_steps"}`` plus, on logging steps, ``"metrics"``.
     """
@@ -638,7 +639,10 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
             step += 1
             pending.append(m)
             event = {"step": step, "total_steps": plan.total_steps}
-            if step % cfg.logging.every == 0 or step == plan.total_steps or stop.signum is not None:
+            # A signal on any host stops every host after this same step (a tiny all-gather of the flags; with
+            # one process just the flag): each then saves the same checkpoint, so none waits forever in the save.
+            stopping = distributed.any_process(stop.signum is not None)
+            if step % cfg.logging.every == 0 or step == plan.total_steps or stopping:
                 host = [jax.device_get(x) for x in pending]
                 for x in host:
                     thr.add(float(x["input_tokens"]))
@@ -655,7 +659,7 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
                       plan.iterator.state())
             if progress is not None:
                 progress(event)
-            if stop.signum is not None:
+            if stopping:
                 interrupted = step < plan.total_steps
                 break
     if interrupted or step == plan.total_steps:

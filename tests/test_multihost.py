@@ -14,14 +14,20 @@ from ramjax import checkpoint as ckpt_lib  # noqa: E402
 from ramjax import train_lib  # noqa: E402
 
 _WORKER = """
-import sys
+import os, signal, sys
 sys.path.insert(0, {root!r})
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 from ramjax import config, train_lib
 cfg = config.load_config(config.TrainConfig, None, {overrides!r})
-r = train_lib.train(cfg)
-print("DONE", jax.process_index(), jax.process_count(), jax.device_count(), r.step, flush=True)
+kill_at = {kill_at!r}
+
+def progress(event):  # a real SIGTERM, delivered to process 1 only, after step kill_at
+    if kill_at is not None and event["step"] == kill_at and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+r = train_lib.train(cfg, progress=progress)  # (jax.distributed starts inside: touch no device before)
+print("DONE", jax.process_index(), jax.process_count(), jax.device_count(), r.step, r.interrupted, flush=True)
 """
 
 
@@ -31,19 +37,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(fx, tmp_path):
+def _train_two(fx, multi_dir, kill_at):
     port = _free_port()
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"]
-    multi_dir = str(tmp_path / "multi")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = []
     for i in range(2):
-        over = ram_overrides(fx, multi_dir, *mesh, "distributed.enabled=true",
+        over = ram_overrides(fx, multi_dir, *mesh, "checkpoint.every=100",
                              f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
                              f"distributed.process_id={i}")
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER.format(root=ROOT, overrides=over)], env=env,
-                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER.format(root=ROOT, overrides=over,
+                                                                           kill_at=kill_at)],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     try:
         for p in procs:
@@ -54,7 +60,21 @@ def test_two_processes_match_one(fx, tmp_path):
                 p.kill()
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
-        assert f"DONE {i} 2 4 6" in out, out[-2000:]
+    return outs
+
+
+def test_two_processes_match_one_through_a_sigterm_on_one_host(fx, tmp_path):
+    """Two processes (2 devices each); process 1 alone gets SIGTERM after step 3: both stop after step 4 (the
+    first step that sees the flag), save that one checkpoint and exit 0; rerun, they resume and finish; the losses
+    and final parameters are those of one uninterrupted process."""
+    multi_dir = str(tmp_path / "multi")
+    outs = _train_two(fx, multi_dir, kill_at=3)
+    for i, out in enumerate(outs):
+        assert f"DONE {i} 2 4 4 True" in out, out[-2000:]
+    assert ckpt_lib.CheckpointManager(os.path.join(multi_dir, "checkpoints")).all_steps() == [4]
+    outs = _train_two(fx, multi_dir, kill_at=None)
+    for i, out in enumerate(outs):
+        assert f"DONE {i} 2 4 6 False" in out, out[-2000:]
 
     # The reference: one process (this one, 8 simulated devices) with the same data, batch and objective. The
     # global batch is split over devices differently, so sums differ in the last float32 bits only.
