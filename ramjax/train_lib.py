@@ -629,6 +629,22 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
     pending: list[dict] = []
     last: dict[str, Any] = {}
     interrupted = False
+
+    def _flush_metrics() -> dict[str, Any]:
+        """Fetches the pending steps' metrics, logs the last one; returns it."""
+        nonlocal pending
+        host = [jax.device_get(x) for x in pending]
+        for x in host:
+            thr.add(float(x["input_tokens"]))
+        pending = []
+        out = {f"train/{k}": float(v) for k, v in host[-1].items() if k not in ("input_tokens",)}
+        out.update({f"perf/{k}": v for k, v in thr.update().items()})
+        out.update({"data/epoch": plan.iterator.epoch, "data/position": plan.iterator.position, "data/crc32": crc})
+        writer.write(step, out)
+        if stage.watch is not None:
+            stage.watch(out)
+        return out
+
     with _StopFlag() as stop:
         while step < plan.total_steps:
             local = next(plan.iterator)
@@ -639,27 +655,18 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
             step += 1
             pending.append(m)
             event = {"step": step, "total_steps": plan.total_steps}
-            # A signal on any host stops every host after this same step (a tiny all-gather of the flags; with
-            # one process just the flag): each then saves the same checkpoint, so none waits forever in the save.
-            stopping = distributed.any_process(stop.signum is not None)
-            if step % cfg.logging.every == 0 or step == plan.total_steps or stopping:
-                host = [jax.device_get(x) for x in pending]
-                for x in host:
-                    thr.add(float(x["input_tokens"]))
-                pending = []
-                last = {f"train/{k}": float(v) for k, v in host[-1].items() if k not in ("input_tokens",)}
-                last.update({f"perf/{k}": v for k, v in thr.update().items()})
-                last.update({"data/epoch": plan.iterator.epoch, "data/position": plan.iterator.position,
-                             "data/crc32": crc})
-                writer.write(step, last)
-                event["metrics"] = last
-                if stage.watch is not None:
-                    stage.watch(last)
+            if step % cfg.logging.every == 0 or step == plan.total_steps:
+                event["metrics"] = last = _flush_metrics()
             mngr.save(step, state.params, {"step": state.step, "rng": state.rng, "opt_state": state.opt_state},
                       plan.iterator.state())
             if progress is not None:
                 progress(event)
-            if stopping:
+            # A signal on any host (during the step or the callbacks above) stops every host after this same step:
+            # a tiny all-gather of the flags (with one process, the flag itself). Each host then saves the same
+            # checkpoint below, so none waits forever in the collective save.
+            if distributed.any_process(stop.signum is not None):
+                if pending:
+                    last = _flush_metrics()
                 interrupted = step < plan.total_steps
                 break
     if interrupted or step == plan.total_steps:

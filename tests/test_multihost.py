@@ -64,14 +64,15 @@ def _train_two(fx, multi_dir, kill_at):
 
 
 def test_two_processes_match_one_through_a_sigterm_on_one_host(fx, tmp_path):
-    """Two processes (2 devices each); process 1 alone gets SIGTERM after step 3: both stop after step 4 (the
-    first step that sees the flag), save that one checkpoint and exit 0; rerun, they resume and finish; the losses
-    and final parameters are those of one uninterrupted process."""
+    """Two processes (2 devices each); process 1 alone gets SIGTERM after step 3: both stop after step 3, save
+    that one checkpoint and return; rerun, they resume and finish; the losses and final parameters are those of one
+    uninterrupted process. (Without the agreement, process 0 would run step 4 while process 1 waits in its save:
+    the test would hang until its timeout.)"""
     multi_dir = str(tmp_path / "multi")
     outs = _train_two(fx, multi_dir, kill_at=3)
     for i, out in enumerate(outs):
-        assert f"DONE {i} 2 4 4 True" in out, out[-2000:]
-    assert ckpt_lib.CheckpointManager(os.path.join(multi_dir, "checkpoints")).all_steps() == [4]
+        assert f"DONE {i} 2 4 3 True" in out, out[-2000:]
+    assert ckpt_lib.CheckpointManager(os.path.join(multi_dir, "checkpoints")).all_steps() == [3]
     outs = _train_two(fx, multi_dir, kill_at=None)
     for i, out in enumerate(outs):
         assert f"DONE {i} 2 4 6 False" in out, out[-2000:]
