@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from ramjax import files
 from ramjax import model as model_lib
 from ramjax import sharding as shd
 
@@ -184,7 +185,7 @@ class CheckpointManager:
             raise ValueError(f"checkpoint save_every={save_every} must be >= 1")
         if keep is not None and keep < 1:
             raise ValueError(f"checkpoint keep={keep} must be >= 1 (or None to keep all)")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = _resolve(directory)  # local: absolute; gs:// and other epath URIs: as given
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep, create=True,
@@ -283,17 +284,18 @@ class CheckpointManager:
 
     def _quarantine(self, steps: list[int]) -> str:
         """Moves damaged step directories next to ``checkpoints/`` (process 0) and reloads the step list."""
-        dest = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
+        dest = files.epath_of(self.directory).parent / "checkpoints_damaged"
         if jax.process_index() == 0:
-            os.makedirs(dest, exist_ok=True)
+            dest.mkdir(parents=True, exist_ok=True)
             for step in steps:
-                src = os.path.join(self.directory, str(step))
-                if os.path.exists(src):
-                    target = os.path.join(dest, str(step))
+                src = files.epath_of(self.directory) / str(step)
+                if src.exists():
+                    target = dest / str(step)
                     n = 1
-                    while os.path.exists(target):
-                        target, n = os.path.join(dest, f"{step}.{n}"), n + 1
-                    os.replace(src, target)
+                    while target.exists():
+                        target, n = dest / f"{step}.{n}", n + 1
+                    src.rename(target)
+        dest = os.fspath(dest)
         _sync("ramjax_checkpoint_quarantine")
         self._mngr.reload()
         return dest
@@ -367,8 +369,13 @@ def config_from_dict(d: dict[str, Any]) -> model_lib.ModelConfig:
     return model_lib.ModelConfig(**d)
 
 
+def _resolve(path: str | os.PathLike) -> str:
+    """A local path made absolute (orbax wants one); a URI (``gs://...``, any ``etils.epath`` path) unchanged."""
+    return os.fspath(path) if files.is_remote(path) else os.path.abspath(os.fspath(path))
+
+
 def is_model_dir(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(path), MODEL_JSON))
+    return (files.epath_of(path) / MODEL_JSON).is_file()
 
 
 def _copy_tokenizer(tokenizer: Any, path: str) -> None:
@@ -405,12 +412,13 @@ def save_model_dir(path: str | os.PathLike, cfg: model_lib.ModelConfig, params: 
     from, or None. The directory is assembled next to ``path`` and renamed into place, so a crash never leaves a
     half-written model directory. Must be called by every process (orbax writes the shards together).
     """
-    path = os.path.abspath(os.fspath(path))
+    path = _resolve(path)
     tmp = path + ".tmp"
     primary = jax.process_index() == 0
     if primary:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        if files.epath_of(tmp).exists():
+            files.epath_of(tmp).rmtree()
+        files.epath_of(tmp).mkdir(parents=True)
     _sync("ramjax_save_model_dir_start")
     sums = tree_checksums(params)
     ckptr = ocp.StandardCheckpointer()
@@ -422,12 +430,20 @@ def save_model_dir(path: str | os.PathLike, cfg: model_lib.ModelConfig, params: 
     if primary:
         meta = {"format_version": FORMAT_VERSION, "config": config_to_dict(cfg),
                 "num_params": model_lib.count_params(params), "checksums": sums}
-        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-            json.dump(meta, f, indent=2)
-        _copy_tokenizer(tokenizer, tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        files.epath_of(os.path.join(tmp, MODEL_JSON)).write_text(json.dumps(meta, indent=2))
+        if files.is_remote(tmp):  # tokenizers save to local files: stage them, then copy
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as local:
+                _copy_tokenizer(tokenizer, local)
+                for name in os.listdir(local):
+                    with open(os.path.join(local, name), "rb") as fh:
+                        (files.epath_of(tmp) / name).write_bytes(fh.read())
+        else:
+            _copy_tokenizer(tokenizer, tmp)
+        if files.epath_of(path).exists():
+            files.epath_of(path).rmtree()
+        files.epath_of(tmp).rename(path)
     _sync("ramjax_save_model_dir_end")
     return path
 
@@ -435,8 +451,7 @@ def save_model_dir(path: str | os.PathLike, cfg: model_lib.ModelConfig, params: 
 def read_model_config(path: str | os.PathLike) -> model_lib.ModelConfig:
     """The ``ModelConfig`` stored in a ramjax model directory."""
     path = os.fspath(path)
-    f = os.path.join(path, MODEL_JSON)
-    if not os.path.isfile(f):
+    if not is_model_dir(path):
         raise CheckpointNotFoundError(f"{path!r} is not a ramjax model directory (no {MODEL_JSON})")
     meta = _read_model_json(path)
     return config_from_dict(meta["config"] if "config" in meta else meta)
@@ -445,8 +460,7 @@ def read_model_config(path: str | os.PathLike) -> model_lib.ModelConfig:
 def _read_model_json(path: str) -> dict[str, Any]:
     f = os.path.join(path, MODEL_JSON)
     try:
-        with open(f, encoding="utf-8") as fh:
-            meta = json.load(fh)
+        meta = json.loads(files.epath_of(f).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointCorruptError(f"{f} is not valid JSON ({e}); the model directory is damaged: export it "
                                      f"again (rerun the training run that wrote it) or restore it from a copy") from e
@@ -470,8 +484,8 @@ def load_model_dir(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: 
     over = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     if over:
         cfg = cfg.replace(**over)
-    params_dir = os.path.join(os.path.abspath(path), "params")
-    if not os.path.isdir(params_dir):
+    params_dir = os.path.join(_resolve(path), "params")
+    if not files.epath_of(params_dir).is_dir():
         raise CheckpointNotFoundError(f"{path!r} has {MODEL_JSON} but no params/ directory")
     shapes = model_lib.param_shapes(cfg)
     ckptr = ocp.StandardCheckpointer()

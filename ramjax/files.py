@@ -13,6 +13,10 @@ removed if writing fails.
 
 JSONL: ``read_jsonl(path)`` returns the JSON values of a file's non-blank lines; bad JSON or bad UTF-8 raises
 ``JSONLError`` (or the ``error`` class the caller passes) naming ``file:line``.
+
+Paths with a scheme (``gs://bucket/run/meta.json``, any ``etils.epath`` path) are written and read through
+``etils.epath``: an object store writes a whole object at once when it is closed, which is the same all-or-nothing
+guarantee as the rename. ``is_remote``/``epath_of`` tell and convert such paths.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
-__all__ = ["JSONLError", "atomic_writer", "atomic_write", "atomic_write_json", "atomic_write_jsonl",
+__all__ = ["JSONLError", "is_remote", "epath_of", "atomic_writer", "atomic_write", "atomic_write_json", "atomic_write_jsonl",
            "iter_jsonl", "read_jsonl"]
 
 
@@ -32,13 +36,37 @@ class JSONLError(ValueError):
     """A JSONL file that cannot be read: the message names ``file:line`` and what is wrong there."""
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a location with a scheme (``gs://``, ``s3://``...) rather than a local file."""
+    return "://" in os.fspath(path)
+
+
+def epath_of(path: str | os.PathLike):
+    """``etils.epath.Path`` of ``path`` (local or remote), for directory listing, existence and reads."""
+    from etils import epath
+
+    return epath.Path(os.fspath(path))
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, *, binary: bool = False) -> Iterator[IO]:
     """Yields a file object whose content replaces ``path`` atomically when the ``with`` block ends without error.
 
     Parent directories are created. Text mode writes UTF-8. On an exception the temporary file is removed and
-    ``path`` is untouched.
+    ``path`` is untouched. A remote path (``is_remote``) is buffered in memory and written as one object.
     """
+    if is_remote(path):
+        import io
+
+        buf = io.BytesIO() if binary else io.StringIO()
+        yield buf
+        dest = epath_of(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if binary:
+            dest.write_bytes(buf.getvalue())
+        else:
+            dest.write_text(buf.getvalue(), encoding="utf-8")
+        return
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -92,9 +120,10 @@ def iter_jsonl(path: str | os.PathLike, *, error: type[Exception] = JSONLError, 
     skip_invalid: skip bad lines instead of raising (for a file another process may be appending to).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    remote = is_remote(path)
+    if not (epath_of(path).is_file() if remote else os.path.isfile(path)):
         raise error(f"{path!r} does not exist (or is not a file)")
-    with open(path, "rb") as f:
+    with (epath_of(path).open("rb") if remote else open(path, "rb")) as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:

@@ -39,9 +39,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     running process is writing) are skipped.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, METRICS_FILE)
-    if not os.path.isfile(path):
+    p = files.epath_of(path)
+    if p.is_dir():
+        path, p = os.path.join(path, METRICS_FILE), p / METRICS_FILE
+    if not p.is_file():
         return []
     return files.read_jsonl(path, objects=True, skip_invalid=True)
 
@@ -51,6 +52,9 @@ class MetricsWriter:
 
     enabled:     False on processes other than 0 (nothing is written).
     tensorboard: also write ``tb/`` events with tensorboardX (skipped with a warning if it is not installed).
+    A remote ``run_dir`` (``gs://...``; object stores cannot append) keeps the records in memory and rewrites
+    ``metrics.jsonl`` as one object on every ``write``; TensorBoard events then go to a local temporary directory
+    named in the log.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
@@ -61,27 +65,39 @@ class MetricsWriter:
         if not enabled:
             return
         self._path = os.path.join(self.run_dir, METRICS_FILE)
-        self._file = open(self._path, "a", encoding="utf-8")
+        self._remote = files.is_remote(self.run_dir)
+        self._records: list[dict[str, Any]] = read_metrics(self._path) if self._remote else []
+        self._file = None if self._remote else open(self._path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard events (metrics.jsonl is still written)")
             else:
-                self._tb = SummaryWriter(os.path.join(self.run_dir, TB_DIR))
+                tb_dir = os.path.join(self.run_dir, TB_DIR)
+                if self._remote:
+                    import tempfile
+
+                    tb_dir = tempfile.mkdtemp(prefix="ramjax_tb_")
+                    log.info("TensorBoard events of %s go to %s (a remote run directory)", self.run_dir, tb_dir)
+                self._tb = SummaryWriter(tb_dir)
 
     def truncate_after(self, step: int) -> None:
         """Drops records with ``step > step`` (used when resuming from the checkpoint at ``step``)."""
         if not self.enabled:
             return
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         records = read_metrics(self.run_dir)
         kept = [r for r in records if int(r.get("step", 0)) <= step]
         if len(kept) != len(records):
             files.atomic_write_jsonl(self._path, kept, ensure_ascii=True)
             log.info("metrics: dropped %d records logged after step %d by the interrupted run",
                      len(records) - len(kept), step)
-        self._file = open(self._path, "a", encoding="utf-8")
+        if self._remote:
+            self._records = kept
+        else:
+            self._file = open(self._path, "a", encoding="utf-8")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Logs scalars for ``step``; non-numeric values go to the JSONL file only."""
@@ -89,8 +105,12 @@ class MetricsWriter:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._remote:
+            self._records.append(record)
+            files.atomic_write_jsonl(self._path, self._records, ensure_ascii=True)
+        else:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
                 if k in ("step", "time") or isinstance(v, (str, bool)) or v is None:

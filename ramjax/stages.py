@@ -482,6 +482,6 @@ def iterated_trra(cfg: TrainConfig, train_once: Callable[[TrainConfig], Any],
         rounds.append({"round": r, "aligned": aligned, "model_dir": model_dir, "metrics": metrics})
         aligned = model_dir
     if jax.process_index() == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
+        files.epath_of(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         files.atomic_write_json(os.path.join(cfg.run_dir, "rounds.json"), {"rounds": rounds}, default=str)
     return result if result is not None else finished(rounds[-1]["model_dir"], rounds[-1]["metrics"])

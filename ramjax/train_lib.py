@@ -402,7 +402,7 @@ def build(cfg: TrainConfig, *, load_params: bool = True) -> Plan:
     # Resume: a checkpoint of another shape is an error now, before anything is written.
     ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
     resume_step = None
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    if files.epath_of(ckpt_dir).is_dir() and any(files.epath_of(ckpt_dir).iterdir()):  # local or gs://...
         if not cfg.checkpoint.resume:
             raise TrainConfigError(f"{ckpt_dir} holds checkpoints but checkpoint.resume=false; use a fresh run_dir "
                                    f"or set checkpoint.resume=true")
@@ -600,7 +600,7 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
     # --- from here on the run directory is written (only once the state is restored: a checkpoint that cannot be
     # restored is an error that leaves the directory as it was)
     if primary:
-        os.makedirs(run_dir, exist_ok=True)
+        files.epath_of(run_dir).mkdir(parents=True, exist_ok=True)
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
     meta = {"jax_version": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
             "local_device_count": jax.local_device_count(), "process_count": jax.process_count(),
