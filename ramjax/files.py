@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
-__all__ = ["JSONLError", "is_remote", "epath_of", "atomic_writer", "atomic_write", "atomic_write_json", "atomic_write_jsonl",
+__all__ = ["JSONLError", "is_remote", "epath_of", "local_staging", "atomic_writer", "atomic_write", "atomic_write_json", "atomic_write_jsonl",
            "iter_jsonl", "read_jsonl"]
 
 
@@ -46,6 +46,30 @@ def epath_of(path: str | os.PathLike):
     from etils import epath
 
     return epath.Path(os.fspath(path))
+
+
+@contextlib.contextmanager
+def local_staging(path: str | os.PathLike, *, upload: bool = True) -> Iterator[str]:
+    """Yields a local directory to write ``path``'s files into: ``path`` itself when it is local; for a remote
+    ``path`` a temporary directory whose files are copied there (replacing what was there) when the block ends
+    without error and ``upload`` is true (pass ``process_index == 0`` so one process uploads)."""
+    if not is_remote(path):
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ramjax_stage_") as local:
+        yield local
+        if not upload:
+            return
+        dest = epath_of(path)
+        if dest.exists():
+            dest.rmtree()
+        for root, _, names in os.walk(local):
+            rel = os.path.relpath(root, local)
+            target = dest if rel == "." else dest / rel
+            target.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    (target / name).write_bytes(f.read())
 
 
 @contextlib.contextmanager

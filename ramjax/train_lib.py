@@ -684,7 +684,9 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
         ckpt_lib.save_model_dir(model_dir, out_cfg, out_params, tokenizer=tok_dir or plan.tokenizer)
         if plan.source_is_hf or cfg.checkpoint.export_hf:
             hf_dir = os.path.join(run_dir, "hf")  # every process calls it; process 0 writes
-            hf.save_hf(hf_dir, out_cfg, out_params, tokenizer_dir=tok_dir)
+            # a gs:// run directory: written locally, then process 0 uploads the files
+            with files.local_staging(hf_dir, upload=primary) as local:
+                hf.save_hf(local, out_cfg, out_params, tokenizer_dir=tok_dir)
     meta.update({"final_step": step, "interrupted": interrupted, "elapsed_s": round(time.time() - t_start, 2),
                  "last_metrics": last})
     if primary:

@@ -116,3 +116,20 @@ def test_checkpoints_and_model_dirs_on_a_local_path_still_work(tmp_path):
     mngr.wait()
     assert mngr.latest_step() == 1 and mngr.directory == os.path.abspath(tmp_path / "ckpt")
     mngr.close()
+
+
+def test_local_staging_uploads_a_directory_tree(fake_gcs, tmp_path):
+    with files.local_staging(tmp_path / "here") as d:  # local: the path itself
+        assert d == str(tmp_path / "here")
+    with files.local_staging("gs://bucket/export/hf") as d:
+        os.makedirs(os.path.join(d, "sub"))
+        with open(os.path.join(d, "config.json"), "w") as f:
+            f.write("{}")
+        with open(os.path.join(d, "sub", "w.bin"), "wb") as f:
+            f.write(b"\x00\x01")
+    assert files.epath_of("gs://bucket/export/hf/config.json").read_text() == "{}"
+    assert files.epath_of("gs://bucket/export/hf/sub/w.bin").read_bytes() == b"\x00\x01"
+    with files.local_staging("gs://bucket/export/other", upload=False) as d:  # processes other than 0
+        with open(os.path.join(d, "x"), "w") as f:
+            f.write("x")
+    assert not files.epath_of("gs://bucket/export/other").exists()
