@@ -108,11 +108,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--smol-new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--no-eos", action="store_true",
+                    help="default config: ignore EOS, so every row decodes --new tokens (steady-state decode speed)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
-    results = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(), host=platform.node(),
+    results = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(), host=platform.node(), args=vars(args),
                    uptime_before=os.popen("uptime").read().strip(), configs={})
     for config in args.configs.split(","):
         if config == "default":
@@ -121,6 +123,8 @@ def main(argv=None) -> int:
                       f"--run-dir", file=sys.stderr)
                 return 2
             p, q, prompts, eos = load_default(args.run_dir, max(batches))
+            if args.no_eos:
+                eos = []
             new = args.new
         elif config == "smol":
             p, q, prompts, eos = build_smol()

@@ -242,18 +242,24 @@ def test_caches_after_rollback_equal_a_forward_over_the_committed_tokens(models)
                         jax.random.key(0), np.int32(7), keep_caches=True)
     final = jax.device_get(final)
     P = st.prompt_len
+    committed = []
     for r, prompt in enumerate(RAGGED):
-        gen = list(final.tokens[r, :final.length[r]])
+        gen = [int(t) for t in final.tokens[r, :final.length[r]]]
         assert len(gen) == 7
-        committed = prompt + gen[:-1]  # the last token is pending: in neither cache yet
-        start = P - len(prompt)
-        for cache, m in ((final.cache_p, p), (final.cache_q, q)):
-            assert int(cache.index[r]) == start + len(committed)
-            ref = model_lib.init_cache(m.config, 1, 64)
-            _, ref = model_lib.forward(m.config, m.params, np.array([committed], np.int32), None, None, ref)
-            n = len(committed)
-            np.testing.assert_allclose(cache.k[:, r, start:start + n], np.asarray(ref.k)[:, 0, :n], atol=2e-5)
-            np.testing.assert_allclose(cache.v[:, r, start:start + n], np.asarray(ref.v)[:, 0, :n], atol=2e-5)
+        committed.append(prompt + gen[:-1])  # the last token is pending: in neither cache yet
+    # reference: one cached forward over the committed tokens, right-padded (positions 0..n-1 per row)
+    toks = np.zeros((len(RAGGED), 32), np.int32)
+    seg = np.zeros((len(RAGGED), 32), np.int32)
+    for r, c in enumerate(committed):
+        toks[r, :len(c)] = c
+        seg[r, :len(c)] = 1
+    for cache, m in ((final.cache_p, p), (final.cache_q, q)):
+        _, ref = model_lib.forward(m.config, m.params, toks, None, seg, model_lib.init_cache(m.config, len(RAGGED), 32))
+        for r, (prompt, c) in enumerate(zip(RAGGED, committed)):
+            start, n = P - len(prompt), len(c)
+            assert int(cache.index[r]) == start + n
+            np.testing.assert_allclose(cache.k[:, r, start:start + n], np.asarray(ref.k)[:, r, :n], atol=2e-5)
+            np.testing.assert_allclose(cache.v[:, r, start:start + n], np.asarray(ref.v)[:, r, :n], atol=2e-5)
             assert np.all(cache.segment_ids[r, start:start + n] == 1)
 
 
