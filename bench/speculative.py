@@ -15,9 +15,11 @@ Configurations:
 
 Sampling settings: the sampler's defaults, i.e. the released settings (T 0.5 / 0.5, top-p 0.95 / 0.9, penalty
 1.05, KL monitor at 0.1). Every configuration is compiled and warmed up first, then timed ``--reps`` times
-round-robin; the best wall time counts. tokens/s = generated tokens (EOS included) / wall time; since the methods
-sample the same distribution, their expected lengths agree. Prints a table, the load (``uptime``), and writes
-``bench/results/speculative-<time>.json``.
+round-robin; the best wall time counts, and the best process CPU time (on a shared machine much less affected by
+other jobs than the wall time; the jitted loop runs on this process's threads). Every case decodes the same
+``--prompts`` prompts (or ``batch`` when larger): batch 1 as one call per prompt, batch 8 as calls of 8 rows.
+tokens/s = generated tokens (EOS included) / time; since the methods sample the same distribution, their expected
+lengths agree. Prints a table, the load (``uptime``), and writes ``bench/results/speculative-<time>.json``.
 """
 from __future__ import annotations
 
@@ -67,22 +69,25 @@ def build_smol():
 
 
 class Case:
-    def __init__(self, name, p, q, prompts, eos_ids, batch, new, **kw):
+    def __init__(self, name, p, q, prompts, eos_ids, batch, new, n_prompts=8, **kw):
         from ramjax import sampler
 
         self.sample, self.name, self.batch = sampler.sample, name, batch
         self.p, self.q = p, q
-        self.prompts = prompts[:batch]
+        # at least 8 prompts (batch 1: 8 calls of one row, one compile), so short responses average out
+        self.prompts = prompts[:max(batch, n_prompts)]
         self.kw = dict(max_new_tokens=new, seed=0, batch_size=batch, **kw)
         if eos_ids is not None:
             self.kw["eos_ids"] = eos_ids
         self.times: list[float] = []
+        self.cpus: list[float] = []
 
     def run(self, record: bool = True):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = self.sample(self.p, self.q, self.prompts, **self.kw)
         if record:
             self.times.append(time.perf_counter() - t)
+            self.cpus.append(time.process_time() - c)
         self.out = out
         return out
 
@@ -90,8 +95,9 @@ class Case:
         rows = [r[0] for r in self.out]
         tokens = sum(r.length for r in rows)
         best = min(self.times)
-        d = dict(name=self.name, batch=self.batch, tokens=tokens, best_s=best, times=self.times,
-                 tokens_per_s=tokens / best, k=self.kw.get("num_speculative_tokens", 0))
+        d = dict(name=self.name, batch=self.batch, tokens=tokens, best_s=best, times=self.times, cpus=self.cpus,
+                 tokens_per_s=tokens / best, tokens_per_cpu_s=tokens / min(self.cpus),
+                 k=self.kw.get("num_speculative_tokens", 0))
         if rows[0].acceptance_rate is not None:
             d.update(acceptance=float(np.mean([r.acceptance_rate for r in rows])),
                      tokens_per_call=float(np.mean([r.tokens_per_call for r in rows])))
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--smol-new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts decoded per case (batch 1: one call each)")
     ap.add_argument("--no-eos", action="store_true",
                     help="default config: ignore EOS, so every row decodes --new tokens (steady-state decode speed)")
     args = ap.parse_args(argv)
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
                 print(f"no trained run under {args.run_dir} (ram/model): run `python train.py` first or pass "
                       f"--run-dir", file=sys.stderr)
                 return 2
-            p, q, prompts, eos = load_default(args.run_dir, max(batches))
+            p, q, prompts, eos = load_default(args.run_dir, max(args.prompts, *batches))
             if args.no_eos:
                 eos = []
             new = args.new
@@ -134,11 +141,11 @@ def main(argv=None) -> int:
             return 2
         cases = []
         for b in batches:
-            cases.append(Case("proposal", p, None, prompts, eos, b, new, mode="proposal"))
+            cases.append(Case("proposal", p, None, prompts, eos, b, new, args.prompts, mode="proposal"))
             for mode in modes:
-                cases.append(Case(mode, p, q, prompts, eos, b, new, mode=mode))
+                cases.append(Case(mode, p, q, prompts, eos, b, new, args.prompts, mode=mode))
                 for k in ks:
-                    cases.append(Case(f"{mode} k={k}", p, q, prompts, eos, b, new, mode=mode,
+                    cases.append(Case(f"{mode} k={k}", p, q, prompts, eos, b, new, args.prompts, mode=mode,
                                       num_speculative_tokens=k))
         t0 = time.perf_counter()
         for c in cases:  # compile + warm up
@@ -153,6 +160,8 @@ def main(argv=None) -> int:
             prop = next(x for x in rows if x["batch"] == r["batch"] and x["name"] == "proposal")
             r["vs_token_level"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["vs_proposal"] = r["tokens_per_s"] / prop["tokens_per_s"]
+            r["cpu_vs_token_level"] = r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+            r["cpu_vs_proposal"] = r["tokens_per_cpu_s"] / prop["tokens_per_cpu_s"]
         results["configs"][config] = dict(rows=rows, compile_and_warmup_s=compile_s, new_tokens=new,
                                           proposal_params=sum(x.size for x in __import__("jax").tree_util
                                                               .tree_leaves(p.params)),
@@ -160,13 +169,14 @@ def main(argv=None) -> int:
                                                              .tree_leaves(q.params)))
         print(f"\n== {config}: P_M {results['configs'][config]['proposal_params'] / 1e6:.2f}M params, aligner "
               f"{results['configs'][config]['aligner_params'] / 1e6:.2f}M, {new} new tokens")
-        print(f"{'batch':>5} {'method':<14} {'tok/s':>9} {'vs same mode':>12} {'vs proposal':>11} {'accept':>7} "
-              f"{'tok/P_M call':>12}")
+        print(f"{'batch':>5} {'method':<14} {'tok/s':>9} {'vs same mode':>12} {'vs proposal':>11} {'tok/CPU-s':>10} "
+              f"{'(vs mode':>8} {'vs prop)':>8} {'accept':>7} {'tok/P_M call':>12}")
         for r in rows:
             acc = f"{r['acceptance']:.2f}" if "acceptance" in r else "-"
             tpc = f"{r['tokens_per_call']:.2f}" if "tokens_per_call" in r else "-"
             print(f"{r['batch']:>5} {r['name']:<14} {r['tokens_per_s']:>9.1f} {r['vs_token_level']:>11.2f}x "
-                  f"{r['vs_proposal']:>10.2f}x {acc:>7} {tpc:>12}")
+                  f"{r['vs_proposal']:>10.2f}x {r['tokens_per_cpu_s']:>10.1f} {r['cpu_vs_token_level']:>7.2f}x "
+                  f"{r['cpu_vs_proposal']:>7.2f}x {acc:>7} {tpc:>12}")
     results["uptime_after"] = os.popen("uptime").read().strip()
     print(f"\nload: before {results['uptime_before']}\n      after  {results['uptime_after']}")
     os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
