@@ -9,7 +9,6 @@ import pytest
 
 from ramjax import loss as L
 from ramjax import model as M
-from ramjax import realign
 
 CFG = M.ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                     head_dim=8, tie_word_embeddings=False)
@@ -50,7 +49,7 @@ def _objectives(params, teachers, b, chunk):
                          x["segment_ids"], VOCAB_LIMIT)
         seg = L.sequence_logprobs(lg, x["targets"], x["loss_mask"], x["segment_ids"], max_segments=3,
                                   vocab_limit=VOCAB_LIMIT)
-        kl = realign.trra_loss(lg, teacher, x["loss_mask"], targets=x["targets"], segment_ids=x["segment_ids"],
+        kl = L.trra_loss(lg, teacher, x["loss_mask"], targets=x["targets"], segment_ids=x["segment_ids"],
                                temperature=1.3, vocab_limit=VOCAB_LIMIT)
         return {"sft": sft, "ram": ram, "dpo_segments": seg, "trra": kl}
 
