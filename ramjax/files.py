@@ -28,8 +28,8 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
-__all__ = ["JSONLError", "is_remote", "epath_of", "local_staging", "atomic_writer", "atomic_write", "atomic_write_json", "atomic_write_jsonl",
-           "iter_jsonl", "read_jsonl"]
+__all__ = ["JSONLError", "is_remote", "epath_of", "local_staging", "atomic_writer", "atomic_write", "atomic_write_json",
+           "atomic_write_jsonl", "iter_jsonl", "read_jsonl"]
 
 
 class JSONLError(ValueError):

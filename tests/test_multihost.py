@@ -125,10 +125,9 @@ def test_sample_py_two_processes_write_the_one_process_file(tmp_path):
     import json
 
     import jax
-
+    from hf_fixtures import random_params
     from tokenizer_fixtures import make_hf_tokenizer
 
-    from hf_fixtures import random_params
     from ramjax.model import ModelConfig
     from ramjax.tokenizer import load_tokenizer
 
