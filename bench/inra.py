@@ -29,8 +29,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ramjax import model as model_lib  # noqa: E402
 from ramjax import inra as inra_lib  # noqa: E402
+from ramjax import model as model_lib  # noqa: E402
 
 PROPOSAL = model_lib.ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
                                  num_heads=8, num_kv_heads=2, head_dim=64)
@@ -120,8 +120,7 @@ def main(argv=None) -> int:
             "mixed 0/0.5/1": jnp.asarray(np.resize([0.0, 0.5, 1.0], args.batch), jnp.float32)}
     for name, lam in lams.items():
         systems[name] = (inra, (params, adapter, prompt, lam))
-    from ramjax import api
-    from ramjax import sampler
+    from ramjax import api, sampler
 
     base_model = api.Model(config=cfg, params=params)
     inra_model = inra_lib.inra_model(base_model, adapter)

@@ -37,8 +37,10 @@ import numpy as np  # noqa: E402
 from ramjax import loss as loss_lib  # noqa: E402
 from ramjax import model as model_lib  # noqa: E402
 from ramjax import sharding as shd  # noqa: E402
-from ramjax import stages  # noqa: E402
-from ramjax import train_lib  # noqa: E402
+from ramjax import (
+    stages,  # noqa: E402
+    train_lib,  # noqa: E402
+)
 
 V = 8192
 PROPOSAL = dict(hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64)

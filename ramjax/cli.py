@@ -22,10 +22,10 @@ and calls ``ramjax.train_lib``:
     python train.py configs/sft.yaml --dry-run     # validate, build shapes, print sizes and compiled memory
 
 With no arguments, or only ``key=value`` overrides without ``stage=``, it runs ``configs/default.yaml`` (the
-embedded-default pipeline) if that file exists, else prints this help. A config file with
-a top-level ``pipeline:`` section (like ``configs/default.yaml``) runs the whole embedded-default pipeline
-(``ramjax.experiments.pipeline``) instead of one stage; one with a top-level ``alphas:`` list (``configs/ablate.yaml``) runs
-the α × aligner-size sweep (``ramjax.experiments.ablate``).
+embedded-default pipeline) if that file exists, else prints this help. A config file with a top-level
+``pipeline:`` section (like ``configs/default.yaml``) runs the whole embedded-default pipeline
+(``ramjax.experiments.pipeline``) instead of one stage; one with a top-level ``alphas:`` list
+(``configs/ablate.yaml``) runs the α × aligner-size sweep (``ramjax.experiments.ablate``).
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
 """
 

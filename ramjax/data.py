@@ -640,7 +640,8 @@ def _dialog_seq(tok: TokenizerLike, messages: Sequence[Mapping[str, str]], templ
     return ids, tgt
 
 
-def encode_prompt(tokenizer: TokenizerLike, prompt: str | Sequence[Mapping[str, str]], template: str = "plain") -> list[int]:
+def encode_prompt(tokenizer: TokenizerLike, prompt: str | Sequence[Mapping[str, str]],
+                  template: str = "plain") -> list[int]:
     """Token ids of a prompt as the model sees it before its response (BOS, template, generation prompt).
 
     ``prompt`` is a string or a list of ``{role, content}`` messages ending with a user turn. Training renders

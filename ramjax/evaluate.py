@@ -408,7 +408,8 @@ def sequence_logliks(seqs: Sequence[tuple[Sequence[int], Sequence[bool]]], *, ki
         raise EvalError(f"unknown log-likelihood kind {kind!r}; expected proposal, aligner or product")
     need = {"proposal": (proposal,), "aligner": (aligner,), "product": (proposal, aligner)}[kind]
     if any(m is None for m in need):
-        raise EvalError(f"log-likelihood kind {kind!r} needs the {'proposal and aligner' if kind == 'product' else kind}"
+        needs = "proposal and aligner" if kind == "product" else kind
+        raise EvalError(f"log-likelihood kind {kind!r} needs the {needs}"
                         f" model")
     vocab = min(m.vocab_limit for m in need)
     cfg_p = proposal.config if proposal is not None and kind != "aligner" else None
@@ -721,8 +722,9 @@ def evaluate_file(
     """Judges the responses in a JSONL file with a verifier (see :func:`make_eval_verifier`).
 
     records_path: one JSON object per line, with the verifier's field (``answer`` for exact, ``regex`` for regex;
-      ``field`` renames it) and, unless ``responses_path`` is given, the response in ``response_field``. responses_path: a second JSONL whose i-th line's ``response_field`` answers record i
-      (e.g. ``sample.py`` output).
+      ``field`` renames it) and, unless ``responses_path`` is given, the response in ``response_field``.
+    responses_path: a second JSONL whose i-th line's ``response_field`` answers record i (e.g. ``sample.py``
+      output).
     Returns {"n", "accuracy": {mean, low, high}, "lenient" (task judge only), "by_kind", "scores": [n floats]}.
     """
     records = files.read_jsonl(records_path, error=EvalError)
@@ -889,7 +891,8 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any], stage_t
     responses under ``outputs/``; returns the main markdown table (system × decoding) for the CLI to print.
 
     stage_times: seconds per pipeline stage (a table in the report). plots: image paths to link (existing paths are
-    made relative to run_dir; others are taken as relative to it already). cost_reference: the system the training-cost ratios are against (default: the costliest).
+    made relative to run_dir; others are taken as relative to it already). cost_reference: the system the
+    training-cost ratios are against (default: the costliest).
     """
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)

@@ -50,8 +50,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_WHOLE_FAMILY_BYTES = 256 * 2**20  # save_hf fetches a stacked weight whole below this size, else layer by layer  # buffers some old checkpoints carry; recomputed from the config
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed from the config
+_WHOLE_FAMILY_BYTES = 256 * 2**20  # save_hf fetches a stacked weight whole below this size, else layer by layer
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
               "float16": np.dtype(np.float16)}
 

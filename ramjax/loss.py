@@ -612,7 +612,8 @@ def trra_objective(lam: float, *, direction: str = "forward", temperature: float
 
 
 __all__ = ["LossConfigError", "RealignError", "Batch", "LogitsFn", "LM_KEYS", "PAIR_KEYS", "TOPK_KEYS",
-           "chunked_sums", "token_logprobs", "sequence_logprobs", "count_examples", "sft_loss", "pretrain_loss", "validate_alpha",
+           "chunked_sums", "token_logprobs", "sequence_logprobs", "count_examples", "sft_loss", "pretrain_loss",
+           "validate_alpha",
            "ram_sums", "ram_loss", "dpo_loss", "validate_dpo", "lam_per_row", "trra_teacher_logits",
            "trra_teacher_logprobs", "TopKTeacher", "trra_topk_teacher", "trra_loss", "Objective", "lm_inputs",
            "lm_objective", "ram_objective", "pair_logprobs", "dpo_objective", "trra_objective"]

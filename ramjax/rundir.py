@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import logging

@@ -68,7 +68,8 @@ class MeshConfig:
     tensor: int = 1
 
 
-def make_mesh(config: MeshConfig | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(config: MeshConfig | Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a ``(data, fsdp, tensor)`` mesh with Auto axis types over ``devices`` (default: all devices)."""
     if config is None:
         config = MeshConfig()
@@ -80,7 +81,8 @@ def make_mesh(config: MeshConfig | Mapping[str, int] | None = None, devices: Seq
         raise ShardingError(f"mesh {sizes}: at most one axis may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if any(s == 0 or s < -1 for s in sizes):
-        raise ShardingError(f"mesh axis sizes must be positive or -1, got data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}")
+        raise ShardingError(f"mesh axis sizes must be positive or -1, got data={sizes[0]} fsdp={sizes[1]} "
+                            f"tensor={sizes[2]}")
     if -1 in sizes:
         if len(devices) % known:
             raise ShardingError(f"{len(devices)} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")

@@ -802,7 +802,8 @@ def _as_id_list(value: Any) -> list[int]:
 
 
 def _load_hf_backend(path: str, config: Mapping[str, Any]) -> _HFBackend:
-    from tokenizers import Regex, Tokenizer as _Tok, decoders, normalizers, pre_tokenizers
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as _Tok
 
     try:
         with open(path, encoding="utf-8") as f:

@@ -36,16 +36,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from ramjax import api, distributed, files
+from ramjax import api, distributed, files, hf, memplan, stages
 from ramjax import checkpoint as ckpt_lib
 from ramjax import config as config_lib
 from ramjax import data as data_lib
-from ramjax import hf, memplan
 from ramjax import loss as loss_lib
 from ramjax import metrics as metrics_lib
 from ramjax import model as model_lib
 from ramjax import sharding as shd
-from ramjax import stages
 from ramjax import tokenizer as tok_lib
 from ramjax.config import DistributedConfig, TrainConfig
 from ramjax.stages import TrainConfigError

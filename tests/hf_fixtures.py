@@ -92,8 +92,9 @@ def hf_config(spec: HFSpec) -> Any:
 def _tokenizer_vocab(spec: HFSpec) -> tuple[int, dict[str, Any]]:
     import tempfile
 
-    from ramjax.tokenizer import load_tokenizer
     from tokenizer_fixtures import make_hf_tokenizer
+
+    from ramjax.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         make_hf_tokenizer(d, spec.tokenizer)

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from ramjax.experiments import ablate
 from ramjax.config import ConfigError, load_config
+from ramjax.experiments import ablate
 
 N_PROMPTS = 20
 
@@ -153,11 +153,12 @@ def test_real_cells_end_to_end(tmp_path):
     """The default runner with ramjax.train_lib and the sampler on tiny models: 2 sizes (one from a pretrained
     base) × 1 α, then a rerun that reuses everything."""
     pytest.importorskip("ramjax.sampler")
+    from test_evaluate import _tiny_model
+    from tokenizer_fixtures import make_sentencepiece
+
     from ramjax import checkpoint
     from ramjax.experiments import tasks
     from ramjax.tokenizer import load_tokenizer
-    from test_evaluate import _tiny_model
-    from tokenizer_fixtures import make_sentencepiece
 
     make_sentencepiece(tmp_path / "tok", chat_template=False)
     V = load_tokenizer(tmp_path / "tok").vocab_size

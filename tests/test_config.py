@@ -56,8 +56,8 @@ def test_defaults_and_every_shipped_config_load():
     files = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
     names = {os.path.basename(f) for f in files}
     assert {"pretrain.yaml", "sft.yaml", "dpo.yaml", "ram.yaml", "sample.yaml"} <= names
-    from ramjax.experiments.ablate import AblateConfig
     from ramjax.evaluate import EvalConfig
+    from ramjax.experiments.ablate import AblateConfig
     from ramjax.experiments.pipeline import DefaultRunConfig
     from ramjax.experiments.realign_sweep import RealignSweepConfig
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ramjax import data as D
-from ramjax.config import load_config, TrainConfig
+from ramjax.config import TrainConfig, load_config
 from ramjax.data import DataError
 
 KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -309,7 +309,9 @@ def _equal(a, b):
 @pytest.mark.parametrize("packing", [False, True])
 def test_determinism_and_resume_state(packing):
     data = _dataset()
-    mk = lambda seed=0: D.BatchIterator(data, 4, seed=seed, packing=packing, process_index=0, process_count=1)
+    def mk(seed=0):
+        return D.BatchIterator(data, 4, seed=seed, packing=packing, process_index=0, process_count=1)
+
     it = mk()
     per_epoch = it.batches_per_epoch()
     first = _take(it, per_epoch * 2 + 3)  # crosses two epoch boundaries
@@ -389,6 +391,7 @@ def test_too_little_data_for_one_batch():
 
 def test_with_real_tokenizers(tmp_path):
     from tokenizer_fixtures import make_hf_tokenizer
+
     from ramjax.tokenizer import load_tokenizer
 
     make_hf_tokenizer(tmp_path / "qwen", "qwen")
@@ -411,7 +414,8 @@ def test_with_real_tokenizers(tmp_path):
                                                                                               template)
     # chat: the assistant turn of ChatML ends with <|im_end|>, one of qwen's stop ids: no extra EOS
     msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the answer"}]
-    seq = tokenize(tmp_path, [{"messages": msgs}], tok=qwen, template="chat", max_len=128, max_prompt_len=64).examples[0]
+    seq = tokenize(tmp_path, [{"messages": msgs}], tok=qwen, template="chat", max_len=128,
+                   max_prompt_len=64).examples[0]
     trained = seq.tokens[seq.target].tolist()
     assert qwen.decode(trained, skip_special_tokens=False) == "the answer<|im_end|>\n"
     assert seq.tokens.tolist() == qwen.encode(qwen.apply_chat_template(msgs, add_generation_prompt=False))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ramjax import evaluate as ev
-from ramjax.experiments import tasks
 from ramjax.api import Model
+from ramjax.experiments import tasks
 from ramjax.model import ModelConfig, param_shapes
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,8 +134,10 @@ def test_report_files(stub_results, tmp_path):
     assert rows[0].startswith("| base | sampled | 0.500 [")
     md = (tmp_path / "report.md").read_text()
     assert table in md and "## Stage times" in md and "| **total** | 12.5 |" in md
-    assert "## Training cost" in md and "| chatty | 12.0 | 1,000 | 500 | 3.00e+06 |" in md  # 6 · 1000 params · 500 tokens
-    assert "## Strict accuracy per group" in md and "![acc.png](plots/acc.png)" in md and "![curves.png](plots/curves.png)" in md
+    assert "## Training cost" in md
+    assert "| chatty | 12.0 | 1,000 | 500 | 3.00e+06 |" in md  # 6 · 1000 params · 500 tokens
+    assert "## Strict accuracy per group" in md and "![acc.png](plots/acc.png)" in md
+    assert "![curves.png](plots/curves.png)" in md
     # judged outputs and AlpacaEval files
     rows_out = tasks.read_jsonl(tmp_path / "outputs" / "good.greedy.jsonl")
     assert len(rows_out) == len(stub_results["recs"])
@@ -267,8 +269,9 @@ def test_product_loglik_matches_numpy():
 
 
 def test_heldout_loglik_uniform_aligner_is_proposal(tmp_path):
-    from ramjax.tokenizer import load_tokenizer
     from tokenizer_fixtures import make_sentencepiece
+
+    from ramjax.tokenizer import load_tokenizer
 
     make_sentencepiece(tmp_path / "tok", chat_template=False)
     tok = load_tokenizer(tmp_path / "tok")
@@ -329,7 +332,8 @@ def test_evaluate_file_task_judge_and_config(tmp_path):
     # the same through the config entry point (judge-only: no systems)
     from ramjax.config import load_config
 
-    cfg = load_config(ev.EvalConfig, None, [f"eval_file={path}", f"run_dir={tmp_path / 'run'}", "n_boot=100", "verifier=task"])
+    cfg = load_config(ev.EvalConfig, None, [f"eval_file={path}", f"run_dir={tmp_path / 'run'}", "n_boot=100",
+                                            "verifier=task"])
     out, table = ev.evaluate_from_config(cfg)
     assert out["accuracy"]["mean"] == pytest.approx(0.5) and "strict accuracy 0.500" in table
     assert json.loads((tmp_path / "run" / "results.json").read_text())["n"] == 14
@@ -373,8 +377,9 @@ def test_plots(stub_results, tmp_path):
 def test_with_the_real_sampler(tmp_path):
     """Plumbing into ramjax.sampler: the responses are the sampler's, lengths count EOS, diagnostics pass through."""
     sampler = pytest.importorskip("ramjax.sampler")
-    from ramjax.tokenizer import load_tokenizer
     from tokenizer_fixtures import make_sentencepiece
+
+    from ramjax.tokenizer import load_tokenizer
 
     make_sentencepiece(tmp_path / "tok", chat_template=False)
     tok = load_tokenizer(tmp_path / "tok")

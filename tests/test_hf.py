@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hf_fixtures import PARITY_SPECS, HFSpec, hf_logits, load_hf_reference, make_hf_model, random_params, random_tokens
 from safetensors.numpy import load_file, save_file
 
-from hf_fixtures import (PARITY_SPECS, HFSpec, hf_logits, load_hf_reference, make_hf_model, random_params,
-                         random_tokens)
 from ramjax import hf
 from ramjax import model as model_lib
 from ramjax import sharding as shd

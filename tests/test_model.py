@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from hf_fixtures import random_params, random_tokens
+
 from ramjax import model as model_lib
 from ramjax.model import ModelConfig, RopeScaling
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import ROOT, _assert_trees_close, _cfg, _losses, fx, make_fixture, ram_overrides  # noqa: E402,F401

@@ -670,8 +670,7 @@ def test_sample_py_inra_with_per_prompt_lambda(train_fx, tmp_path):
     import os
     import sys
 
-    from ramjax import api
-    from ramjax import sampler
+    from ramjax import api, sampler
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import sample as sample_cli

@@ -1,5 +1,5 @@
-"""The λ sweep runner (ramjax.experiments.realign_sweep) on a tiny default-run layout: table/JSON/plots, per-cell resume, and
-InRa at λ = 0 (λ = 1) giving exactly the base (adapted) model's outputs."""
+"""The λ sweep runner (ramjax.experiments.realign_sweep) on a tiny default-run layout: table/JSON/plots, per-cell
+resume, and InRa at λ = 0 (λ = 1) giving exactly the base (adapted) model's outputs."""
 import json
 import os
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from ramjax import checkpoint as ckpt_lib
-from ramjax import model as model_lib
 from ramjax import inra as inra_lib
+from ramjax import model as model_lib
+from ramjax.config import ConfigError, config_from_dict, load_config
 from ramjax.experiments import realign_sweep as rs
 from ramjax.experiments import tasks
-from ramjax.config import ConfigError, config_from_dict, load_config
 
 
 def _random_params(cfg, seed):
@@ -117,7 +117,8 @@ def test_inra_lambda0_is_the_base_model_and_lambda1_the_adapted_model(tiny_run, 
     assert sorted(cells) == ["inra_lam0_greedy", "inra_lam0_sampled", "inra_lam1_greedy", "inra_lam1_sampled"]
     records = tasks.read_jsonl(f"{root}/data/eval.jsonl")
     base_model = api.load_model(f"{root}/warmup/model")
-    cfg1, merged = inra_lib.merge_adapter(cfg_m, base_model.params, inra_lib.load_adapter(f"{root}/adapter.safetensors"))
+    adapter = inra_lib.load_adapter(f"{root}/adapter.safetensors")
+    cfg1, merged = inra_lib.merge_adapter(cfg_m, base_model.params, adapter)
     adapted = api.Model(config=cfg1, params=merged, tokenizer=base_model.tokenizer,
                         vocab_limit=base_model.vocab_limit)
     for dec in ("greedy", "sampled"):

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_fixtures import random_params
 from scipy import stats
 
-from hf_fixtures import random_params
 from ramjax import decode_rules as R
 from ramjax import model as model_lib
 from ramjax import sampler as S
@@ -427,8 +427,8 @@ def test_greedy_proposal_equals_transformers_generate(tmp_path):
     """Parity with transformers on the same weights (a Qwen2 checkpoint loaded through ramjax.hf): greedy decoding
     with HF's repetition penalty, our two ragged prompts batched and left-padded, HF's one at a time."""
     import torch
-
     from hf_fixtures import HFSpec, make_hf_model
+
     from ramjax.api import load_model
 
     ref = make_hf_model(tmp_path / "qwen", HFSpec(arch="qwen2", vocab_size=64, num_kv_heads=1, tied=True, seed=7))
@@ -479,8 +479,9 @@ def test_bad_inputs_raise_named_errors(models, text_models):
     with pytest.raises(VocabMismatchError, match="usable token ids"):
         S.sample(p, Model(config=Q_CFG, params=q.params, vocab_limit=V - 1), [[1]])
     m, tok = text_models
-    from tokenizer_fixtures import make_hf_tokenizer
     import tempfile
+
+    from tokenizer_fixtures import make_hf_tokenizer
 
     from ramjax.tokenizer import load_tokenizer
 

@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_fixtures import random_params, random_tokens
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from hf_fixtures import random_params, random_tokens
 from ramjax import model as model_lib
 from ramjax import sharding as shd
 from ramjax.model import ModelConfig

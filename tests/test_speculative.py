@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_fixtures import random_params
 from scipy import stats
 
-from hf_fixtures import random_params
 from ramjax import decode_rules as R
 from ramjax import model as model_lib
 from ramjax import sampler as S

@@ -9,11 +9,20 @@ import unicodedata
 
 import jinja2
 import pytest
+import tokenizer_fixtures as fx  # tests/ is on sys.path (pytest rootdir-relative import)
 from transformers import AutoTokenizer
 
-from ramjax.tokenizer import (ChatTemplateError, PLAIN_TEMPLATE, Tokenizer, TokenizerError, VocabMismatchError,
-                              check_vocab_compatible, has_tokenizer, load_tokenizer, train_sentencepiece)
-import tokenizer_fixtures as fx  # tests/ is on sys.path (pytest rootdir-relative import)
+from ramjax.tokenizer import (
+    PLAIN_TEMPLATE,
+    ChatTemplateError,
+    Tokenizer,
+    TokenizerError,
+    VocabMismatchError,
+    check_vocab_compatible,
+    has_tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
 STRINGS = [
     "", " ", "  ", "hello", " hello", "hello ", "  hello  world  ", "   leading", "trailing   ", "a  b   c",

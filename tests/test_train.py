@@ -10,8 +10,7 @@ import pytest
 from ramjax import loss as loss_lib
 from ramjax import model as model_lib
 from ramjax import sharding as shd
-from ramjax import stages
-from ramjax import train_lib
+from ramjax import stages, train_lib
 
 CFG = model_lib.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=8)

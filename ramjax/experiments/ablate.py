@@ -14,9 +14,10 @@ line per size, with 95% intervals).
 Resuming. A cell is done iff its ``result.json`` exists; it is written atomically (temp file + rename) after the
 cell finished, so rerunning the same command after an interruption redoes only unfinished cells (and an
 interrupted training run inside a cell resumes from its own checkpoints). A reused cell whose settings fingerprint
-(data, evaluation and training overrides) differs from the current config's is logged as a warning. Sizes with ``pretrain: true`` first
-pretrain a base model of that size on the corpus (``bases/<size>/``, once per size and seed-independent; the
-paper's aligners are small pretrained models of the proposal's family) and train every α from it.
+(data, evaluation and training overrides) differs from the current config's is logged as a warning. Sizes with
+``pretrain: true`` first pretrain a base model of that size on the corpus (``bases/<size>/``, once per size and
+seed-independent; the paper's aligners are small pretrained models of the proposal's family) and train every α from
+it.
 
 The cell runner is a plain function ``cell_fn(cfg, cell, cell_dir) -> dict`` (default :func:`run_cell`), so tests
 and users can swap in their own. Its result holds ``{"metrics": {mode: {decoding: {"accuracy": {mean, low,
@@ -38,8 +39,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ramjax import stats
-from ramjax.experiments import tasks
 from ramjax.evaluate import write_json_atomic
+from ramjax.experiments import tasks
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +274,8 @@ def _evaluate(cfg: AblateConfig, systems: list) -> dict[str, Any]:
     from ramjax import evaluate as ev
 
     align = tasks.read_jsonl(cfg.align_file) if cfg.align_file else None
-    res = ev.evaluate_systems(systems, _eval_records(cfg), verifier=tasks.task_verifier, decoding=cfg.decodings, seed=cfg.eval_seed,
+    res = ev.evaluate_systems(systems, _eval_records(cfg), verifier=tasks.task_verifier, decoding=cfg.decodings,
+                              seed=cfg.eval_seed,
                               max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, align_records=align,
                               batch_size=cfg.eval_batch_size, n_boot=cfg.n_boot)
     metrics, loglik = {}, {}
@@ -574,7 +576,8 @@ def _report(cfg: AblateConfig, table: str, rows: Sequence[Mapping[str, Any]], pl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ramjax.experiments.ablate [CONFIG.yaml] [key=value ...]``: runs or resumes the sweep, prints the table."""
+    """``python -m ramjax.experiments.ablate [CONFIG.yaml] [key=value ...]``: runs or resumes the sweep, prints the
+    table."""
     from ramjax import config as config_lib
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -585,7 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = run_ablation(cfg, progress=lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True))
     print(out["table"])
-    print(f"\n{len(out['ran'])} cells run, {len(out['reused'])} reused; wrote {os.path.join(cfg.run_dir, 'ablation.md')}"
+    md = os.path.join(cfg.run_dir, "ablation.md")
+    print(f"\n{len(out['ran'])} cells run, {len(out['reused'])} reused; wrote {md}"
           f" and {len(out['plots'])} plot(s) in {time.perf_counter() - t0:.1f}s")
     return 0
 

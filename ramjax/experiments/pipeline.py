@@ -336,7 +336,8 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
         if p.baselines:
             systems += _baseline_systems(load, warm, aligner, ram_sampling, cost)
         results = evaluate.evaluate_systems(
-            systems, tasks.read_jsonl(f["eval"]), verifier=tasks.task_verifier, seed=run.seed, max_new_tokens=p.max_new_tokens,
+            systems, tasks.read_jsonl(f["eval"]), verifier=tasks.task_verifier, seed=run.seed,
+            max_new_tokens=p.max_new_tokens,
             stop=["\n\nHuman:"], baseline_name="P_M (warmed up)", align_records=tasks.read_jsonl(f["align"])[:200],
             batch_size=p.eval_batch_size)
         plot_dir = os.path.join(rd, "plots")

@@ -32,8 +32,8 @@ import numpy as np
 
 from ramjax import config as config_lib
 from ramjax import stats
-from ramjax.experiments import tasks
 from ramjax.config import ConfigError
+from ramjax.experiments import tasks
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +400,8 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ramjax.experiments.realign_sweep [CONFIG.yaml] [key=value ...]``: prints the config, progress, the table."""
+    """``python -m ramjax.experiments.realign_sweep [CONFIG.yaml] [key=value ...]``: prints the config, progress,
+    the table."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
