@@ -31,7 +31,7 @@ the logits function (the model, or the model with an InRa adapter) and never loo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
@@ -470,6 +470,53 @@ class Objective:
     extra_dims: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadSplit:
+    """A logits function cut at its LM head, so an objective can run the head over blocks of positions.
+
+    hidden: LM batch → a pytree of ``[B, T, D]`` last hidden states (the models' decoders, run once);
+    head:   that pytree for a block of positions (``[B, C, D]`` leaves) → the logits of the block (the pytree the
+            uncut function returns, ``[B, C, V]``); chunk: positions per block (``model.loss_chunk_size``)."""
+
+    hidden: Callable[[Batch], Any]
+    head: Callable[[Any], Any]
+    chunk: int = 0
+
+
+class SplitLogits:
+    """A ``LogitsFn`` (LM batch → logits) that may also carry its ``HeadSplit`` (``split``; None = uncut)."""
+
+    def __init__(self, fn: Callable[[Batch], Any], split: HeadSplit | None = None):
+        self.fn, self.split = fn, split
+
+    def __call__(self, lm: Batch) -> Any:
+        return self.fn(lm)
+
+
+def head_sums(sources: Sequence[Callable[[Batch], Any]], lm: Batch, fn: Callable[..., Any],
+              arrays: Mapping[str, jax.Array]) -> Any:
+    """``fn(*(source(lm) for source in sources), arrays)`` — a pytree of *sums over positions* — where ``arrays``
+    are ``[B, T, ...]`` batch entries (targets, masks...).
+
+    When the first source (the trained model) carries a ``HeadSplit`` with ``chunk > 0`` and every other source
+    carries one too (the TrRa teachers), the decoders run once to their hidden states and the heads + ``fn`` run
+    over blocks of ``chunk`` positions (``chunked_sums``): no ``[B, T, V]`` logits exist for the whole sequence in
+    either pass. Otherwise the full logits are computed, as before."""
+    splits = [getattr(src, "split", None) for src in sources]
+    if splits[0] is None or not splits[0].chunk or any(sp is None for sp in splits):
+        return fn(*[src(lm) for src in sources], dict(arrays))
+    hidden = [sp.hidden(lm) for sp in splits]
+
+    def block(x):
+        return fn(*[sp.head(h) for sp, h in zip(splits, x["hidden"])], x["arrays"])
+
+    return chunked_sums(block, {"hidden": hidden, "arrays": dict(arrays)}, splits[0].chunk)
+
+
+def _lm_arrays(b: Batch, *extra: str) -> dict[str, jax.Array]:
+    return {k: b[k] for k in ("targets", "loss_mask", "segment_ids", *extra)}
+
+
 def lm_inputs(batch: Batch, prefix: str = "") -> dict[str, jax.Array]:
     """The model inputs ``{tokens, positions, segment_ids}`` of the ``prefix`` rows of a batch."""
     return {k: batch[prefix + k] for k in ("tokens", "positions", "segment_ids")}
@@ -491,7 +538,8 @@ def lm_objective(name: str = "sft", *, vocab_limit: int | None = None) -> Object
         return {"tokens": _response_tokens(b)}
 
     def loss(logits_fn, b, norms, frozen):
-        s, _ = sft_loss(logits_fn(lm_inputs(b)), b["targets"], b["loss_mask"], b["segment_ids"], vocab_limit)
+        s, _ = head_sums([logits_fn], lm_inputs(b), lambda lg, x: sft_loss(
+            lg, x["targets"], x["loss_mask"], x["segment_ids"], vocab_limit), _lm_arrays(b))
         l = s / jnp.maximum(norms["tokens"], 1.0)
         return l, {"loss": l}
 
@@ -508,14 +556,21 @@ def ram_objective(alpha: float, *, vocab_limit: int | None = None) -> Objective:
 
     def loss(logits_fn, b, norms, frozen):
         # One forward over data and negative rows together (bigger matmuls) when their shapes agree.
+        n = b["chosen_tokens"].shape[0]
         if b["chosen_tokens"].shape == b["rejected_tokens"].shape:
-            logits = logits_fn(lm_inputs(_both(b)))
-            n = b["chosen_tokens"].shape[0]
-            lg_d, lg_n = logits[:n], logits[n:]
-        else:
-            lg_d, lg_n = logits_fn(lm_inputs(b, "chosen_")), logits_fn(lm_inputs(b, "rejected_"))
-        sums = ram_sums(lg_d, b["chosen_targets"], b["chosen_loss_mask"], b["chosen_segment_ids"],
-                        lg_n, b["rejected_targets"], b["rejected_loss_mask"], b["rejected_segment_ids"], vocab_limit)
+            both = _both(b)
+
+            def fn(lg, x):
+                return ram_sums(lg[:n], x["targets"][:n], x["loss_mask"][:n], x["segment_ids"][:n],
+                                lg[n:], x["targets"][n:], x["loss_mask"][n:], x["segment_ids"][n:], vocab_limit)
+            sums = head_sums([logits_fn], lm_inputs(both), fn, _lm_arrays(both))
+        else:  # the data and negative sums are separate terms: one pass each
+            def half(prefix, key):
+                part = {k: b[prefix + k] for k in LM_KEYS}
+                return head_sums([logits_fn], lm_inputs(part), lambda lg, x: {key: ram_sums(
+                    lg, x["targets"], x["loss_mask"], x["segment_ids"], lg, x["targets"], x["loss_mask"],
+                    x["segment_ids"], vocab_limit)[key]}, _lm_arrays(part))
+            sums = {**half("chosen_", "nll_data_sum"), **half("rejected_", "logq_neg_sum")}
         out = ram_loss(sums, norms["examples"], alpha)
         return out["loss"], out
 
@@ -525,8 +580,8 @@ def ram_objective(alpha: float, *, vocab_limit: int | None = None) -> Objective:
 def pair_logprobs(logits_fn: LogitsFn, batch: Batch, vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Summed response log-probs ``([B] chosen, [B] rejected)`` of a pair batch (one example per row)."""
     both = _both(batch)
-    lp = sequence_logprobs(logits_fn(lm_inputs(both)), both["targets"], both["loss_mask"], both["segment_ids"],
-                           vocab_limit=vocab_limit)
+    lp = head_sums([logits_fn], lm_inputs(both), lambda lg, x: sequence_logprobs(
+        lg, x["targets"], x["loss_mask"], x["segment_ids"], vocab_limit=vocab_limit), _lm_arrays(both))
     n = batch["chosen_tokens"].shape[0]
     return lp[:n], lp[n:]
 
@@ -593,15 +648,22 @@ def trra_objective(lam: float, *, direction: str = "forward", temperature: float
         return {"tokens": _response_tokens(b)}
 
     def loss(logits_fn, b, norms, frozen):
-        logits = logits_fn(lm_inputs(b))
-        if topk:
-            teacher = TopKTeacher(indices=b["trra_top_indices"], logprobs=b["trra_top_logprobs"],
-                                  rest_logprob=b["trra_rest_logprob"])
-        else:
-            h_ref, h_al = jax.lax.stop_gradient(teacher_logits(lm_inputs(b), frozen))
-            teacher = (h_ref[..., :vocab_limit], h_al[..., :vocab_limit], lam)
-        kl, _, m = trra_loss(logits, teacher, b["loss_mask"], targets=b["targets"], segment_ids=b["segment_ids"],
+        def kl_sums(logits, *rest):
+            *teachers, x = rest
+            if topk:
+                teacher = TopKTeacher(indices=x["trra_top_indices"], logprobs=x["trra_top_logprobs"],
+                                      rest_logprob=x["trra_rest_logprob"])
+            else:
+                h_ref, h_al = jax.lax.stop_gradient(teachers[0])
+                teacher = (h_ref[..., :vocab_limit], h_al[..., :vocab_limit], lam)
+            return trra_loss(logits, teacher, x["loss_mask"], targets=x["targets"], segment_ids=x["segment_ids"],
                              direction=direction, temperature=temperature, vocab_limit=vocab_limit)
+
+        sources = [logits_fn]
+        if not topk:  # the teachers' logits per micro-batch (and per block of positions when chunked)
+            split = getattr(teacher_logits, "head_split", None)
+            sources.append(SplitLogits(lambda lm: teacher_logits(lm, frozen), split(frozen) if split else None))
+        kl, _, m = head_sums(sources, lm_inputs(b), kl_sums, _lm_arrays(b, *(TOPK_KEYS if topk else ())))
         denom = jnp.maximum(norms["tokens"], 1.0)
         metrics = {k: v / denom for k, v in m.items()}
         metrics["loss"] = kl / denom
@@ -615,5 +677,6 @@ __all__ = ["LossConfigError", "RealignError", "Batch", "LogitsFn", "LM_KEYS", "P
            "chunked_sums", "token_logprobs", "sequence_logprobs", "count_examples", "sft_loss", "pretrain_loss",
            "validate_alpha",
            "ram_sums", "ram_loss", "dpo_loss", "validate_dpo", "lam_per_row", "trra_teacher_logits",
-           "trra_teacher_logprobs", "TopKTeacher", "trra_topk_teacher", "trra_loss", "Objective", "lm_inputs",
+           "trra_teacher_logprobs", "TopKTeacher", "trra_topk_teacher", "trra_loss", "Objective", "HeadSplit",
+           "SplitLogits", "head_sums", "lm_inputs",
            "lm_objective", "ram_objective", "pair_logprobs", "dpo_objective", "trra_objective"]

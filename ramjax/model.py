@@ -59,7 +59,8 @@ class ModelConfig:
     ``vocab_size`` is the number of embedding rows, which may exceed the tokenizer's vocabulary (padded rows).
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype; logits and softmax are always float32.
     ``attention_impl`` / ``attention_chunk`` choose how training and prefill attention is computed (see
-    ``ATTENTION_IMPLS``); they change memory and speed, not the function computed.
+    ``ATTENTION_IMPLS``); ``loss_chunk_size`` > 0 has the training objectives apply the LM head to that many
+    positions at a time (``loss.chunked_sums``). They change memory and speed, not the function computed.
     """
 
     vocab_size: int = 256
@@ -83,6 +84,7 @@ class ModelConfig:
     remat: bool = False
     attention_impl: AttentionImpl = "xla"
     attention_chunk: int = 512
+    loss_chunk_size: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -105,6 +107,8 @@ class ModelConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.attention_chunk < 1:
             raise ValueError(f"attention_chunk={self.attention_chunk} must be >= 1")
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be >= 0 (0 = off)")
 
     @property
     def compute_dtype(self):

@@ -99,13 +99,28 @@ class Stage:
 
 def model_forward(cfg: model_lib.ModelConfig, mesh: Mesh | None = None, rules: Rules = shd.DEFAULT_RULES
                   ) -> Forward:
-    """The plain model as a ``Forward`` (``frozen`` unused)."""
+    """The plain model as a ``Forward`` (``frozen`` unused). Its ``head_split(params, frozen)`` cuts it at the LM
+    head (``loss.HeadSplit``) when ``cfg.loss_chunk_size > 0``, else gives None."""
 
     def forward(params, frozen, lm):
         return model_lib.forward(cfg, params, lm["tokens"], lm["positions"], lm["segment_ids"], mesh=mesh,
                                  rules=rules)[0]
 
+    def head_split(params, frozen):
+        if not cfg.loss_chunk_size:
+            return None
+        return _head_split(cfg, params, mesh, rules, cfg.loss_chunk_size)
+
+    forward.head_split = head_split
     return forward
+
+
+def _head_split(cfg: model_lib.ModelConfig, params: Any, mesh: Mesh | None, rules: Rules,
+                chunk: int = 0) -> loss_lib.HeadSplit:
+    return loss_lib.HeadSplit(
+        hidden=lambda lm: model_lib.hidden_states(cfg, params, lm["tokens"], lm["positions"], lm["segment_ids"],
+                                                  mesh=mesh, rules=rules),
+        head=lambda h: model_lib.logits_from_hidden(cfg, params, h, mesh=mesh, rules=rules), chunk=chunk)
 
 
 def _abstract_params(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
@@ -184,6 +199,13 @@ def _trra_teacher_logits(ref_cfg: model_lib.ModelConfig, al_cfg: model_lib.Model
     def teacher(lm, frozen):
         return ref_fwd(frozen["trra_reference"], None, lm), al_fwd(frozen["trra_aligned"], None, lm)
 
+    def head_split(frozen):  # both teachers cut at their heads (used when the student's loss is chunked)
+        ref = _head_split(ref_cfg, frozen["trra_reference"], mesh, rules)
+        al = _head_split(al_cfg, frozen["trra_aligned"], mesh, rules)
+        return loss_lib.HeadSplit(hidden=lambda lm: (ref.hidden(lm), al.hidden(lm)),
+                                  head=lambda hs: (ref.head(hs[0]), al.head(hs[1])))
+
+    teacher.head_split = head_split
     return teacher
 
 

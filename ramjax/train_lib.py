@@ -209,8 +209,12 @@ def make_train_step(objective: loss_lib.Objective, optimizer: optax.GradientTran
         norms = objective.normalizers(batch)
         key, _ = jax.random.split(state.key)  # the state's key advances every step (for objectives that draw)
 
+        split = getattr(forward, "head_split", None)  # model.loss_chunk_size > 0: the head runs over blocks
+
         def loss_fn(params, mb):
-            return objective.loss(lambda lm: forward(params, frozen, lm), mb, norms, frozen)
+            logits_fn = loss_lib.SplitLogits(lambda lm: forward(params, frozen, lm),
+                                             split(params, frozen) if split is not None else None)
+            return objective.loss(logits_fn, mb, norms, frozen)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if grad_accum == 1:
@@ -371,7 +375,8 @@ def build(cfg: TrainConfig, *, load_params: bool = True) -> Plan:
     params = None
     source_is_hf = False
     over = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-                attention_impl=cfg.model.attention_impl, attention_chunk=cfg.model.attention_chunk)
+                attention_impl=cfg.model.attention_impl, attention_chunk=cfg.model.attention_chunk,
+                loss_chunk_size=getattr(cfg.model, "loss_chunk_size", 0))  # model.loss_chunk_size
     if scratch:
         model_cfg = cfg.model.model_config(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

@@ -115,3 +115,43 @@ def test_chunked_backward_holds_less_memory():
     full, chunked = temp(0), temp(64)
     assert full > logits and chunked < full - logits // 2, (full, chunked, logits)
 
+
+
+def test_trainer_objectives_with_loss_chunks(models):
+    """The objectives as the train step runs them (``loss.*_objective`` over ``stages.model_forward``'s logits
+    function, cut at the head by ``loss_chunk_size=5``): the loss, its metrics and its gradient equal those of the
+    full logits — SFT, RAM (packed), DPO (+RPO), TrRa with the two frozen teacher models."""
+    from ramjax import sharding as shd
+    from ramjax import stages
+
+    params, ref_p, al_p = models
+    b = _batch(4, 12)
+    pair = {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in b.items()}
+    pair["rejected_targets"] = jnp.roll(b["targets"], 1, axis=1)
+    dpo_pair = dict(pair, example_index=jnp.asarray([0, 1, 2, -1]))
+    frozen = {"trra_reference": ref_p, "trra_aligned": al_p,
+              "ref_logps": -jnp.asarray([[3.0, 4.0], [5.0, 1.0], [2.0, 2.5], [0.0, 0.0]])}
+    teacher = stages._trra_teacher_logits(T_CFG, T_CFG, None, shd.DEFAULT_RULES)
+    objs = {"sft": (L.lm_objective("sft", vocab_limit=VOCAB_LIMIT), b),
+            "ram": (L.ram_objective(0.1, vocab_limit=VOCAB_LIMIT), pair),
+            "dpo": (L.dpo_objective(0.2, rpo_alpha=0.5, vocab_limit=VOCAB_LIMIT), dpo_pair),
+            "trra": (L.trra_objective(0.7, temperature=1.3, vocab_limit=VOCAB_LIMIT, teacher_logits=teacher), b)}
+    results = {}
+    for chunk in (0, 5):
+        fwd = stages.model_forward(CFG.replace(loss_chunk_size=chunk))
+        for name, (obj, batch) in objs.items():
+            norms = obj.normalizers(batch)
+
+            def loss(p, obj=obj, batch=batch, norms=norms):
+                logits_fn = L.SplitLogits(lambda lm: fwd(p, frozen, lm), fwd.head_split(p, frozen))
+                return obj.loss(logits_fn, batch, norms, frozen)
+            results[name, chunk] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    for name in objs:
+        (l0, m0), g0 = results[name, 0]
+        (l5, m5), g5 = results[name, 5]
+        np.testing.assert_allclose(l5, l0, rtol=2e-5, err_msg=name)
+        for k in m0:
+            np.testing.assert_allclose(m5[k], m0[k], rtol=2e-5, atol=1e-6, err_msg=f"{name} {k}")
+        for a, c in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g5)):
+            np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6, err_msg=name)
+        assert float(l0) != 0.0

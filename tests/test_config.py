@@ -245,7 +245,7 @@ def test_model_and_mesh_conversions():
     # every ModelConfig architecture field is reachable from the config (aligner-size ablations are one key)
     arch_fields = {f.name for f in dataclasses.fields(C.ArchConfig)}
     model_only = {f.name for f in dataclasses.fields(ModelConfig)} - arch_fields
-    assert model_only == {"dtype", "param_dtype", "remat", "attention_impl", "attention_chunk",
+    assert model_only == {"dtype", "param_dtype", "remat", "attention_impl", "attention_chunk", "loss_chunk_size",
                           "bos_token_id", "eos_token_id", "pad_token_id"}
 
 
