@@ -281,6 +281,83 @@ def memory_report(compiled) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Held-out evaluation (data.eval_files)
+
+
+def make_eval_step(objective: loss_lib.Objective, forward: stages.Forward) -> Callable:
+    """The pure held-out pass over one batch ``(params, batch, norms, frozen) -> metrics``: the objective's loss
+    and metrics at ``params`` (no gradient), with ``norms`` the normalizers of the *whole* held-out set, so the
+    values of all its batches add up to the objective over the set (as micro-batches add up in the train step),
+    plus ``tokens``, the loss tokens in the batch."""
+
+    def fn(params: Any, batch: Batch, norms: dict[str, jax.Array], frozen: Any) -> dict[str, jax.Array]:
+        batch = {k: batch[k] for k in objective.batch_keys}
+        loss, metrics = objective.loss(lambda lm: forward(params, frozen, lm), batch, norms, frozen)
+        metrics = dict(metrics)
+        metrics["loss"] = loss
+        metrics["tokens"] = jnp.sum(batch[objective.tokens_key] > 0).astype(jnp.float32)
+        return metrics
+
+    return fn
+
+
+class HeldOut:
+    """The held-out evaluation of a run (``data.eval_files``): one ordered pass over every held-out example in
+    micro-batches (``Plan.eval_iterator``), scored by the stage's own objective, so it works for every stage.
+    Tables a stage precomputes per example (the DPO reference log-probs, the TrRa top-k teacher) are computed for
+    the held-out examples too, by the stage's ``prepare``, and kept under ``run_dir/eval/``.
+
+    ``__call__(params) -> {"eval/<metric>": float}``: the objective and its metrics over the whole held-out set,
+    plus ``eval/tokens`` (loss tokens). The objective's normalizers are counts (tokens, examples), so the held-out
+    set's are the sums of its batches' normalizers; with them every batch contributes ``sum / set count``.
+    """
+
+    def __init__(self, plan: Plan, setup: stages.Setup, params_sh: Any, frozen_sh: Any):
+        stage, self.iterator = plan.stage, plan.eval_iterator
+        self.host_batch = None
+        tables: dict[str, Any] = {}
+        if stage.prepare is not None:
+            eval_dir = os.path.join(setup.run_dir, "eval")
+            if setup.primary:
+                os.makedirs(eval_dir, exist_ok=True)
+            # a copy of the frozen models: a prepare that takes them off the devices must not take the training's
+            tables, self.host_batch = stage.prepare(dataclasses.replace(
+                setup, data=self.iterator.data, run_dir=eval_dir, frozen=dict(setup.frozen or {})))
+        self.frozen = {n: tables[n] if n in tables else stage.frozen[n] for n in stage.frozen_abstract} or None
+        objective = stage.objective
+        self.keys = objective.batch_keys
+        self.batch_sh = {k: shd.batch_sharding(plan.mesh, 1 if k == "example_index" else
+                                               2 + len(objective.extra_dims.get(k, ())), plan.rules)
+                         for k in self.keys}
+        rep = shd.replicated(plan.mesh)
+        norm_fn = jax.jit(objective.normalizers, in_shardings=(self.batch_sh,), out_shardings=rep)
+        totals: dict[str, float] = {}
+        for batch in self._batches():
+            for k, v in jax.device_get(norm_fn(batch)).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        self.norms = jax.device_put({k: np.float32(v) for k, v in totals.items()}, rep)
+        self.step = jax.jit(make_eval_step(objective, stage.forward),
+                            in_shardings=(params_sh, self.batch_sh, rep, frozen_sh), out_shardings=rep)
+        log.info("held-out data: %d examples, %d batches per evaluation", len(self.iterator.data),
+                 self.iterator.batches_per_epoch(0))
+
+    def _batches(self):
+        """The global held-out batches, in order (the iterator is rewound for every pass)."""
+        self.iterator.restore({"epoch": 0, "position": 0})
+        for local in self.iterator:
+            if self.host_batch is not None:
+                local = self.host_batch(local)
+            yield shd.to_global({k: local[k] for k in self.keys}, self.batch_sh)
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for batch in self._batches():
+            for k, v in jax.device_get(self.step(params, batch, self.norms, self.frozen)).items():
+                total[k] = total.get(k, 0.0) + float(v)
+        return {f"eval/{k}": v for k, v in total.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The training loop
 
 
@@ -303,6 +380,7 @@ class Plan:
     resume_step: int | None
     params: Any = None             # the initial trained params (loaded or built), or None (from scratch / resumed)
     source_is_hf: bool = False
+    eval_iterator: data_lib.BatchIterator | None = None  # data.eval_files in micro-batches, or None
 
     @property
     def objective(self) -> loss_lib.Objective:
@@ -395,6 +473,8 @@ def build(cfg: TrainConfig, *, load_params: bool = True) -> Plan:
     rules = cfg.mesh.sharding_rules()
     _check_batch(cfg, mesh, rules)
     iterator = data_lib.train_iterator(cfg, tokenizer)
+    # held-out batches of the train step's micro-batch size (what the step holds in memory at once)
+    eval_iterator = data_lib.eval_iterator(cfg, tokenizer, batch_size=cfg.data.batch_size // cfg.optimizer.grad_accum)
     total = _total_steps(cfg, iterator)
     warmup = cfg.schedule.warmup_steps or int(round(cfg.schedule.warmup_ratio * total))
     schedule = make_schedule(cfg.optimizer.lr, total, warmup, cfg.schedule.decay, cfg.schedule.final_lr_ratio)
@@ -427,7 +507,8 @@ def build(cfg: TrainConfig, *, load_params: bool = True) -> Plan:
         resume_step = mngr.newest_readable_step(_trained_shapes(model_cfg, stage))
     return Plan(cfg=cfg, model_cfg=model_cfg, tokenizer=tokenizer, iterator=iterator, mesh=mesh, rules=rules,
                 param_shardings=p_sh, stage=stage, optimizer=optimizer, schedule=schedule, total_steps=total,
-                warmup_steps=warmup, resume_step=resume_step, params=params, source_is_hf=source_is_hf)
+                warmup_steps=warmup, resume_step=resume_step, params=params, source_is_hf=source_is_hf,
+                eval_iterator=eval_iterator)
 
 
 def _trained_shapes(model_cfg: model_lib.ModelConfig, stage: stages.Stage) -> Any:
@@ -619,13 +700,18 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
 
     host_batch = None
     tables: dict[str, Any] = {}
+    setup = stages.Setup(
+        cfg=cfg, model_cfg=plan.model_cfg, mesh=plan.mesh, rules=plan.rules, data=plan.iterator.data,
+        run_dir=run_dir, primary=primary, step=int(jax.device_get(state.step)), params=state.params,
+        key=k_params, vocab_limit=stage.vocab_limit, frozen=stage.frozen)
+    # before the training's prepare, which may take frozen models off the devices that the held-out tables need
+    held_out = HeldOut(plan, setup, state_sh.params, frozen_sh) if plan.eval_iterator is not None else None
     if stage.prepare is not None:
-        tables, host_batch = stage.prepare(stages.Setup(
-            cfg=cfg, model_cfg=plan.model_cfg, mesh=plan.mesh, rules=plan.rules, data=plan.iterator.data,
-            run_dir=run_dir, primary=primary, step=int(jax.device_get(state.step)), params=state.params,
-            key=k_params, vocab_limit=stage.vocab_limit, frozen=stage.frozen))
+        tables, host_batch = stage.prepare(setup)
     frozen = {name: tables[name] if name in tables else stage.frozen[name] for name in stage.frozen_abstract}
     frozen = frozen or None
+    # logging.eval_every (every N steps besides the last) where the config has it; else the last step only
+    eval_every = getattr(cfg.logging, "eval_every", 0)
 
     step = int(jax.device_get(state.step))
     thr = metrics_lib.Throughput()
@@ -633,8 +719,9 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
     last: dict[str, Any] = {}
     interrupted = False
 
-    def _flush_metrics() -> dict[str, Any]:
-        """Fetches the pending steps' metrics, logs the last one; returns it."""
+    def _flush_metrics(extra: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """Fetches the pending steps' metrics, logs the last one (with ``extra``, the held-out metrics of this
+        step); returns it."""
         nonlocal pending
         host = [jax.device_get(x) for x in pending]
         for x in host:
@@ -643,6 +730,7 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
         out = {f"train/{k}": float(v) for k, v in host[-1].items() if k not in ("input_tokens",)}
         out.update({f"perf/{k}": v for k, v in thr.update().items()})
         out.update({"data/epoch": plan.iterator.epoch, "data/position": plan.iterator.position, "data/crc32": crc})
+        out.update(extra or {})
         writer.write(step, out)
         if stage.watch is not None:
             stage.watch(out)
@@ -658,8 +746,14 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
             step += 1
             pending.append(m)
             event = {"step": step, "total_steps": plan.total_steps}
+            evaluated = {}
+            if held_out is not None and (step == plan.total_steps or (eval_every and step % eval_every == 0)):
+                evaluated = held_out(state.params)
             if step % cfg.logging.every == 0 or step == plan.total_steps:
-                event["metrics"] = last = _flush_metrics()
+                event["metrics"] = last = _flush_metrics(evaluated)
+            elif evaluated:  # an evaluation between logging steps: its own record
+                writer.write(step, evaluated)
+                event["metrics"] = last = {**last, **evaluated}
             mngr.save(step, state.params, {"step": state.step, "rng": state.rng, "opt_state": state.opt_state},
                       plan.iterator.state())
             if progress is not None:
