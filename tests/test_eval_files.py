@@ -21,7 +21,8 @@ from ramjax import train_lib
 
 MODEL = model_lib.ModelConfig(vocab_size=640, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                               num_kv_heads=2, head_dim=8, max_position_embeddings=64)
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "alignment", "residual", "model", "proposal", "aligner", "token"]
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "alignment", "residual", "model", "proposal",
+         "aligner", "token"]
 
 
 @pytest.fixture(scope="module")
