@@ -785,14 +785,22 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    """Metrics every N steps to ``run_dir/metrics.jsonl`` (+ TensorBoard in ``run_dir/tb``), process 0 only."""
+    """Metrics every N steps to ``run_dir/metrics.jsonl`` (+ TensorBoard in ``run_dir/tb``), process 0 only.
+
+    eval_every: with ``data.eval_files``, the held-out objective (``eval/loss``, the objective's other metrics,
+                ``eval/tokens``) is computed on every eval example every this many steps and at the last step
+                (0: at the last step only).
+    """
 
     every: int = 10
+    eval_every: int = 100
     tensorboard: bool = True
     progress: bool = True
 
     def validate(self) -> None:
         _check(self.every >= 1, f"logging.every={self.every} must be >= 1")
+        _check(self.eval_every >= 0, f"logging.eval_every={self.eval_every} must be >= 0 (0: evaluate the "
+                                     f"data.eval_files at the last step only)")
 
 
 @dataclasses.dataclass(frozen=True)

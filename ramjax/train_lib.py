@@ -710,8 +710,7 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
         tables, host_batch = stage.prepare(setup)
     frozen = {name: tables[name] if name in tables else stage.frozen[name] for name in stage.frozen_abstract}
     frozen = frozen or None
-    # logging.eval_every (every N steps besides the last) where the config has it; else the last step only
-    eval_every = getattr(cfg.logging, "eval_every", 0)
+    eval_every = cfg.logging.eval_every
 
     step = int(jax.device_get(state.step))
     thr = metrics_lib.Throughput()

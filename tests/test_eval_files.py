@@ -54,7 +54,7 @@ def _run(fx, tmp_path, stage, data, *extra):
         f"run_dir={run_dir}", f"stage={stage}", f"model.init={fx}/init", f"data.train_files=[{fx}/{data}_train.jsonl]",
         f"data.eval_files=[{fx}/{data}_eval.jsonl]", "data.max_len=24", "data.max_prompt_len=12",
         "data.batch_size=8", "steps=3", "optimizer.lr=1e-2", "checkpoint.export_hf=false", "logging.every=1",
-        "logging.tensorboard=false", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *extra])
+        "logging.eval_every=2", "logging.tensorboard=false", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *extra])
     result = train_lib.train(cfg)
     recs = metrics_lib.read_metrics(run_dir)
     evals = {r["step"]: r for r in recs if any(k.startswith("eval/") for k in r)}
@@ -75,13 +75,14 @@ def _logp(model, seq) -> tuple[float, int]:
 
 def test_sft_eval_loss_every_eval_every_steps_equals_the_direct_nll(fx, tmp_path):
     _, evals, model, data = _run(fx, tmp_path, "sft", "sft")
-    assert sorted(evals) == [3]  # at the end
+    assert sorted(evals) == [2, 3]  # every 2 steps and at the end
     lps = [_logp(model, s) for s in data.examples]
     tokens = sum(n for _, n in lps)
     nll = -sum(lp for lp, _ in lps) / tokens
     last = evals[3]
     assert last["eval/loss"] == pytest.approx(nll, rel=2e-5)
     assert last["eval/tokens"] == tokens
+    assert evals[2]["eval/loss"] != pytest.approx(last["eval/loss"], rel=1e-6)  # measured at different params
 
 
 def test_ram_eval_loss_and_nll_data_equal_the_direct_objective(fx, tmp_path):
