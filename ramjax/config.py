@@ -38,6 +38,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, ge
 import yaml
 
 from ramjax import files
+from ramjax import loss as loss_lib
 
 T = TypeVar("T")
 
@@ -817,9 +818,7 @@ class RamConfig:
     negatives: Literal["proposal", "rejected"] = "proposal"
 
     def validate(self) -> None:
-        _check(self.alpha >= 0 and self.alpha == self.alpha,
-               f"ram.alpha={self.alpha} must be >= 0 (it weighs +log Q(y_neg|x), which pushes the negatives' "
-               f"likelihood down); the paper uses 1e-4, ablated over 1e-5 … 1e-1")
+        loss_lib.validate_alpha(self.alpha)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -834,9 +833,7 @@ class DpoConfig:
     rpo_alpha: float = 0.0
 
     def validate(self) -> None:
-        _check(self.beta > 0, f"dpo.beta={self.beta} must be positive")
-        _check(0 <= self.label_smoothing < 0.5, f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        _check(self.rpo_alpha >= 0, f"dpo.rpo_alpha={self.rpo_alpha} must be >= 0 (0 = plain DPO, RPO uses 1)")
+        loss_lib.validate_dpo(self.beta, self.label_smoothing, self.rpo_alpha)
 
 
 @dataclasses.dataclass(frozen=True)
