@@ -21,11 +21,11 @@ and calls ``ramjax.train_lib``:
     python train.py configs/ram.yaml optimizer.lr=1e-6 ram.alpha=1e-3 mesh.fsdp=8
     python train.py configs/sft.yaml --dry-run     # validate, build shapes, print sizes and compiled memory
 
-With no arguments, or only ``key=value`` overrides without ``stage=``, it runs ``configs/default.yaml`` (the
-embedded-default pipeline) if that file exists, else prints this help. A config file with a top-level
-``pipeline:`` section (like ``configs/default.yaml``) runs the whole embedded-default pipeline
-(``ramjax.experiments.pipeline``) instead of one stage; one with a top-level ``alphas:`` list
-(``configs/ablate.yaml``) runs the α × aligner-size sweep (``ramjax.experiments.ablate``).
+Every config file says which program it runs with a top-level ``program:`` key: ``train`` (one stage; the
+default when the key is absent), ``pipeline`` (``configs/default.yaml``: the whole embedded-default pipeline,
+``ramjax.experiments.pipeline``) or ``ablate`` (``configs/ablate.yaml``: the α × aligner-size sweep,
+``ramjax.experiments.ablate``). With no arguments, or only ``key=value`` overrides without ``stage=``, it runs
+``configs/default.yaml`` if that file exists, else prints this help.
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
 """
 
@@ -94,29 +94,22 @@ def _bar(total: int, initial: int, enabled: bool):
     return progress, bar
 
 
-def _yaml_top_level(path: str | None) -> dict:
-    """The top-level mapping of a YAML file, or {} (missing file, not a mapping, or a YAML error that
-    ``load_config`` will report properly)."""
-    if path is None or not os.path.isfile(path):
-        return {}
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
+PROGRAMS = ("train", "pipeline", "ablate")
 
 
-def _is_pipeline_config(path: str | None) -> bool:
-    """A YAML file with a top-level ``pipeline`` mapping is a pipeline config (``ramjax.experiments.pipeline``)."""
-    return isinstance(_yaml_top_level(path).get("pipeline"), dict)
+def _program(path: str | None, overrides: list[str]) -> str:
+    """The program a config file declares (its top-level ``program:`` key, after ``include:`` files are merged;
+    ``train`` when absent), or a ``program=`` override. Raises ``ConfigError`` for an unknown program."""
+    from ramjax import config as config_lib
 
-
-def _is_ablation_config(path: str | None) -> bool:
-    """A YAML file with a top-level ``alphas`` list is an ablation sweep (``ramjax.experiments.ablate``)."""
-    return "alphas" in _yaml_top_level(path)
+    declared = config_lib.read_yaml(path).get("program", "train") if path is not None else "train"
+    for o in overrides:
+        if o.startswith("program="):
+            declared = o[len("program="):]
+    if declared not in PROGRAMS:
+        raise config_lib.ConfigError(f"program: {declared!r} in {path or 'the overrides'} is not one of "
+                                     f"{', '.join(PROGRAMS)}")
+    return declared
 
 
 def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
@@ -190,9 +183,12 @@ def train_main(argv: list[str] | None = None) -> int:
         path, overrides = config_lib.split_cli_args(argv)
         if path is None and default_config is not None and not any(o.startswith("stage=") for o in overrides):
             path = default_config  # `python train.py run_dir=... pipeline.alpha=...` overrides the default pipeline
-        if _is_pipeline_config(path):
+        program = _program(path, overrides)
+        if program == "pipeline":
             return _run_pipeline(path, overrides, dry)
-        if _is_ablation_config(path) and not dry:
+        if program == "ablate":
+            if dry:
+                raise config_lib.ConfigError("--dry-run checks one training config; the ablation sweep has none")
             from ramjax.experiments import ablate
 
             return ablate.main([path, *overrides])

@@ -39,13 +39,14 @@ import yaml
 
 from ramjax import files
 from ramjax import loss as loss_lib
+from ramjax.model import AttentionImpl, DType, ModelConfig
 
 T = TypeVar("T")
 
 __all__ = [
     "ConfigError", "load_config", "config_from_dict", "override_config", "config_to_dict", "save_config",
     "format_config", "validate_config", "split_cli_args",
-    "TrainConfig", "SampleConfig", "ModelSection", "ArchConfig", "RopeScalingConfig", "DataConfig",
+    "TrainConfig", "SampleConfig", "ModelSection", "DataConfig",
     "OptimizerConfig", "ScheduleConfig", "MeshSection", "CheckpointConfig", "LoggingConfig", "RamConfig",
     "DpoConfig", "TrraConfig", "InraConfig", "DistributedConfig",
 ]
@@ -275,9 +276,25 @@ def _convert(value: Any, tp: Any, key: str, root: type | None) -> Any:
     raise ConfigError(f"config key {key!r}: unsupported annotation {tp!r} in the schema")
 
 
+def _with_section_defaults(cls: type, data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A section given as a mapping starts from its field's default (``default_factory``), not from its class's
+    defaults: ``model.arch`` defaults to ``vocab_size: 0`` (the tokenizer's), a pipeline's ``aligner_arch`` to its
+    own shape, and a partial mapping changes only the keys it names."""
+    out = None
+    for f in dataclasses.fields(cls):
+        if (f.name in data and isinstance(data[f.name], Mapping) and f.default_factory is not dataclasses.MISSING):
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                out = dict(data) if out is None else out
+                base = {g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init}
+                out[f.name] = {**base, **data[f.name]}
+    return data if out is None else out
+
+
 def _build(cls: type[T], data: Mapping[str, Any], path: str, root: type | None) -> T:
     """Builds dataclass ``cls`` from a mapping, checking keys and types (no validation hooks)."""
     hints = _hints(cls)
+    data = _with_section_defaults(cls, data)
     for k in data:
         if not isinstance(k, str):
             raise ConfigError(f"config keys must be strings; got {_given(k)} in section {path or cls.__name__!r}")
@@ -338,6 +355,18 @@ def _read_yaml(path: str, cls: type, chain: tuple[str, ...] = ()) -> dict:
                 inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
                 merged = _deep_merge(merged, _read_yaml(inc_path, cls, chain + (real,)))
     return _deep_merge(merged, data)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TopLevel:
+    """The one key every config file may hold whatever its schema: which program runs it (see ``ramjax.cli``)."""
+
+    program: str = "train"
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The raw mapping of a config file with its ``include:`` files merged (no schema applied)."""
+    return _read_yaml(os.fspath(path), _TopLevel)
 
 
 def _parse_override_value(raw: str, tp: Any, key: str, root: type) -> Any:
@@ -513,7 +542,6 @@ def split_cli_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 # The schema of train.py
 
 Stage = Literal["pretrain", "sft", "dpo", "ram", "trra"]
-DType = Literal["float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "sft", "chat", "preference", "text", "proposal_samples"]
 Template = Literal["plain", "chat"]
 
@@ -524,56 +552,15 @@ def _check(cond: bool, msg: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class RopeScalingConfig:
-    """Rotary frequency scaling (mirrors ``ramjax.model.RopeScaling``): ``llama3`` (Llama-3.1) or ``linear``."""
-
-    rope_type: Literal["llama3", "linear"] = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclasses.dataclass(frozen=True)
-class ArchConfig:
-    """Architecture of a model built from scratch (``model.init: scratch``); mirrors ``ramjax.model.ModelConfig``.
-
-    ``vocab_size: 0`` takes the tokenizer's vocabulary size. Aligner-size ablations change only these keys.
-    Ignored when the model is loaded from a checkpoint (its own config.json / ramjax_model.json wins).
-    """
-
-    vocab_size: int = 0
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    architecture: Literal["llama", "qwen2"] = "llama"
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScalingConfig | None = None
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 2048
-
-    def validate(self) -> None:
-        _check(self.vocab_size >= 0, f"arch.vocab_size={self.vocab_size} must be >= 0 (0 = the tokenizer's size)")
-        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "max_position_embeddings"):
-            _check(getattr(self, name) > 0, f"arch.{name}={getattr(self, name)} must be positive")
-        _check(self.num_heads % self.num_kv_heads == 0,
-               f"arch.num_heads={self.num_heads} must be a multiple of arch.num_kv_heads={self.num_kv_heads}")
-        _check(self.head_dim % 2 == 0, f"arch.head_dim={self.head_dim} must be even (rotary embeddings)")
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelSection:
     """The model being trained.
 
     init:        ``scratch`` (build from ``arch``) or the path of a Hugging Face directory or ramjax checkpoint.
+    arch:        the architecture of a model built from scratch, a ``ramjax.model.ModelConfig`` (its shape keys:
+                 ``vocab_size`` — 0 takes the tokenizer's size —, ``hidden_size``, ``num_layers``, ``architecture``,
+                 ``rope_scaling`` ...; dtypes, remat and attention are set here, token ids by the tokenizer). Aligner
+                 size ablations change only these keys. Ignored when the model is loaded from a checkpoint (its own
+                 config.json / ramjax_model.json wins).
     dtype:       compute dtype (``bfloat16`` as in the paper, ``float32`` for exact tests on CPU); logits and
                  softmax stay float32 and the trained model keeps ``param_dtype`` master weights.
     remat:       rematerialise each layer in the backward pass (less memory, ~1/3 more compute).
@@ -585,40 +572,43 @@ class ModelSection:
     """
 
     init: str = "scratch"
-    arch: ArchConfig = dataclasses.field(default_factory=ArchConfig)
+    arch: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(vocab_size=0))
     dtype: DType = "float32"
     param_dtype: DType = "float32"
     remat: bool = False
-    attention_impl: Literal["xla", "dot_product", "cudnn", "chunked", "splash"] = "xla"
+    attention_impl: AttentionImpl = "xla"
     attention_chunk: int = 512
 
     def validate(self) -> None:
         _check(bool(self.init.strip()), "model.init is empty; give 'scratch' or a model directory")
         _check(self.attention_chunk >= 1, f"model.attention_chunk={self.attention_chunk} must be >= 1")
+        default = ModelConfig()
+        for name in _ARCH_SET_ELSEWHERE:
+            _check(getattr(self.arch, name) == getattr(default, name),
+                   f"model.arch.{name} is not an architecture key: set "
+                   + (f"model.{name}" if hasattr(self, name) else "the tokenizer (token ids come from it)"))
 
     @property
     def from_scratch(self) -> bool:
         return self.init == "scratch"
 
     def model_config(self, vocab_size: int | None = None, bos_token_id: int | None = None,
-                     eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None):
-        """The ``ramjax.model.ModelConfig`` for a from-scratch model; ``vocab_size`` fills ``arch.vocab_size: 0``."""
-        from ramjax.model import ModelConfig, RopeScaling
-
-        a = self.arch
-        vocab = a.vocab_size or vocab_size
+                     eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None
+                     ) -> ModelConfig:
+        """The ``ModelConfig`` of a from-scratch model: ``arch`` with this section's dtypes, remat and attention,
+        the tokenizer's token ids, and ``vocab_size`` filling ``arch.vocab_size: 0``."""
+        vocab = self.arch.vocab_size or vocab_size
         if not vocab:
             raise ConfigError("model.arch.vocab_size is 0 (from the tokenizer) but no tokenizer vocabulary size was "
                               "given; set model.arch.vocab_size or a tokenizer")
-        rope = RopeScaling(**dataclasses.asdict(a.rope_scaling)) if a.rope_scaling is not None else None
-        return ModelConfig(
-            vocab_size=vocab, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-            num_layers=a.num_layers, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
-            architecture=a.architecture, rms_norm_eps=a.rms_norm_eps, rope_theta=a.rope_theta, rope_scaling=rope,
-            qkv_bias=a.qkv_bias, o_bias=a.o_bias, mlp_bias=a.mlp_bias, tie_word_embeddings=a.tie_word_embeddings,
-            max_position_embeddings=a.max_position_embeddings, dtype=self.dtype, param_dtype=self.param_dtype,
-            remat=self.remat, attention_impl=self.attention_impl, attention_chunk=self.attention_chunk,
-            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        return self.arch.replace(vocab_size=vocab, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                                 attention_impl=self.attention_impl, attention_chunk=self.attention_chunk,
+                                 bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+# ``ModelConfig`` fields that a training config sets outside ``model.arch``
+_ARCH_SET_ELSEWHERE = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk", "bos_token_id",
+                       "eos_token_id", "pad_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -923,6 +913,7 @@ class TrainConfig:
     proposal: stage ram only: the proposal model directory, read only to check that vocabularies match.
     """
 
+    program: Literal["train"] = "train"
     stage: Stage = "sft"
     run_dir: str = "runs/default"
     seed: int = 0

@@ -119,6 +119,7 @@ class AblateConfig:
     keep_checkpoints: keep each cell's training checkpoints (default: deleted once the cell's model is exported).
     """
 
+    program: Literal["ablate"] = "ablate"  # what train.py runs this config with
     run_dir: str = "runs/ablate"
     base_config: str = "configs/ram.yaml"
     base_overrides: tuple[str, ...] = ()

@@ -29,18 +29,20 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from ramjax import config as config_lib
 from ramjax import files
-from ramjax.config import ArchConfig, ConfigError
+from ramjax.config import ConfigError
+from ramjax.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
-def _arch(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> ArchConfig:
-    return ArchConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-                      head_dim=hidden // heads, intermediate_size=mlp, max_position_embeddings=256)
+def _arch(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> ModelConfig:
+    # vocab_size 0: the tokenizer's
+    return ModelConfig(vocab_size=0, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                       head_dim=hidden // heads, intermediate_size=mlp, max_position_embeddings=256)
 
 
 @dataclasses.dataclass
@@ -65,8 +67,8 @@ class PipelineConfig:
     verbose_correct: float = 0.40
     tokenizer_vocab: int = 360
     max_len: int = 80
-    proposal_arch: ArchConfig = dataclasses.field(default_factory=lambda: _arch(128, 4, 4, 2, 352))
-    aligner_arch: ArchConfig = dataclasses.field(default_factory=lambda: _arch(64, 3, 4, 1, 176))
+    proposal_arch: ModelConfig = dataclasses.field(default_factory=lambda: _arch(128, 4, 4, 2, 352))
+    aligner_arch: ModelConfig = dataclasses.field(default_factory=lambda: _arch(64, 3, 4, 1, 176))
     aligner_init: str = "pretrained"
     batch_size: int = 32
     proposal_steps: int = 800
@@ -107,8 +109,9 @@ class PipelineConfig:
 
 @dataclasses.dataclass
 class DefaultRunConfig:
-    """Top-level config of ``configs/default.yaml``."""
+    """Top-level config of ``configs/default.yaml`` (``program: pipeline``: what ``train.py`` runs it with)."""
 
+    program: Literal["pipeline"] = "pipeline"
     run_dir: str = "runs/default"
     seed: int = 0
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
@@ -121,7 +124,7 @@ STAGES = ("data", "tokenizer", "proposal", "warmup", "samples", "aligner_base", 
           "evaluate")
 
 
-def _train_cfg(run: DefaultRunConfig, stage: str, name: str, *, init: str, arch: ArchConfig | None,
+def _train_cfg(run: DefaultRunConfig, stage: str, name: str, *, init: str, arch: ModelConfig | None,
                files: list[str], steps: int, lr: float, extra: dict | None = None):
     """A ``TrainConfig`` for one pipeline stage (small models: AdamW, short warm-up, cosine decay)."""
     from ramjax.config import TrainConfig
