@@ -200,7 +200,11 @@ def train_main(argv: list[str] | None = None) -> int:
     from ramjax import train_lib
 
     # The distributed runtime must start before JAX touches a device (printing the resolved config does not).
-    train_lib.initialize_distributed(cfg.distributed)
+    try:
+        train_lib.initialize_distributed(cfg.distributed)
+    except ValueError as e:  # ramjax.distributed.DistributedError: half-given settings
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     import jax
 
     primary = jax.process_index() == 0
@@ -272,8 +276,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     from ramjax import distributed
 
     try:  # before anything touches a device
-        # auto: a TPU slice, SLURM, Open MPI or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID
-        distributed.initialize(getattr(cfg, "distributed", None) or config_lib.DistributedConfig(enabled=None))
+        # auto by default: a TPU slice, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS...; or distributed.*
+        distributed.initialize(cfg.distributed)
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

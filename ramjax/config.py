@@ -569,6 +569,9 @@ class ModelSection:
                  attention, NVIDIA GPUs, bf16), ``chunked`` (``attention_chunk`` queries at a time, any backend; scores
                  never exceed ``[batch, heads, chunk, seq]``), ``splash`` (Pallas splash attention, TPUs).
     attention_chunk: query block of ``chunked`` and the block size of ``splash`` (a multiple of 128 on TPU).
+    loss_chunk_size: > 0 applies the LM head and the loss to this many sequence positions at a time, recomputed in
+                 the backward pass (``loss.chunked_sums``), so no ``[batch, seq, vocab]`` logits exist for the whole
+                 sequence (at Qwen's 152k vocabulary and 4k contexts they are GBs per row); 0 = off. Same values.
     """
 
     init: str = "scratch"
@@ -578,6 +581,7 @@ class ModelSection:
     remat: bool = False
     attention_impl: AttentionImpl = "xla"
     attention_chunk: int = 512
+    loss_chunk_size: int = 0
 
     def validate(self) -> None:
         _check(bool(self.init.strip()), "model.init is empty; give 'scratch' or a model directory")
@@ -587,6 +591,7 @@ class ModelSection:
             _check(getattr(self.arch, name) == getattr(default, name),
                    f"model.arch.{name} is not an architecture key: set "
                    + (f"model.{name}" if hasattr(self, name) else "the tokenizer (token ids come from it)"))
+        _check(self.loss_chunk_size >= 0, f"model.loss_chunk_size={self.loss_chunk_size} must be >= 0 (0 = off)")
 
     @property
     def from_scratch(self) -> bool:
@@ -603,12 +608,13 @@ class ModelSection:
                               "given; set model.arch.vocab_size or a tokenizer")
         return self.arch.replace(vocab_size=vocab, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
                                  attention_impl=self.attention_impl, attention_chunk=self.attention_chunk,
+                                 loss_chunk_size=self.loss_chunk_size,
                                  bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 # ``ModelConfig`` fields that a training config sets outside ``model.arch``
-_ARCH_SET_ELSEWHERE = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk", "bos_token_id",
-                       "eos_token_id", "pad_token_id")
+_ARCH_SET_ELSEWHERE = ("dtype", "param_dtype", "remat", "attention_impl", "attention_chunk", "loss_chunk_size",
+                       "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -762,12 +768,15 @@ class MeshSection:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints in ``run_dir/checkpoints``: every N steps (0 = only at the end), keep the last ``keep``;
-    ``resume`` continues from the latest one; ``export_hf`` writes ``run_dir/hf`` when the model came from HF."""
+    ``resume`` continues from the latest one; ``export_hf`` writes ``run_dir/hf`` when the model came from HF.
+    ``async_save`` writes checkpoints in a background thread while training continues (the next save, the end of
+    the run and a preemption wait for it)."""
 
     every: int = 1000
     keep: int = 3
     resume: bool = True
     export_hf: bool = True
+    async_save: bool = False
 
     def validate(self) -> None:
         _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0 (0 = only the final step)")
@@ -875,10 +884,13 @@ class InraConfig:
 class DistributedConfig:
     """Multi-process runs: ``jax.distributed.initialize(coordinator_address, num_processes, process_id)``.
 
-    Leave the three as null to let JAX detect them (TPU pods, SLURM); ``enabled: false`` runs one process.
+    enabled: null (default) starts the distributed runtime when the environment shows several processes (a
+    multi-host TPU slice, SLURM with several tasks, Open MPI, or ``JAX_COORDINATOR_ADDRESS``; see
+    ``ramjax.distributed``); true always; false never (one process). Leave the three settings null to let JAX
+    detect them (TPU pods, SLURM) or to take ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``.
     """
 
-    enabled: bool = False
+    enabled: bool | None = None
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -992,6 +1004,9 @@ class SampleConfig:
     Defaults are the released settings: proposal T 0.5 / top-p 0.95, aligner T 0.5 / top-p 0.9, repetition
     penalty 1.05. Temperature 0 means greedy. ``top_k: 0`` is off (the paper's one-time proposal samples use 10).
     output_file:  JSONL (one line per sample); alpaca_output: AlpacaEval JSON (instruction, output, generator).
+    mesh:        the mesh of each process's own devices: with several processes (``distributed``, detected on TPU
+                 pods and SLURM) every process holds the models and samples its share of the prompts; process 0
+                 writes the one, ordered output.
     """
 
     proposal: str = ""
@@ -1020,6 +1035,7 @@ class SampleConfig:
     template: Template = "plain"
     generator: str = "ramjax"
     mesh: MeshSection = dataclasses.field(default_factory=lambda: MeshSection(data=-1, fsdp=1, tensor=1))
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
         _check(bool(self.proposal), "proposal is empty; set proposal=PATH (a HF directory or ramjax checkpoint)")

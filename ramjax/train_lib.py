@@ -454,7 +454,7 @@ def build(cfg: TrainConfig, *, load_params: bool = True) -> Plan:
     source_is_hf = False
     over = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                 attention_impl=cfg.model.attention_impl, attention_chunk=cfg.model.attention_chunk,
-                loss_chunk_size=getattr(cfg.model, "loss_chunk_size", 0))  # model.loss_chunk_size
+                loss_chunk_size=cfg.model.loss_chunk_size)
     if scratch:
         model_cfg = cfg.model.model_config(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                            eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
@@ -659,7 +659,8 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
     num_params = _trained_count(plan)
 
     every = cfg.checkpoint.every or (plan.total_steps + 1)
-    mngr = ckpt_lib.CheckpointManager(ckpt_dir, save_every=every, keep=cfg.checkpoint.keep)
+    mngr = ckpt_lib.CheckpointManager(ckpt_dir, save_every=every, keep=cfg.checkpoint.keep,
+                                      async_save=cfg.checkpoint.async_save)
     root = jax.random.key(cfg.seed)
     k_params, k_train = jax.random.split(root)
     state_abs, _ = _state_abstract(plan)

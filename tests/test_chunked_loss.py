@@ -155,3 +155,32 @@ def test_trainer_objectives_with_loss_chunks(models):
         for a, c in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g5)):
             np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6, err_msg=name)
         assert float(l0) != 0.0
+
+
+@pytest.mark.slow  # four short training runs (~2 min on a loaded machine)
+def test_ram_and_sft_training_with_loss_chunks_equals_full_logits(tmp_path):
+    """The trainer's objectives with model.loss_chunk_size (a block of 5 positions: 24 is not a multiple) give the
+    losses and parameters of the full-logit run: RAM on packed rows (grad_accum 2, a 2x2x2 mesh), and SFT."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train import _assert_trees_close, _cfg, _losses, make_fixture, ram_overrides
+
+    from ramjax import checkpoint as ckpt_lib
+    from ramjax import train_lib
+
+    fx = make_fixture(str(tmp_path / "fx"))
+    for name, extra in (("ram", ["steps=3", "data.packing=true"]),
+                        ("sft", ["steps=2", "stage=sft", f"data.train_files=[{fx}/sft.jsonl]"])):
+        runs = {}
+        for chunk in (0, 5):
+            d = str(tmp_path / f"{name}{chunk}")
+            train_lib.train(_cfg(ram_overrides(fx, d, *extra, f"model.loss_chunk_size={chunk}")))
+            runs[chunk] = d
+        got, want = _losses(runs[5]), _losses(runs[0])
+        assert [s for s, _, _ in got] == [s for s, _, _ in want]
+        np.testing.assert_allclose([x for _, x, _ in got], [x for _, x, _ in want], rtol=2e-5)
+        _, p5 = ckpt_lib.load_model_dir(os.path.join(runs[5], "model"))
+        _, p0 = ckpt_lib.load_model_dir(os.path.join(runs[0], "model"))
+        _assert_trees_close(p5, p0, 2e-5)

@@ -62,3 +62,20 @@ def test_single_process_collectives_are_the_identity():
     assert distributed.broadcast_int(7) == 7
     assert distributed.allgather_objects({"a": [1]}) == [{"a": [1]}]
     assert distributed.local_share(list(range(10)), 4, 3) == (4, [4, 5, 6])
+
+
+def test_train_cli_names_half_given_settings(tmp_path):
+    """train.py exits 2 with the named error before touching a device (JAX_COORDINATOR_ADDRESS without the rest)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root, JAX_COORDINATOR_ADDRESS="127.0.0.1:1")
+    for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, os.path.join(root, "train.py"), "stage=sft", f"run_dir={tmp_path}/r",
+                          f"tokenizer={tmp_path}/none"], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "DistributedError" in out.stderr and "JAX_NUM_PROCESSES" in out.stderr

@@ -43,7 +43,7 @@ def _train_two(fx, multi_dir, kill_at):
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = []
     for i in range(2):
-        over = ram_overrides(fx, multi_dir, *mesh, "checkpoint.every=100", "distributed.enabled=true",
+        over = ram_overrides(fx, multi_dir, *mesh, "checkpoint.every=100",  # distributed.enabled: null = auto
                              f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
                              f"distributed.process_id={i}")
         procs.append(subprocess.Popen([sys.executable, "-c", _WORKER.format(root=ROOT, overrides=over,
