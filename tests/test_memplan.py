@@ -63,7 +63,7 @@ def _dry_run(dirs, *overrides):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "configs", "pod_qwen7b_ram.yaml"),
            "--dry-run", f"run_dir={dirs}/run", f"model.init={dirs}/q05b", f"proposal={dirs}/p7b",
            f"data.train_files=[{dirs}/ram.jsonl]", "model.attention_impl=chunked", "data.batch_size=16",
-           "data.packing=false",
+           "optimizer.grad_accum=1", "data.packing=false",
            *overrides]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
