@@ -26,6 +26,9 @@ default when the key is absent), ``pipeline`` (``configs/default.yaml``: the who
 ``ramjax.experiments.pipeline``) or ``ablate`` (``configs/ablate.yaml``: the α × aligner-size sweep,
 ``ramjax.experiments.ablate``). With no arguments, or only ``key=value`` overrides without ``stage=``, it runs
 ``configs/default.yaml`` if that file exists, else prints this help.
+A run owns its ``run_dir``: a second run on it at the same time exits 2 naming the holder, and a run directory
+made with other settings is refused (naming the keys) unless ``--force-restart`` is given, which moves the old
+run to ``<run_dir>.replaced-<time>`` and starts over.
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
 """
 
@@ -168,7 +171,8 @@ def train_main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     dry = "--dry-run" in argv
-    argv = [a for a in argv if a != "--dry-run"]
+    force_restart = "--force-restart" in argv
+    argv = [a for a in argv if a not in ("--dry-run", "--force-restart")]
     if not argv and not dry:
         if default_config is None:
             print(_usage())
@@ -237,7 +241,7 @@ def train_main(argv: list[str] | None = None) -> int:
                     state["cb"], state["bar"] = _bar(event["total_steps"], event["step"] - 1, True)
                 state["cb"](event)
 
-        result = train_lib.train(cfg, progress=progress)
+        result = train_lib.train(cfg, progress=progress, force_restart=force_restart)
         if progress is not None and state["bar"] is not None:
             state["bar"].close()
     except ValueError as e:  # every input error in ramjax is a named ValueError subclass

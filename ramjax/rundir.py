@@ -173,13 +173,13 @@ def has_previous_run(run_dir: str, outputs: Iterable[str] = ("checkpoints", "met
     return any(os.path.exists(os.path.join(run_dir, o)) for o in outputs)
 
 
-def check_fingerprint(run_dir: str, fingerprint: Mapping[str, Any], *, force_restart: bool = False,
-                      what: str = "run") -> None:
-    """Compares ``fingerprint`` with ``<run_dir>/fingerprint.json`` and records it.
+def check_fingerprint(run_dir: str, fingerprint: Mapping[str, Any], *, write: bool = True, what: str = "run"
+                      ) -> None:
+    """Compares ``fingerprint`` with ``<run_dir>/fingerprint.json``; with ``write``, records it when absent.
 
     A directory with a previous run but no fingerprint (written before fingerprints existed) is accepted and
-    stamped. A mismatch raises ``RunDirMismatchError`` naming the differing keys, unless ``force_restart``, which
-    is handled by the caller (``replace_aside`` before the lock is taken).
+    stamped. A mismatch raises ``RunDirMismatchError`` naming the differing keys and the ways out (a new run_dir,
+    or ``--force-restart``, which the caller handles with ``replace_aside``).
     """
     path = os.path.join(run_dir, FINGERPRINT_FILE)
     fp = json.loads(json.dumps(fingerprint, default=str))
@@ -198,4 +198,5 @@ def check_fingerprint(run_dir: str, fingerprint: Mapping[str, Any], *, force_res
                 + "); resuming it would mix two experiments. Use a new run_dir=..., or pass --force-restart to "
                   "move the old run aside and start over")
         return
-    files.atomic_write_json(path, fp)
+    if write:
+        files.atomic_write_json(path, fp)

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from ramjax import api, distributed, files, hf, memplan, stages
+from ramjax import api, distributed, files, hf, memplan, rundir, stages
 from ramjax import checkpoint as ckpt_lib
 from ramjax import config as config_lib
 from ramjax import data as data_lib
@@ -623,7 +623,8 @@ class _StopFlag:
         return False
 
 
-def train(cfg: TrainConfig, *, progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, progress: Callable[[dict[str, Any]], None] | None = None,
+          force_restart: bool = False) -> TrainResult:
     """Runs ``cfg``: builds everything (``build``), then trains in ``cfg.run_dir``.
 
     Resumes automatically from the latest checkpoint in ``run_dir/checkpoints`` (params, optimizer state, step,
@@ -634,12 +635,75 @@ def train(cfg: TrainConfig, *, progress: Callable[[dict[str, Any]], None] | None
     SIGTERM/SIGINT (on any process of a multi-host run): every process checkpoints after the same step and returns
     with ``interrupted=True``.
 
+    The run owns ``run_dir`` (``ramjax.rundir``): it must be writable (checked before anything is built), a
+    second concurrent run on it fails with ``RunDirBusyError`` naming the holder, and resuming with settings other
+    than those recorded in ``fingerprint.json`` fails with ``RunDirMismatchError`` naming the keys, unless
+    ``force_restart`` (the old run is moved to ``<run_dir>.replaced-<time>`` and the run starts over).
+
     progress: called after every step with ``{"step", "total_steps"}`` plus, on logging steps, ``"metrics"``.
     """
     driver = stages.driver(cfg)
     if driver is None:
-        return _train_once(cfg, progress)
-    return driver(cfg, lambda c: _train_once(c, progress), _finished)
+        return _train_owned(cfg, progress, force_restart)
+    return driver(cfg, lambda c: _train_owned(c, progress, False), _finished)
+
+
+def _train_owned(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | None, force_restart: bool
+                 ) -> TrainResult:
+    with _RunDirOwner(cfg, force_restart) as owner:
+        return _train_once(cfg, progress, owner)
+
+
+class _RunDirOwner:
+    """Run-directory ownership for one trainer run: writability and fingerprint checks up front (nothing
+    written), the lock (taken at once when the directory exists, else by ``claim`` once the run is built and about
+    to write), the fingerprint recorded by ``claim``."""
+
+    def __init__(self, cfg: TrainConfig, force_restart: bool):
+        self.cfg, self.force_restart = cfg, force_restart
+        self.primary = jax.process_index() == 0
+        self.lock = None
+
+    def __enter__(self) -> "_RunDirOwner":
+        rd = self.cfg.run_dir
+        rundir.check_writable(rd)
+        self.fingerprint = rundir.train_fingerprint(self.cfg)
+        try:
+            if self.primary and os.path.isdir(rd):
+                self.lock = rundir.RunDirLock(rd).acquire()
+            if self.force_restart and rundir.has_previous_run(rd):
+                build(self.cfg, load_params=False)  # a bad config moves nothing aside
+                if self.primary:
+                    self.lock.release()
+                    self.lock = None
+                    rundir.replace_aside(rd)
+                _sync_processes("ramjax_force_restart")
+            elif os.path.isdir(rd):
+                rundir.check_fingerprint(rd, self.fingerprint, write=False)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def claim(self) -> None:
+        """Takes the lock (if not held) and records the fingerprint: call right before the run writes."""
+        if self.primary:
+            if self.lock is None:
+                self.lock = rundir.RunDirLock(self.cfg.run_dir).acquire()
+            rundir.check_fingerprint(self.cfg.run_dir, self.fingerprint)
+
+    def __exit__(self, *exc) -> bool:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        return False
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _finished(model_dir: str, metrics: dict) -> TrainResult:
@@ -648,7 +712,8 @@ def _finished(model_dir: str, metrics: dict) -> TrainResult:
                        metrics=metrics, memory={}, num_params=0, model_dir=model_dir)
 
 
-def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | None, owner: _RunDirOwner
+                ) -> TrainResult:
     t_start = time.time()
     plan = build(cfg)
     stage = plan.stage
@@ -684,6 +749,7 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
 
     # --- from here on the run directory is written (only once the state is restored: a checkpoint that cannot be
     # restored is an error that leaves the directory as it was)
+    owner.claim()
     if primary:
         files.epath_of(run_dir).mkdir(parents=True, exist_ok=True)
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))

@@ -25,10 +25,13 @@ def _cfg(overrides):
 
 
 def snapshot(d):
-    """``{relative path: sha256}`` of every file under ``d`` (empty when ``d`` does not exist)."""
+    """``{relative path: sha256}`` of every file under ``d`` (empty when ``d`` does not exist), except the run
+    directory's lock file (which records its latest holder)."""
     out = {}
     for root, _, files in os.walk(d):
         for f in files:
+            if f == ".lock":
+                continue
             p = os.path.join(root, f)
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, d)] = hashlib.sha256(fh.read()).hexdigest()
@@ -193,3 +196,82 @@ def test_non_finite_settings_are_named_errors(fx, tmp_path, override, key):
 
     assert train_cli.main(overrides(fx, run_dir, "steps=0", override)) == 2
     assert not os.path.exists(run_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Run directories: writable, one run at a time, one experiment per directory, metrics never doubled
+
+
+def _train_cli(argv, capsys):
+    from ramjax import cli
+
+    code = cli.train_main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "proc", "read-only"])
+def test_unusable_run_dir_is_a_named_error(fx, tmp_path, capsys, where):
+    f = tmp_path / "a_file"
+    f.write_text("keep me\n")
+    run_dir, words = {"file": (str(f), "is a file"), "under-file": (str(f / "run"), "which is a file"),
+                      "proc": ("/proc/ramjax_run", "virtual file system"),
+                      "read-only": (str(tmp_path / "ro" / "run"), "cannot be written")}[where]
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        (tmp_path / "ro").mkdir(mode=0o555)
+    before = snapshot(str(tmp_path))
+    code, err = _train_cli(overrides(fx, run_dir), capsys)
+    assert code == 2 and "RunDirError" in err and words in err and "run_dir=" in err
+    assert snapshot(str(tmp_path)) == before
+
+
+def test_second_concurrent_run_is_refused_naming_the_holder(fx, straight, tmp_path, capsys):
+    from ramjax import rundir
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(straight, run_dir)
+    before = snapshot(run_dir)
+    with rundir.RunDirLock(run_dir):  # another run holds the directory (a second open file description)
+        code, err = _train_cli(overrides(fx, run_dir), capsys)
+        assert code == 2 and "RunDirBusyError" in err and f"pid {os.getpid()}" in err
+    assert snapshot(run_dir) == before
+
+
+def test_other_settings_on_a_run_dir_are_refused_and_force_restart_moves_the_old_run_aside(fx, straight, tmp_path,
+                                                                                           capsys):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(straight, run_dir)
+    before = snapshot(run_dir)
+    code, err = _train_cli(overrides(fx, run_dir, "optimizer.lr=1e-3"), capsys)
+    assert code == 2 and "RunDirMismatchError" in err and "optimizer.lr: 0.003 -> 0.001" in err
+    assert "--force-restart" in err and "new run_dir" in err
+    assert snapshot(run_dir) == before  # config.yaml was not rewritten, the model not touched
+    # the same with other data: refused, naming the data files
+    code, err = _train_cli(overrides(fx, run_dir, f"data.train_files=[{fx}/sft.jsonl]", "data.format=auto"), capsys)
+    assert code == 2 and "data.train_files" in err
+    # --force-restart: the old run is kept aside byte for byte, the new one starts from step 0
+    code, _ = _train_cli(overrides(fx, run_dir, "optimizer.lr=1e-3", "steps=2", "--force-restart"), capsys)
+    assert code == 0
+    aside = [d for d in os.listdir(tmp_path) if d.startswith("run.replaced-")]
+    assert len(aside) == 1 and snapshot(str(tmp_path / aside[0])) == before
+    assert [r["step"] for r in metrics_lib.read_metrics(run_dir)] == [1, 2]
+
+
+def test_kill_before_the_first_checkpoint_then_rerun_logs_each_step_once(fx, straight, tmp_path):
+    run_dir = str(tmp_path / "run")
+    over = overrides(fx, run_dir, "checkpoint.every=0")
+
+    class Killed(Exception):
+        pass
+
+    def die(event):
+        if event["step"] == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_lib.train(_cfg(over), progress=die)
+    assert [r["step"] for r in metrics_lib.read_metrics(run_dir)] == [1, 2, 3, 4]
+    assert not os.listdir(os.path.join(run_dir, "checkpoints"))
+    train_lib.train(_cfg(over))
+    assert_same_run(run_dir, straight)  # steps 1..6 once each, same losses and parameters

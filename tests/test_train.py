@@ -329,8 +329,12 @@ def test_train_py_sigterm_exits_zero_and_resumes(fx, tmp_path):
     assert "interrupted; checkpoint saved at step" in out
     steps = ckpt_lib.CheckpointManager(os.path.join(run_dir, "checkpoints")).all_steps()
     assert len(steps) == 1 and 3 <= steps[0] < 400
-    r = train_lib.train(_cfg(overrides + [f"steps={steps[0] + 2}"]))  # the later override wins
-    assert r.step == steps[0] + 2 and not r.interrupted
+    def stop_soon(event):  # resume with the same settings (other steps would be refused), stop 2 steps later
+        if event["step"] == steps[0] + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    r = train_lib.train(_cfg(overrides), progress=stop_soon)
+    assert r.step == steps[0] + 2 and r.interrupted
 
 
 def test_dpo_reference_and_trl_metrics(fx, tmp_path):
@@ -367,6 +371,8 @@ def _snapshot(d):
     out = {}
     for root, _, files in os.walk(d):
         for f in files:
+            if f == ".lock":  # the run-directory lock records its latest holder
+                continue
             p = os.path.join(root, f)
             out[os.path.relpath(p, d)] = os.path.getmtime(p)
     return out
@@ -407,6 +413,7 @@ def test_bad_inputs_are_named_errors_and_write_nothing(fx, straight_run, tmp_pat
 
     other = str(tmp_path / "other")
     shutil.copytree(straight_run[0], other)
+    os.remove(os.path.join(other, "fingerprint.json"))  # as written before fingerprints (else that check fires first)
     before = _snapshot(other)
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match="layers/w_up"):
         train_lib.train(_cfg(ram_overrides(fx, other, "model.init=scratch", f"tokenizer={fx}/tok",
