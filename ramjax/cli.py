@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable  # noqa: F401 -- used in annotations
 
 TRAINING_FLAG = "--training-data"
 
@@ -148,9 +149,8 @@ def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
 
     try:
         out = pipeline.run_pipeline(run, on_stage=on_stage, train_progress=train_progress)
-    except ValueError as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # named input errors; OSError: a path that cannot be read or written
+        return error_exit(e)
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 0
@@ -195,7 +195,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 raise config_lib.ConfigError("--dry-run checks one training config; the ablation sweep has none")
             from ramjax.experiments import ablate
 
-            return ablate.main([path, *overrides])
+            return guarded(ablate.main, [path, *overrides])
         cfg = config_lib.load_config(config_lib.TrainConfig, path, overrides)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -244,9 +244,8 @@ def train_main(argv: list[str] | None = None) -> int:
         result = train_lib.train(cfg, progress=progress, force_restart=force_restart)
         if progress is not None and state["bar"] is not None:
             state["bar"].close()
-    except ValueError as e:  # every input error in ramjax is a named ValueError subclass
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # every input error in ramjax is a named ValueError subclass; OSError: a
+        return error_exit(e)            # path that cannot be read or written
     if primary:
         what = "interrupted; checkpoint saved at" if result.interrupted else "finished at"
         print(f"{what} step {result.step}/{result.total_steps}; run directory {result.run_dir}")
@@ -304,6 +303,14 @@ def sample_main(argv: list[str] | None = None) -> int:
         else:
             proposal = api.load_model(cfg.proposal, mesh=mesh, rules=rules) if cfg.mode != "aligner" else None
             aligner = api.load_model(cfg.aligner, mesh=mesh, rules=rules) if cfg.mode != "proposal" else None
+            if aligner is not None and proposal is not None and aligner.tokenizer is None \
+                    and cfg.aligner_tokenizer == "proposal":
+                import dataclasses
+
+                logging.getLogger("ramjax.cli").warning(
+                    "aligner %s has no tokenizer files: using the proposal's (aligner_tokenizer=proposal); its "
+                    "vocabulary is NOT checked", cfg.aligner)
+                aligner = dataclasses.replace(aligner, tokenizer=proposal.tokenizer, vocab_limit=0)
         bar = None
 
         def progress(done: int, total: int) -> None:
@@ -329,9 +336,8 @@ def sample_main(argv: list[str] | None = None) -> int:
                                       if cfg.mode == "inra" else {}))
         if bar is not None:
             bar.close()
-    except ValueError as e:  # every input error in ramjax is a named ValueError subclass
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # every input error in ramjax is a named ValueError subclass; OSError: a
+        return error_exit(e)            # path that cannot be read or written
     if primary:
         print(f"wrote {summary.written} examples to {summary.output_file} ({summary.skipped} were already there, "
               f"{summary.total} in all)" + (f"; AlpacaEval file {summary.alpaca_output}" if summary.alpaca_output
@@ -348,8 +354,46 @@ def eval_main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: ramjax-eval [CONFIG.yaml] [key=value ...]  (python -m ramjax.evaluate)\n\n{evaluate.__doc__}")
         return 0 if argv else 2
+    return guarded(evaluate.main, argv)
+
+
+def ablate_main(argv: list[str] | None = None) -> int:
+    """``python -m ramjax.ablate [CONFIG.yaml] [key=value ...]``: the α × aligner-size sweep, with ``--help`` and
+    named errors as in the other commands."""
+    from ramjax import ablate
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python -m ramjax.ablate [CONFIG.yaml] [key=value ...]\n\n{ablate.__doc__}")
+        return 0
+    return guarded(ablate.main, argv)
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """``python -m ramjax.realign_sweep [CONFIG.yaml] [key=value ...]`` with ``--help`` and named errors."""
+    from ramjax import realign_sweep
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python -m ramjax.realign_sweep [CONFIG.yaml] [key=value ...]\n\n{realign_sweep.__doc__}")
+        return 0
+    return guarded(realign_sweep.main, argv)
+
+
+def error_exit(e: BaseException) -> int:
+    """Prints one line for a named error (a ``ConfigError`` as its message, others with their class name) to
+    stderr and returns exit status 2."""
+    from ramjax.config import ConfigError
+
+    text = " ".join(str(e).split()) if not isinstance(e, ConfigError) else str(e)
+    print(f"error: {text}" if isinstance(e, ConfigError) else f"error: {type(e).__name__}: {text}", file=sys.stderr)
+    return 2
+
+
+def guarded(main: "Callable[[list[str]], int]", argv: list[str]) -> int:
+    """``main(argv)`` with every named input error (``ValueError`` subclasses, ``ConfigError`` included) and
+    unreadable/unwritable path (``OSError``) reported as one line and exit status 2, as ``train.py`` does."""
     try:
-        return evaluate.main(argv)
-    except ValueError as e:  # ConfigError and every input error in ramjax are named ValueError subclasses
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return main(argv)
+    except (ValueError, OSError) as e:
+        return error_exit(e)

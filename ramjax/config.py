@@ -1007,6 +1007,9 @@ class SampleConfig:
     mesh:        the mesh of each process's own devices: with several processes (``distributed``, detected on TPU
                  pods and SLURM) every process holds the models and samples its share of the prompts; process 0
                  writes the one, ordered output.
+    aligner_tokenizer: ``own`` (the aligner directory must hold its tokenizer files; its vocabulary is checked
+                 against the proposal's) or ``proposal`` (an aligner saved without tokenizer files uses the
+                 proposal's, with a warning: only when you know it was trained with that tokenizer).
     """
 
     proposal: str = ""
@@ -1034,6 +1037,7 @@ class SampleConfig:
     stop: tuple[str, ...] = ()
     template: Template = "plain"
     generator: str = "ramjax"
+    aligner_tokenizer: Literal["own", "proposal"] = "own"
     mesh: MeshSection = dataclasses.field(default_factory=lambda: MeshSection(data=-1, fsdp=1, tensor=1))
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 

@@ -1114,4 +1114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ramjax.cli import eval_main
+
+    raise SystemExit(eval_main())  # --help, and named errors as one line with exit status 2

@@ -130,6 +130,47 @@ def _resume(path: str, per_record: int) -> int:
     return done
 
 
+def _check_existing(path: str, records: Sequence[Mapping[str, Any]], per_record: int, output: str,
+                    prompts_file: str) -> None:
+    """Raises ``GenerateError`` (touching nothing) when the complete lines already in ``path`` are not this prompt
+    set's first examples in order: resuming would keep another run's rows and never sample some prompts."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                return  # a torn last line: _resume cuts it
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                return
+            i = (lineno - 1) // per_record
+            if i >= len(records):
+                return  # more examples than prompts: _resume's check names that
+            want = prompt_of(records[i])
+            got = line.get("prompt") if isinstance(line, Mapping) else None
+            if output == "training" and isinstance(line, Mapping):
+                got = prompt_of(line) if _has_prompt(line) else None  # the input record plus the sample's fields
+            if got != want or (output == "samples" and line.get("index", i) != i):
+                raise GenerateError(
+                    f"{path}:{lineno} holds a sample of another prompt than example {i} of {prompts_file} "
+                    f"({_short(got)} vs {_short(want)}): the file belongs to another prompt set or order. Choose a "
+                    f"new output_file (or move this one away); it was left untouched")
+
+
+def _has_prompt(rec: Mapping[str, Any]) -> bool:
+    try:
+        prompt_of(rec)
+    except Exception:  # noqa: BLE001 -- any record prompt_of cannot read is a mismatch
+        return False
+    return True
+
+
+def _short(x: Any, n: int = 60) -> str:
+    t = json.dumps(x, ensure_ascii=False) if not isinstance(x, str) else repr(x)
+    return t if len(t) <= n else t[:n] + "..."
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and x != x:  # NaN is not JSON
         return None
@@ -158,15 +199,30 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     prompts_file, output_file = os.fspath(prompts_file), os.fspath(output_file)
     if os.path.abspath(prompts_file) == os.path.abspath(output_file):
         raise GenerateError(f"output_file {output_file!r} is the prompts file; choose another path")
+    if os.path.isdir(output_file):
+        raise GenerateError(f"output_file {output_file!r} is a directory; give a file path, e.g. "
+                            f"{os.path.join(output_file, 'samples.jsonl')!r}")
     records = read_prompt_records(prompts_file)
     per_record = num_samples if output == "samples" else 1
     primary = jax.process_index() == 0
     # Several processes: each samples its batch of every round of process_count batches on its own devices
     # (``distributed.local_share``); process 0 alone reads, resumes and appends to the output, in example order.
+    refused: GenerateError | None = None
+    done = 0
     if primary:
-        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-        done = _resume(output_file, per_record)
+        try:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+            except OSError as e:
+                raise GenerateError(f"output_file {output_file!r} cannot be created ({e.strerror or e}); choose a "
+                                    f"path in a writable directory") from None
+            _check_existing(output_file, records, per_record, output, prompts_file)
+            done = _resume(output_file, per_record)
+        except GenerateError as e:
+            refused, done = e, -1
     done = distributed.broadcast_int(done if primary else 0)
+    if done < 0:  # every process stops, not only the one that read the file
+        raise refused or GenerateError(f"process 0 refused output_file {output_file!r} (see its error)")
     if done > len(records):
         raise GenerateError(f"{output_file} already holds {done} examples but {prompts_file} has only "
                             f"{len(records)}; it belongs to another prompts file: choose a new output_file")

@@ -75,6 +75,11 @@ class CheckpointMismatchError(ValueError):
         self.mismatched = dict(mismatched or {})
 
 
+class ModelFileError(ValueError):
+    """A file of a model directory cannot be read: malformed ``config.json`` or index, truncated or damaged
+    safetensors. The message names the file and the fix."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs
 
@@ -239,8 +244,16 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(f):
         raise FileNotFoundError(f"{path!r} has no config.json; pass a Hugging Face model directory (config.json "
                                 f"and {SAFETENSORS_FILE} or {SAFETENSORS_INDEX})")
-    with open(f, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(f, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{f} is not valid JSON ({e}); restore the model's config.json (e.g. copy it "
+                                      f"again from the model's source)") from None
+    if not isinstance(cfg, dict):
+        raise ModelFileError(f"{f} holds a JSON {type(cfg).__name__}, not a config object; restore the "
+                                      f"model's config.json")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,8 +351,12 @@ class _SafetensorsReader:
         index = os.path.join(path, SAFETENSORS_INDEX)
         single = os.path.join(path, SAFETENSORS_FILE)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as fh:
-                weight_map: dict[str, str] = json.load(fh)["weight_map"]
+            try:
+                with open(index, encoding="utf-8") as fh:
+                    weight_map: dict[str, str] = json.load(fh)["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ModelFileError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); "
+                                              f"download or export the model again") from None
             files = sorted(set(weight_map.values()))
             absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
             if absent:
@@ -351,7 +368,14 @@ class _SafetensorsReader:
             hint = (f" (found {others}: convert them to safetensors with transformers' save_pretrained("
                     f"safe_serialization=True); pickled weights are never loaded)") if others else ""
             raise FileNotFoundError(f"{path!r} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}{hint}")
-        self._handles = {f: stack.enter_context(safe_open(os.path.join(path, f), framework="numpy")) for f in files}
+        self._handles = {}
+        for f in files:
+            try:
+                self._handles[f] = stack.enter_context(safe_open(os.path.join(path, f), framework="numpy"))
+            except Exception as e:  # noqa: BLE001 -- safetensors raises its own SafetensorError for bad files
+                raise ModelFileError(
+                    f"{os.path.join(path, f)} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+                    f"truncated or damaged: download or export the model again") from None
         # The index may be stale; the file headers are the truth.
         self._where = {name: h for h in self._handles.values() for name in h.keys()}
 

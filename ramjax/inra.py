@@ -375,9 +375,14 @@ def load_adapter(path: str | os.PathLike, cfg: ModelConfig | None = None) -> dic
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise RealignError(f"adapter file {path!r} does not exist; write one with ramjax.inra.save_adapter")
-    with safe_open(path, framework="numpy") as f:
-        meta = f.metadata() or {}
-        flat = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own SafetensorError (and OSError) for bad files
+        raise RealignError(f"adapter file {path!r} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                           f"pass the adapter.safetensors written by an inra.enabled training run (it may be "
+                           f"truncated: rerun that run to write it again)") from None
     if meta.get("format") != ADAPTER_FORMAT:
         raise RealignError(f"{path!r} is not an InRa adapter file (metadata format {meta.get('format')!r}, expected "
                            f"{ADAPTER_FORMAT!r})")

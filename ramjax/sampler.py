@@ -706,6 +706,14 @@ def _resolve_models(proposal, aligner, mode: str):
     if p is not None and q is not None:
         from ramjax import tokenizer as tok_lib
 
+        if (p.tokenizer is None) != (q.tokenizer is None):
+            which, other = ("aligner", "proposal") if q.tokenizer is None else ("proposal", "aligner")
+            m = q if q.tokenizer is None else p
+            raise tok_lib.VocabMismatchError(
+                f"the {which} ({m.source or 'loaded model'}) has no tokenizer files, so its vocabulary cannot be "
+                f"checked against the {other}'s: copy the tokenizer files it was trained with into its directory, or, "
+                f"if you know they match, give it the {other}'s tokenizer explicitly ({which} = dataclasses.replace("
+                f"{which}, tokenizer={other}.tokenizer); sample.py: {which}_tokenizer=proposal)")
         if p.tokenizer is not None and q.tokenizer is not None:
             tok_lib.check_vocab_compatible(p.tokenizer, q.tokenizer, proposal_rows=p.config.vocab_size,
                                            aligner_rows=q.config.vocab_size)

@@ -342,11 +342,65 @@ class _TemplateDict:
         return dict.fromkeys(*args, **kwargs)
 
 
+# Rendering one prompt is bounded: a template that loops or multiplies its way past these limits (a hang or an
+# out-of-memory in the making) is a ChatTemplateError naming the template, not a stuck process.
+TEMPLATE_MAX_OUTPUT = 1 << 22     # characters of rendered text
+TEMPLATE_MAX_RANGE_ITEMS = 1 << 20  # items produced by range() over one rendering
+TEMPLATE_MAX_SECONDS = 10.0       # wall time of one rendering
+
+
+class _RenderBudget:
+    """The limits of one ``render``: ``range`` items handed out, output size and wall time."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        import time
+
+        self.items = 0
+        self.deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
+
+    def check_time(self) -> None:
+        import time
+
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateError(f"rendering took longer than {TEMPLATE_MAX_SECONDS:.0f} s (nested loops?)")
+
+    def range(self, *args):
+        r = range(*args)
+        self.items += len(r)
+        if self.items > TEMPLATE_MAX_RANGE_ITEMS:
+            raise ChatTemplateError(f"the template's range() calls produce more than {TEMPLATE_MAX_RANGE_ITEMS} "
+                                    f"items in one rendering (nested loops?)")
+        self.check_time()
+        return r
+
+
 def _compile_chat_template(source: str):
     import jinja2
     import jinja2.ext
     import jinja2.nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        # ``*`` and ``**`` are intercepted so that "x" * 10**9 or 10**10**10 cannot exhaust memory or time
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
+                            len(seq) * n > TEMPLATE_MAX_OUTPUT:
+                        raise ChatTemplateError(f"the template builds a sequence of {len(seq) * n} items with "
+                                                f"'*' (limit {TEMPLATE_MAX_OUTPUT})")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+                raise ChatTemplateError(f"the template raises to the power {right} (limit 1024)")
+            return super().call_binop(context, operator, left, right)
+
+    def no_include(name):
+        raise ChatTemplateError(f"chat templates cannot load other templates ({{% include/import/extends "
+                                f"{name!r} %}}); inline that template's text instead")
 
     class GenerationTag(jinja2.ext.Extension):
         # ``{% generation %}...{% endgeneration %}`` marks assistant text for training masks in transformers; the
@@ -383,17 +437,36 @@ def _compile_chat_template(source: str):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.FunctionLoader(no_include),
+                             extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    budget = _RenderBudget()
+    env.globals["range"] = budget.range
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = TemplateNamespace
     try:
-        return env.from_string(source)
+        template = env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from e
+    template.ramjax_budget = budget
+    return template
+
+
+def _render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
+    """``template.render(**variables)`` streamed, stopping with ``ChatTemplateError`` past the output, range and
+    time limits of ``_RenderBudget``."""
+    budget = getattr(template, "ramjax_budget", None) or _RenderBudget()
+    budget.reset()
+    out, size = [], 0
+    for chunk in template.generate(**variables):
+        out.append(chunk)
+        size += len(chunk)
+        if size > TEMPLATE_MAX_OUTPUT:
+            raise ChatTemplateError(f"the rendered prompt exceeds {TEMPLATE_MAX_OUTPUT} characters")
+        budget.check_time()
+    return "".join(out)
 
 
 def _plain_data(value: Any) -> Any:
@@ -633,14 +706,23 @@ class Tokenizer:
         if template_kwargs.get("tools") and "tool_use" in self._chat_templates:
             name = "tool_use"
         if name not in self._compiled:
-            self._compiled[name] = _compile_chat_template(self._chat_templates[name])
+            try:
+                self._compiled[name] = _compile_chat_template(self._chat_templates[name])
+            except ChatTemplateError as e:
+                raise ChatTemplateError(f"chat template {name!r} of the tokenizer from {self.source!r}: {e}") from None
         variables = {"tools": None, "documents": None, **self.special_tokens,
                      **_plain_data(dict(template_kwargs))}
         variables.update(messages=_prepare_messages(messages), add_generation_prompt=add_generation_prompt)
+        where = f"chat template {name!r} of the tokenizer from {self.source!r}"
         try:
-            return self._compiled[name].render(**variables)
+            return _render_bounded(self._compiled[name], variables)
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"{where}: {e}") from None
         except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"the chat template rejected the conversation: {e}") from e
+            raise ChatTemplateError(f"{where} rejected the conversation: {e}") from e
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+            raise ChatTemplateError(f"{where} failed while rendering ({type(e).__name__}: {e}); fix the template "
+                                    f"(tokenizer_config.json 'chat_template' or {CHAT_TEMPLATE_FILE})") from e
 
     def render_prompt(self, prompt: str, template: str = "plain") -> str:
         """The text a model is prompted with for one user ``prompt``.

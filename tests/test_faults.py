@@ -275,3 +275,164 @@ def test_kill_before_the_first_checkpoint_then_rerun_logs_each_step_once(fx, str
     assert not os.listdir(os.path.join(run_dir, "checkpoints"))
     train_lib.train(_cfg(over))
     assert_same_run(run_dir, straight)  # steps 1..6 once each, same losses and parameters
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Named errors: sample.py, evaluate, ablate, model files, JSONL encodings, chat templates
+
+
+def _sample_cli(argv, capsys):
+    from ramjax import cli
+
+    code = cli.sample_main(argv)
+    return code, capsys.readouterr().err
+
+
+def _prompts(path, n=4):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"the quick fox {i}"}) + "\n")
+    return str(path)
+
+
+def _sample_args(fx, tmp_path, *extra):
+    return ["mode=proposal", f"proposal={fx}/aligner0", f"prompts_file={_prompts(tmp_path / 'p.jsonl')}",
+            f"output_file={tmp_path / 'out.jsonl'}", "max_new_tokens=2", "batch_size=4", "mesh.data=1",
+            "mesh.fsdp=-1", *extra]
+
+
+def test_sample_missing_proposal_and_directory_output_are_named(fx, tmp_path, capsys):
+    code, err = _sample_cli(_sample_args(fx, tmp_path, f"proposal={tmp_path}/nope"), capsys)
+    assert code == 2 and "nope" in err and err.count("\n") == 1
+    (tmp_path / "outdir").mkdir()
+    code, err = _sample_cli(_sample_args(fx, tmp_path, f"output_file={tmp_path}/outdir"), capsys)
+    assert code == 2 and "GenerateError" in err and "is a directory" in err and "samples.jsonl" in err
+    assert os.listdir(tmp_path / "outdir") == []
+
+
+def test_sample_refuses_an_output_file_of_another_prompt_set(fx, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    foreign = [{"prompt": f"another prompt {i}", "proposal": "x"} for i in range(2)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in foreign))
+    before = out.read_bytes()
+    code, err = _sample_cli(_sample_args(fx, tmp_path, "--training-data"), capsys)
+    assert code == 2 and "GenerateError" in err and "another prompt set" in err and "out.jsonl:1" in err
+    assert out.read_bytes() == before
+
+
+def test_inra_adapter_that_is_not_safetensors_is_named(fx, tmp_path, capsys):
+    bogus = tmp_path / "passwd"
+    bogus.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    code, err = _sample_cli(_sample_args(fx, tmp_path, "mode=inra", f"adapter={bogus}"), capsys)
+    assert code == 2 and "RealignError" in err and "not a readable safetensors file" in err and "passwd" in err
+
+
+def test_aligner_without_tokenizer_files_needs_an_explicit_choice(fx, tmp_path, capsys, caplog):
+    bare = tmp_path / "bare"
+    shutil.copytree(f"{fx}/aligner0", bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    args = _sample_args(fx, tmp_path, "mode=product", f"aligner={bare}", "kl_threshold=null")
+    code, err = _sample_cli(args, capsys)
+    assert code == 2 and "VocabMismatchError" in err and "no tokenizer files" in err
+    assert "aligner_tokenizer=proposal" in err
+    assert not os.path.exists(tmp_path / "out.jsonl") or not (tmp_path / "out.jsonl").read_text()
+    caplog.set_level("WARNING")
+    code, err = _sample_cli(args + ["aligner_tokenizer=proposal"], capsys)
+    assert code == 0 and "using the proposal's" in caplog.text
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+
+
+def test_non_utf8_jsonl_names_file_and_line(fx, tmp_path, capsys):
+    from ramjax import data as data_lib
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "response": "b", "proposal": "c"}\n{"prompt": "\xff\xfe", "response": "b"}\n')
+    with pytest.raises(data_lib.DataError, match=r"bad.jsonl:2.*UTF-8"):
+        train_lib.train(_cfg(overrides(fx, str(tmp_path / "run"), f"data.train_files=[{bad}]")))
+    assert not os.path.exists(tmp_path / "run")
+    code, err = _sample_cli(_sample_args(fx, tmp_path, f"prompts_file={bad}"), capsys)
+    assert code == 2 and "bad.jsonl:2" in err and "UTF-8" in err
+
+
+@pytest.mark.parametrize("damage", ["config", "safetensors"])
+def test_damaged_hf_files_are_named(tmp_path, damage):
+    import hf_fixtures
+
+    from ramjax import api
+    from ramjax import hf
+
+    d = tmp_path / "hf"
+    hf_fixtures.make_hf_model(d)
+    if damage == "config":
+        (d / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+        match = r"config.json is not valid JSON"
+    else:
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:200])
+        match = r"model.safetensors is not a readable safetensors file"
+    before = snapshot(str(d))
+    with pytest.raises(hf.ModelFileError, match=match):
+        api.load_model(str(d))
+    assert snapshot(str(d)) == before
+
+
+def _cli_run(main, argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("which", ["evaluate", "ablate"])
+def test_evaluate_and_ablate_clis_report_errors_like_train(tmp_path, capsys, which, monkeypatch):
+    from ramjax import cli
+
+    main = cli.eval_main if which == "evaluate" else cli.ablate_main
+    monkeypatch.chdir(tmp_path)  # no runs/default here
+    code, out, _ = _cli_run(main, ["--help"], capsys)
+    assert code == 0 and "usage" in out
+    code, _, err = _cli_run(main, ["foo=1"], capsys)
+    assert code == 2 and "foo" in err and err.count("\n") == 1
+    key = "max_new_tokns=3" if which == "evaluate" else "alpah=1"
+    code, _, err = _cli_run(main, [key], capsys)
+    assert code == 2 and "did you mean" in err
+    cfg = os.path.join(ROOT, "configs", "eval.yaml" if which == "evaluate" else "ablate.yaml")
+    code, _, err = _cli_run(main, [cfg], capsys)  # the default run is missing
+    assert code == 2 and "runs/default" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "runs" / "default")
+
+
+def test_evaluate_cli_names_bad_user_jsonl(tmp_path, capsys):
+    from ramjax import cli
+
+    bad = tmp_path / "mine.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b", "reference": "b"}\n{"prompt": "a", \n')
+    code, _, err = _cli_run(cli.eval_main, ["systems=[]", f"eval_file={bad}", "verifier=exact",
+                                            f"run_dir={tmp_path}/ev"], capsys)
+    assert code == 2 and "mine.jsonl:2" in err
+    bad.write_text('{"prompt": "a", "response": "b", "reference": "b"}\n{"prompt": "a", "response": "b"}\n')
+    code, _, err = _cli_run(cli.eval_main, ["systems=[]", f"eval_file={bad}", "verifier=exact",
+                                            f"run_dir={tmp_path}/ev"], capsys)
+    assert code == 2 and "reference" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("template,words", [
+    ("{% include 'other.jinja' %}", "cannot load other templates"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "range()"),
+    ("{% for i in range(100000) %}{% for m in messages %}{{ m.content * 100 }}{% endfor %}{% endfor %}",
+     "exceeds"),
+    ("{{ 'a' * 1000000000 }}", "'*'"),
+])
+def test_chat_template_include_and_runaway_rendering_are_named(tmp_path, template, words):
+    import time
+
+    import tokenizer_fixtures
+
+    from ramjax import tokenizer as tok_lib
+
+    d = tmp_path / "tok"
+    tokenizer_fixtures.make_hf_tokenizer(d, kind="qwen")
+    (d / tok_lib.CHAT_TEMPLATE_FILE).write_text(template)
+    tok = tok_lib.load_tokenizer(str(d))
+    t0 = time.monotonic()
+    with pytest.raises(tok_lib.ChatTemplateError, match="chat template 'default' of the tokenizer from") as e:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert words in str(e.value) and time.monotonic() - t0 < tok_lib.TEMPLATE_MAX_SECONDS

@@ -596,4 +596,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ramjax.cli import ablate_main
+
+    raise SystemExit(ablate_main())  # --help, and named errors as one line with exit status 2

@@ -431,4 +431,6 @@ __all__ = ["SweepError", "InraSweepConfig", "TrraSweepConfig", "RealignSweepConf
            "sample_cell", "default_cell", "sweep_table", "run_sweep", "main"]
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ramjax.cli import sweep_main
+
+    raise SystemExit(sweep_main())  # --help, and named errors as one line with exit status 2
