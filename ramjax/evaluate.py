@@ -934,8 +934,7 @@ def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any], stage_t
             rel = os.path.relpath(os.path.abspath(p), os.path.abspath(run_dir)) if os.path.exists(p) else p
             parts.append(f"![{os.path.basename(p)}]({rel.replace(os.sep, '/')})")
         parts.append("")
-    with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    files.atomic_write(os.path.join(run_dir, "report.md"), "\n".join(parts))
     return table
 
 

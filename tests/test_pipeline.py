@@ -53,6 +53,24 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     events.clear()
     pipeline.run_pipeline(run, on_stage=lambda s, e, t: events.append((s, e)))
     assert {e for _, e in events} == {"skip"}
+    # killed between writing report.md and results_table.md (one truncated, the other gone): the evaluation runs
+    # again and writes both whole; every stage's time is still reported (kept across invocations)
+    report = (rd / "report.md").read_text()
+    (rd / "report.md").write_text(report[: len(report) // 3])
+    (rd / "results_table.md").unlink()
+    events.clear()
+    out2 = pipeline.run_pipeline(run, on_stage=lambda s, e, t: events.append((s, e)))
+    assert [s for s, e in events if e == "done"] == ["evaluate"]
+    def judged(table):  # system, decoding, accuracy (deterministic; the later columns hold timings)
+        return [line.split("|")[1:4] for line in table.splitlines()]
+
+    assert judged(out2["table"]) == judged(out["table"]) and (rd / "report.md").read_text().count("|") > 20
+    assert set(out2["stage_times"]) == set(pipeline.STAGES)
+    # one pipeline per run directory at a time
+    from ramjax import rundir
+
+    with rundir.RunDirLock(str(rd)), pytest.raises(rundir.RunDirBusyError, match=f"pid {os.getpid()}"):
+        pipeline.run_pipeline(run)
     # ...but not with other settings, which would mix two experiments
     with pytest.raises(config_lib.ConfigError, match="pipeline.ram_steps"):
         pipeline.run_pipeline(_config(tmp_path / "run", TINY + ["pipeline.ram_steps=3"]))

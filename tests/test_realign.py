@@ -531,13 +531,19 @@ def test_trra_precomputed_topk_teacher(train_fx, tmp_path):
     table = np.load(os.path.join(exact.run_dir, "trra_teacher.npz"))
     assert table["trra_top_indices"].shape == (32, 24, V - 1) and table["trra_rest_logprob"].shape == (32, 24)
 
+    import signal
+
+    def stop_at_2(event):  # interrupted (checkpoint at 2), then resumed with the same settings
+        if event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     small = _train_cfg(train_fx, str(tmp_path / "small"), *base, "trra.teacher_topk=4")
-    train_lib.train(small)
+    assert train_lib.train(small, progress=stop_at_2).interrupted
     first = metrics_lib.read_metrics(small.run_dir)[0]["train/loss"]
     assert 0 < first < want[0]
     saved = os.path.getmtime(os.path.join(small.run_dir, "trra_teacher.npz"))
-    r = train_lib.train(_train_cfg(train_fx, str(tmp_path / "small"), *base, "trra.teacher_topk=4", "steps=4"))
-    assert r.step == 4 and os.path.getmtime(os.path.join(small.run_dir, "trra_teacher.npz")) == saved
+    r = train_lib.train(small)
+    assert r.step == 3 and os.path.getmtime(os.path.join(small.run_dir, "trra_teacher.npz")) == saved
 
     with pytest.raises(train_lib.TrainConfigError, match="data.packing=false"):
         train_lib.train(_train_cfg(train_fx, str(tmp_path / "packed"), *base[:-2], "data.packing=true",

@@ -150,8 +150,30 @@ def _model_dir(run: DefaultRunConfig, name: str) -> str:
     return os.path.join(run.run_dir, name, "model")
 
 
-def _done(path: str) -> bool:
-    return os.path.exists(path)
+def _done(*outputs: str) -> bool:
+    """A stage is done when every one of its outputs exists and reads back: a model directory loads with intact
+    checksums, a JSONL/JSON file parses, any other file is non-empty (a run killed between two outputs, or a
+    damaged file, reruns the stage; a training stage then resumes from its last checkpoint)."""
+    for path in outputs:
+        if not os.path.exists(path):
+            return False
+        try:
+            if os.path.isdir(path) and os.path.exists(os.path.join(path, "ramjax_model.json")):
+                from ramjax import checkpoint as ckpt_lib
+
+                ckpt_lib.load_model_dir(path)
+            elif path.endswith(".jsonl"):
+                files.read_jsonl(path)
+            elif path.endswith(".json"):
+                with open(path, encoding="utf-8") as fh:
+                    json.load(fh)
+            elif os.path.isfile(path) and os.path.getsize(path) == 0:
+                raise ValueError("empty file")
+        except (ValueError, OSError) as e:
+            log.warning("pipeline: %s is incomplete or damaged (%s); its stage runs again", path,
+                        " ".join(str(e).split())[:200])
+            return False
+    return True
 
 
 def _write_jsonl(path: str, records) -> None:
@@ -194,11 +216,24 @@ def _baseline_systems(load: Callable[[str], Any], warm: Any, aligner: Any, ram_s
 def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float | None], None] | None = None,
                  train_progress: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
     """Runs (or resumes) every stage; returns ``{"table", "stage_times", "report"}`` (the markdown results table,
-    seconds per stage run this time, the report path).
+    seconds per stage, kept across resumed invocations in ``stage_times.json``, the report path).
 
     on_stage(stage, event, seconds): event "start" or "done" (with the stage's seconds) or "skip".
     train_progress(stage, info): forwarded from ``train_lib.train``'s progress callback.
+    The run directory must be writable (``RunDirError``) and is locked for the run (a second pipeline on it fails
+    with ``RunDirBusyError`` naming the holder).
     """
+    from ramjax import rundir
+
+    rundir.check_writable(run.run_dir)
+    os.makedirs(run.run_dir, exist_ok=True)
+    # one pipeline per run directory at a time (each training stage also locks its own directory)
+    with rundir.RunDirLock(run.run_dir):
+        return _run_pipeline(run, on_stage=on_stage, train_progress=train_progress)
+
+
+def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float | None], None] | None = None,
+                  train_progress: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
     from ramjax import api, evaluate, generate, sampler, train_lib
     from ramjax import tokenizer as tok_lib
     from ramjax.experiments import plots, tasks
@@ -215,19 +250,21 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
                               f"run_dir=... or delete {rd} to start over")
     os.makedirs(rd, exist_ok=True)
     config_lib.save_config(run, saved)
-    times: dict[str, float] = {}
+    times_path = os.path.join(rd, "stage_times.json")
+    times: dict[str, float] = dict(_read_json(times_path) or {}) if _done(times_path) else {}
     data_dir = os.path.join(rd, "data")
     costs: dict[str, dict] = {}
     notify = on_stage or (lambda *a: None)
 
-    def stage(name: str, output: str, fn: Callable[[], Any]) -> None:
-        if _done(output):
+    def stage(name: str, output: str | tuple[str, ...], fn: Callable[[], Any]) -> None:
+        if _done(*((output,) if isinstance(output, str) else output)):
             notify(name, "skip", None)
             return
         notify(name, "start", None)
         t0 = time.time()
         fn()
         times[name] = time.time() - t0
+        files.atomic_write_json(times_path, times)  # a resumed run reports every stage's time, not only its own
         notify(name, "done", times[name])
 
     def train(name: str, cfg) -> None:
@@ -353,9 +390,9 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
         table = evaluate.write_report(rd, results, stage_times=times, plots=pngs,
                                       cost_reference="SFT" if p.baselines else None,
                                       title="ramjax embedded default: RAM on the generated task suite")
-        with open(os.path.join(rd, "results_table.md"), "w") as fh:
-            fh.write(table + "\n")
-    stage("evaluate", os.path.join(rd, "report.md"), make_eval)
+        files.atomic_write(os.path.join(rd, "results_table.md"), table + "\n")
+    stage("evaluate", tuple(os.path.join(rd, f) for f in ("results.json", "report.md", "results_table.md")),
+          make_eval)
 
     table_path = os.path.join(rd, "results_table.md")
     table = open(table_path).read() if os.path.exists(table_path) else ""
