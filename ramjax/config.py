@@ -677,6 +677,11 @@ class OptimizerConfig:
     rms_decay is RMSprop's squared-gradient decay (PyTorch's ``alpha``, 0.99); momentum applies to rmsprop and
     sgd; b1/b2 to adamw. ``clip_norm: 0`` turns clipping off. ``grad_accum`` micro-batches per step split the
     global batch (which must be divisible by it).
+
+    nonfinite: what a step whose loss or gradient norm is NaN/inf does. Either way its update is dropped on the
+    device (the parameters and optimizer state stay those of the previous step, so no NaN is ever checkpointed or
+    exported); ``stop`` then ends the run with ``NonFiniteTrainingError`` naming the step, ``skip`` carries on and
+    stops only after more than ``max_skipped_steps`` such steps.
     """
 
     name: Literal["adamw", "rmsprop", "sgd"] = "adamw"
@@ -689,8 +694,11 @@ class OptimizerConfig:
     momentum: float = 0.0
     clip_norm: float = 10.0
     grad_accum: int = 1
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
 
     def validate(self) -> None:
+        _check(self.max_skipped_steps >= 0, f"optimizer.max_skipped_steps={self.max_skipped_steps} must be >= 0")
         _check(self.lr >= 0, f"optimizer.lr={self.lr} must be >= 0")
         _check(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optimizer.b1={self.b1}, b2={self.b2} must be in [0, 1)")

@@ -786,6 +786,13 @@ class _Tokenizer:
         return [(out[0], out[1])]
 
     def _response(self, context, prompt: list[int], text: str, ids: Sequence[int] | None, where: str) -> list[int]:
+        if ids is not None:
+            n = getattr(self.tok, "vocab_size", None)
+            bad = [i for i in ids if i < 0 or (n is not None and i >= n)]
+            if bad:  # an out-of-range id would index past the embedding (NaN loss, or silently wrong rows)
+                raise DataError(f"{where}: field 'proposal_token_ids' holds ids outside the tokenizer's vocabulary "
+                                f"[0, {n}): {bad[:5]}; the samples were drawn with another tokenizer: resample them "
+                                f"with this proposal, or drop the field to train on the re-encoded 'proposal' text")
         if ids is not None or self.template == "plain":
             return _response_ids(self.tok, text, ids)
         # chat: the assistant turn as the template writes it (end-of-turn tokens included), after the prompt

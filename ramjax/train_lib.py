@@ -55,6 +55,12 @@ OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 DECAYS = ("constant", "linear", "cosine")
 to_global = shd.to_global
 
+
+class NonFiniteTrainingError(ValueError):
+    """A step's loss or gradient norm was NaN/inf (``optimizer.nonfinite=stop``, or more skipped steps than
+    ``optimizer.max_skipped_steps``). The message names the step; the run directory holds only finite parameters."""
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Train state
 
@@ -237,6 +243,16 @@ def make_train_step(objective: loss_lib.Objective, optimizer: optax.GradientTran
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
+        # A NaN/inf loss or gradient drops the whole update here, on the device: the state keeps the previous
+        # parameters and optimizer state, so a non-finite value can never reach a checkpoint or an export. The
+        # flag goes back with the metrics; the loop decides whether to stop or skip (optimizer.nonfinite).
+        finite = jnp.isfinite(metrics["grad_norm"])
+        if "loss" in metrics:
+            finite = finite & jnp.isfinite(metrics["loss"])
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree_util.tree_map(keep, params, state.params)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+        metrics["nonfinite"] = (~finite).astype(jnp.float32)
         metrics["tokens"] = jnp.sum(batch[objective.tokens_key] > 0).astype(jnp.float32)
         metrics["input_tokens"] = sum(jnp.sum(v > 0) for k, v in batch.items()
                                       if k.endswith("segment_ids")).astype(jnp.float32)
@@ -461,6 +477,12 @@ def build(cfg: TrainConfig, *, load_params: bool = True) -> Plan:
     else:
         model_cfg, fmt = api.read_config(cfg.model.init)
         model_cfg, source_is_hf = model_cfg.replace(**over), fmt == "hf"
+    if cfg.data.max_len > model_cfg.max_position_embeddings:  # rows past the context train on garbage positions
+        raise TrainConfigError(
+            f"data.max_len={cfg.data.max_len} exceeds the context of the model "
+            f"({'model.arch' if scratch else repr(cfg.model.init)}: max_position_embeddings="
+            f"{model_cfg.max_position_embeddings}); set data.max_len <= {model_cfg.max_position_embeddings} (and "
+            f"data.max_prompt_len below it)")
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise tok_lib.VocabMismatchError(
             f"the model has {model_cfg.vocab_size} embedding rows but the tokenizer {tok_path!r} has "
@@ -782,22 +804,52 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
     step = int(jax.device_get(state.step))
     thr = metrics_lib.Throughput()
     pending: list[dict] = []
+    pending_steps: list[int] = []
     last: dict[str, Any] = {}
     interrupted = False
+    skipped = 0
+
+    def check_finite(steps: list[int], host: list[dict]) -> None:
+        """Counts the steps the device flagged non-finite (their updates were dropped there); raises
+        ``NonFiniteTrainingError`` under ``nonfinite=stop`` or past ``max_skipped_steps``, before any save."""
+        nonlocal skipped
+        bad = [(s, x) for s, x in zip(steps, host) if s >= 0 and float(x.get("nonfinite", 0.0))]
+        if not bad:
+            return
+        skipped += len(bad)
+        s0, x0 = bad[0]
+        what = (f"step {s0} had loss {float(x0.get('loss', float('nan')))} and gradient norm "
+                f"{float(x0['grad_norm'])}")
+        o = cfg.optimizer
+        if o.nonfinite == "stop" or skipped > o.max_skipped_steps:
+            mngr.close()
+            writer.close()
+            why = ("optimizer.nonfinite=stop" if o.nonfinite == "stop" else
+                   f"{skipped} non-finite steps skipped, more than optimizer.max_skipped_steps={o.max_skipped_steps}")
+            raise NonFiniteTrainingError(
+                f"training diverged: {what} ({why}). Its update was dropped, so {ckpt_dir} holds only finite "
+                f"parameters and no model was exported. Lower optimizer.lr, set optimizer.clip_norm > 0, check the "
+                f"data (token ids, lengths), or set optimizer.nonfinite=skip to skip such steps")
+        log.warning("%s: its update was dropped (optimizer.nonfinite=skip; %d of at most %d skipped)", what,
+                    skipped, o.max_skipped_steps)
 
     def _flush_metrics(extra: Mapping[str, float] | None = None) -> dict[str, Any]:
         """Fetches the pending steps' metrics, logs the last one (with ``extra``, the held-out metrics of this
         step); returns it."""
-        nonlocal pending
+        nonlocal pending, pending_steps
         host = [jax.device_get(x) for x in pending]
         for x in host:
             thr.add(float(x["input_tokens"]))
-        pending = []
+        flagged = pending_steps
+        pending, pending_steps = [], []
         out = {f"train/{k}": float(v) for k, v in host[-1].items() if k not in ("input_tokens",)}
         out.update({f"perf/{k}": v for k, v in thr.update().items()})
         out.update({"data/epoch": plan.iterator.epoch, "data/position": plan.iterator.position, "data/crc32": crc})
         out.update(extra or {})
+        out["train/skipped_steps"] = skipped + sum(
+            1 for s, x in zip(flagged, host) if s >= 0 and float(x.get("nonfinite", 0.0)))
         writer.write(step, out)
+        check_finite(flagged, host)  # raises (after logging the record) under nonfinite=stop
         if stage.watch is not None:
             stage.watch(out)
         return out
@@ -811,6 +863,7 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
             state, m = compiled(state, shd.to_global(local, batch_sh), frozen)
             step += 1
             pending.append(m)
+            pending_steps.append(step)
             event = {"step": step, "total_steps": plan.total_steps}
             evaluated = {}
             if held_out is not None and (step == plan.total_steps or (eval_every and step % eval_every == 0)):
@@ -820,6 +873,9 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
             elif evaluated:  # an evaluation between logging steps: its own record
                 writer.write(step, evaluated)
                 event["metrics"] = last = {**last, **evaluated}
+            if pending and mngr.should_save(step):  # a checkpoint between logging steps: check its steps first
+                check_finite(pending_steps, [jax.device_get(x) for x in pending])
+                pending_steps = [-1] * len(pending)  # counted now; the logging step must not count them again
             mngr.save(step, state.params, {"step": state.step, "rng": state.rng, "opt_state": state.opt_state},
                       plan.iterator.state())
             if progress is not None:

@@ -436,3 +436,58 @@ def test_chat_template_include_and_runaway_rendering_are_named(tmp_path, templat
     with pytest.raises(tok_lib.ChatTemplateError, match="chat template 'default' of the tokenizer from") as e:
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert words in str(e.value) and time.monotonic() - t0 < tok_lib.TEMPLATE_MAX_SECONDS
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Non-finite training, token ids, context length
+
+
+def _all_finite(tree):
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_diverging_run_stops_with_a_named_error_and_saves_no_nan(fx, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    code, err = _train_cli(overrides(fx, run_dir, "optimizer.lr=1e30", "optimizer.clip_norm=0"), capsys)
+    assert code == 2 and "NonFiniteTrainingError" in err and "step 2" in err and "optimizer.nonfinite=skip" in err
+    assert not os.path.exists(os.path.join(run_dir, "model"))
+    mngr = ckpt_lib.CheckpointManager(os.path.join(run_dir, "checkpoints"))
+    assert mngr.all_steps() == [1]  # the diverged step 2 was never saved
+    stored = mngr.stored_param_shapes(1)
+    import orbax.checkpoint as ocp
+
+    params = ocp.StandardCheckpointer().restore(os.path.join(run_dir, "checkpoints", "1", "params"))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(stored) and _all_finite(params)
+
+
+def test_skip_mode_drops_non_finite_updates_up_to_the_limit(fx, tmp_path):
+    run_dir = str(tmp_path / "run")
+    over = overrides(fx, run_dir, "optimizer.lr=1e30", "optimizer.clip_norm=0", "optimizer.nonfinite=skip",
+                     "optimizer.max_skipped_steps=5")
+    r = train_lib.train(_cfg(over))  # steps 2..6 diverge: 5 skipped, the limit
+    assert r.step == 6 and r.metrics["train/skipped_steps"] == 5
+    _, exported = ckpt_lib.load_model_dir(os.path.join(run_dir, "model"))
+    assert _all_finite(exported)
+    with pytest.raises(train_lib.NonFiniteTrainingError, match="more than optimizer.max_skipped_steps=4"):
+        train_lib.train(_cfg(overrides(fx, str(tmp_path / "run2"), "optimizer.lr=1e30", "optimizer.clip_norm=0",
+                                       "optimizer.nonfinite=skip", "optimizer.max_skipped_steps=4")))
+
+
+@pytest.mark.parametrize("bad_id", [99999, -5])
+def test_out_of_vocabulary_proposal_token_ids_name_file_and_line(fx, tmp_path, bad_id):
+    from ramjax import data as data_lib
+
+    f = tmp_path / "ram.jsonl"
+    rows = [json.loads(line) for line in open(f"{fx}/ram.jsonl")]
+    rows[2]["proposal_token_ids"] = [5, 6, bad_id]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(data_lib.DataError, match=rf"ram.jsonl:3: field 'proposal_token_ids' .*{bad_id}"):
+        train_lib.train(_cfg(overrides(fx, str(tmp_path / "run"), f"data.train_files=[{f}]")))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_rows_longer_than_the_loaded_models_context_are_refused(fx, tmp_path):
+    with pytest.raises(train_lib.TrainConfigError, match=r"data.max_len=128 exceeds .*max_position_embeddings=64"):
+        train_lib.train(_cfg(overrides(fx, str(tmp_path / "run"), "data.max_len=128", "data.max_prompt_len=100")))
+    assert not os.path.exists(tmp_path / "run")
