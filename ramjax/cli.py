@@ -358,24 +358,24 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def ablate_main(argv: list[str] | None = None) -> int:
-    """``python -m ramjax.ablate [CONFIG.yaml] [key=value ...]``: the α × aligner-size sweep, with ``--help`` and
+    """``python -m ramjax.experiments.ablate [CONFIG.yaml] [key=value ...]``: the α × aligner-size sweep, with ``--help`` and
     named errors as in the other commands."""
-    from ramjax import ablate
+    from ramjax.experiments import ablate
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: python -m ramjax.ablate [CONFIG.yaml] [key=value ...]\n\n{ablate.__doc__}")
+        print(f"usage: python -m ramjax.experiments.ablate [CONFIG.yaml] [key=value ...]\n\n{ablate.__doc__}")
         return 0
     return guarded(ablate.main, argv)
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
-    """``python -m ramjax.realign_sweep [CONFIG.yaml] [key=value ...]`` with ``--help`` and named errors."""
-    from ramjax import realign_sweep
+    """``python -m ramjax.experiments.realign_sweep [CONFIG.yaml] [key=value ...]`` with ``--help`` and named errors."""
+    from ramjax.experiments import realign_sweep
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: python -m ramjax.realign_sweep [CONFIG.yaml] [key=value ...]\n\n{realign_sweep.__doc__}")
+        print(f"usage: python -m ramjax.experiments.realign_sweep [CONFIG.yaml] [key=value ...]\n\n{realign_sweep.__doc__}")
         return 0
     return guarded(realign_sweep.main, argv)
 
