@@ -491,3 +491,25 @@ def test_rows_longer_than_the_loaded_models_context_are_refused(fx, tmp_path):
     with pytest.raises(train_lib.TrainConfigError, match=r"data.max_len=128 exceeds .*max_position_embeddings=64"):
         train_lib.train(_cfg(overrides(fx, str(tmp_path / "run"), "data.max_len=128", "data.max_prompt_len=100")))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_disk_full_while_checkpointing_is_named_and_resume_stays_exact(fx, straight, tmp_path, monkeypatch, capsys):
+    """orbax surfaces a full disk as tensorstore's RESOURCE_EXHAUSTED: a named StorageError (exit 2); the rerun
+    resumes from the last committed checkpoint, bit-identical to the uninterrupted run."""
+    import orbax.checkpoint as ocp
+
+    run_dir = str(tmp_path / "run")
+    real_save = ocp.CheckpointManager.save
+
+    def full_at_4(self, step, *a, **k):
+        if step == 4:
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"d/abc\": No space left on device [28]")
+        return real_save(self, step, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_4)
+    code, err = _train_cli(overrides(fx, run_dir), capsys)
+    assert code == 2 and "StorageError" in err and "disk is full" in err and "resumes from its last" in err
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    assert ckpt_lib.CheckpointManager(os.path.join(run_dir, "checkpoints")).all_steps() == [1, 2, 3]
+    train_lib.train(_cfg(overrides(fx, run_dir)))
+    assert_same_run(run_dir, straight)
