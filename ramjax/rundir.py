@@ -31,8 +31,10 @@ LOCK_FILE = ".lock"
 FINGERPRINT_FILE = "fingerprint.json"
 
 # Keys of a TrainConfig that do not change what a run computes (where it writes, how often it logs or saves, how
-# the work is laid out on devices); every other key is part of the fingerprint.
-TRAIN_BOOKKEEPING = ("run_dir", "checkpoint", "logging", "mesh", "distributed")
+# the work is laid out on devices and in memory), so a run may resume with other values (e.g. remat or more
+# micro-batches after running out of memory); every other key is part of the fingerprint.
+TRAIN_BOOKKEEPING = ("run_dir", "checkpoint", "logging", "mesh", "distributed", "model.remat",
+                     "model.attention_impl", "model.attention_chunk", "optimizer.grad_accum")
 
 
 class RunDirError(ValueError):
@@ -145,16 +147,24 @@ def train_fingerprint(cfg: Any) -> dict[str, Any]:
 
     d = config_lib.config_to_dict(cfg)
     for k in TRAIN_BOOKKEEPING:
-        d.pop(k, None)
+        *parents, last = k.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
     d = json.loads(json.dumps(d, default=str))  # tuples -> lists, as stored
     d["data_file_sizes"] = {f: os.path.getsize(f) for f in getattr(cfg.data, "train_files", ()) if os.path.isfile(f)}
     return d
 
 
-def diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``["key: old -> new", ...]`` for every differing leaf of two nested mappings (dotted keys)."""
+def diff(old: Any, new: Any, prefix: str = "", *, shared_only: bool = False) -> list[str]:
+    """``["key: old -> new", ...]`` for every differing leaf of two nested mappings (dotted keys).
+
+    shared_only: ignore keys present on one side only (a setting added or retired by another ramjax version)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
-        return [d for k in sorted(set(old) | set(new)) for d in diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+        keys = sorted(set(old) & set(new)) if shared_only else sorted(set(old) | set(new))
+        return [d for k in keys for d in diff(old.get(k), new.get(k), f"{prefix}{k}.", shared_only=shared_only)]
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
@@ -190,7 +200,7 @@ def check_fingerprint(run_dir: str, fingerprint: Mapping[str, Any], *, write: bo
         except (ValueError, OSError) as e:
             raise RunDirMismatchError(f"{path} cannot be read ({e}); pass --force-restart to start over (the old "
                                       f"run is moved aside) or use another run_dir") from None
-        changes = diff(old, fp)
+        changes = diff(old, fp, shared_only=True)
         if changes:
             raise RunDirMismatchError(
                 f"run_dir={run_dir!r} holds a {what} made with other settings ({'; '.join(changes[:8])}"
