@@ -683,6 +683,7 @@ class _RunDirOwner:
 
     def __init__(self, cfg: TrainConfig, force_restart: bool):
         self.cfg, self.force_restart = cfg, force_restart
+        initialize_distributed(cfg.distributed)  # before the first JAX call (process_index)
         self.primary = jax.process_index() == 0
         self.lock = None
 
