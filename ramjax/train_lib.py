@@ -689,6 +689,11 @@ class _RunDirOwner:
 
     def __enter__(self) -> "_RunDirOwner":
         rd = self.cfg.run_dir
+        if "://" in rd:  # object storage (gs://...): no local lock or probe; the fingerprint is not kept there
+            log.warning("run_dir=%s is remote: no run-directory lock or settings fingerprint", rd)
+            self.remote = True
+            return self
+        self.remote = False
         rundir.check_writable(rd)
         self.fingerprint = rundir.train_fingerprint(self.cfg)
         try:
@@ -710,7 +715,7 @@ class _RunDirOwner:
 
     def claim(self) -> None:
         """Takes the lock (if not held) and records the fingerprint: call right before the run writes."""
-        if self.primary:
+        if self.primary and not self.remote:
             if self.lock is None:
                 self.lock = rundir.RunDirLock(self.cfg.run_dir).acquire()
             rundir.check_fingerprint(self.cfg.run_dir, self.fingerprint)

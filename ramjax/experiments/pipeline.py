@@ -225,6 +225,8 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
     """
     from ramjax import rundir
 
+    if "://" in run.run_dir:  # object storage: no local lock
+        return _run_pipeline(run, on_stage=on_stage, train_progress=train_progress)
     rundir.check_writable(run.run_dir)
     os.makedirs(run.run_dir, exist_ok=True)
     # one pipeline per run directory at a time (each training stage also locks its own directory)
