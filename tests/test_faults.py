@@ -1,6 +1,7 @@
 """Faults and bad inputs (issue 15): every case asserts the outcome (a named error and exit status, or a correct
 recovery), the message's key words, and that what was on disk before is byte-identical afterwards."""
 import hashlib
+import json
 import os
 import shutil
 import sys
