@@ -38,7 +38,9 @@ SAMPLE_USAGE = """Sample the aligned model P_M·Q_θ (or either model alone) ove
     python sample.py (or ramjax-sample) configs/sample.yaml [key=value ...] [--training-data]
 
 Keys are those of ``ramjax.config.SampleConfig`` (``proposal``, ``aligner``, ``prompts_file``, ``output_file``,
-``alpaca_output``, ``mode``, ``n``, temperatures, top-p, ``kl_threshold``, ``stop``, ``seed``, ``num_samples`` ...).
+``alpaca_output``, ``seed``, ``num_samples``, ``batch_size`` ...) and its ``sampling:`` section, a
+``ramjax.SamplingParams`` (``mode``, ``n``, ``max_new_tokens``, temperatures, top-p/top-k, ``kl_threshold``, ``stop``
+...). A sampling field may be given bare: ``mode=sparse`` means ``sampling.mode=sparse``.
 
 Outputs (see ``ramjax.generate``): a JSONL with one line per sample (prompt, text, token ids, finish reason, length,
 KL-fallback rate, ESS) and, with ``alpaca_output``, an AlpacaEval JSON (instruction, output, generator).
@@ -253,6 +255,14 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"model: {result.model_dir}" + (f"  (Hugging Face: {result.hf_dir})" if result.hf_dir else ""))
     return 0
 
+def _sampling_key(arg: str) -> str:
+    """``mode=sparse`` -> ``sampling.mode=sparse`` for the fields of ``SamplingParams`` (other keys unchanged)."""
+    from ramjax.sampling_params import FIELDS
+
+    key = arg.split("=", 1)[0]
+    return f"sampling.{arg}" if "=" in arg and key in FIELDS else arg
+
+
 def sample_main(argv: list[str] | None = None) -> int:
     """``ramjax-sample`` / ``python sample.py``: see ``SAMPLE_USAGE``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -263,6 +273,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != TRAINING_FLAG]
     # ``lambda`` is a Python keyword, so the config field is ``inra_lambda``; accept the short name on the CLI
     argv = ["inra_lambda=" + a[len("lambda="):] if a.startswith("lambda=") else a for a in argv]
+    argv = [_sampling_key(a) for a in argv]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
 
@@ -296,13 +307,14 @@ def sample_main(argv: list[str] | None = None) -> int:
         # each process samples its share of the prompts on its own devices (see ramjax.generate)
         mesh = shd.make_mesh(cfg.mesh.mesh_config(), devices=jax.local_devices())
         rules = cfg.mesh.sharding_rules()
-        if cfg.mode == "inra":
+        sp = cfg.sampling
+        if sp.mode == "inra":
             from ramjax import inra
 
             proposal, aligner = inra.load_inra_model(cfg.proposal, cfg.adapter, mesh=mesh, rules=rules), None
         else:
-            proposal = api.load_model(cfg.proposal, mesh=mesh, rules=rules) if cfg.mode != "aligner" else None
-            aligner = api.load_model(cfg.aligner, mesh=mesh, rules=rules) if cfg.mode != "proposal" else None
+            proposal = api.load_model(cfg.proposal, mesh=mesh, rules=rules) if sp.mode != "aligner" else None
+            aligner = api.load_model(cfg.aligner, mesh=mesh, rules=rules) if sp.mode != "proposal" else None
             if aligner is not None and proposal is not None and aligner.tokenizer is None \
                     and cfg.aligner_tokenizer == "proposal":
                 import dataclasses
@@ -320,20 +332,14 @@ def sample_main(argv: list[str] | None = None) -> int:
             if bar is None:
                 from tqdm import tqdm
 
-                bar = tqdm(total=total, initial=done, dynamic_ncols=True, desc=f"sample ({cfg.mode})",
+                bar = tqdm(total=total, initial=done, dynamic_ncols=True, desc=f"sample ({sp.mode})",
                            unit="prompt")
             bar.update(done - bar.n)
 
         summary = generate.generate_jsonl(
-            proposal, aligner, cfg.prompts_file, cfg.output_file, output=output, batch_size=cfg.batch_size,
-            num_samples=cfg.num_samples, alpaca_output=cfg.alpaca_output, generator=cfg.generator,
-            progress=progress, rules=rules, mode=cfg.mode, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed, proposal_temperature=cfg.proposal_temperature,
-            aligner_temperature=cfg.aligner_temperature, proposal_top_p=cfg.proposal_top_p,
-            aligner_top_p=cfg.aligner_top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
-            kl_threshold=cfg.kl_threshold, kl_fallback=cfg.kl_fallback, stop=tuple(cfg.stop),
-            template=cfg.template, **({"inra_lambda": cfg.inra_lambda, "lambda_field": cfg.lambda_field}
-                                      if cfg.mode == "inra" else {}))
+            proposal, aligner, cfg.prompts_file, cfg.output_file, sp, output=output, batch_size=cfg.batch_size,
+            num_samples=cfg.num_samples, seed=cfg.seed, alpaca_output=cfg.alpaca_output, generator=cfg.generator,
+            progress=progress, rules=rules, lambda_field=cfg.lambda_field)
         if bar is not None:
             bar.close()
     except (ValueError, OSError) as e:  # every input error in ramjax is a named ValueError subclass; OSError: a

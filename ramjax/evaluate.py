@@ -49,6 +49,7 @@ from ramjax import distributed, files, sampler, stats, verify
 from ramjax import loss as loss_lib
 from ramjax import model as model_lib
 from ramjax.api import load_model
+from ramjax.sampling_params import PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -90,22 +91,21 @@ class EvalError(ValueError):
 MODES: tuple[str, ...] = ("proposal", "aligner", "par", "sparse", "product", "corrector")
 _RAM_MODES = ("par", "sparse", "product")
 
-# Decoding presets. They set only the temperatures; a system's own ``sampling`` settings (top-p, n, KL threshold)
-# apply under both, so "sampled" vs "greedy" is the one thing that changes between a system's two rows.
+# Decoding presets (``ramjax.sampling_params.PRESETS``). They set only the temperatures and the greedy flag; a
+# system's own ``sampling`` settings (top-p, n, KL threshold) apply under both, so "sampled" vs "greedy" is the one
+# thing that changes between a system's two rows.
 DECODINGS: dict[str, dict[str, Any]] = {
-    "sampled": {"proposal_temperature": 1.0, "aligner_temperature": 1.0},
-    "greedy": {"proposal_temperature": 0.0, "aligner_temperature": 0.0},
+    name: {k: getattr(PRESETS[name], k) for k in ("proposal_temperature", "aligner_temperature", "greedy")}
+    for name in ("sampled", "greedy")
 }
 
-# Sampler settings a system gets unless its ``sampling`` says otherwise: plain sampling from the distribution
-# (no nucleus, no top-k, no repetition penalty, no KL monitor), so systems are compared on their distributions.
+# Sampler settings a system gets unless its ``sampling`` says otherwise: the ``sampled`` preset's plain sampling
+# from the distribution (no nucleus, no top-k, no repetition penalty, no KL monitor), so systems are compared on
+# their distributions.
+_SAMPLED = PRESETS["sampled"]
 SAMPLING_DEFAULTS: dict[str, Any] = {
-    "n": 8,
-    "proposal_top_p": 1.0,
-    "aligner_top_p": 1.0,
-    "top_k": 0,
-    "repetition_penalty": 1.0,
-    "kl_threshold": None,
+    k: getattr(_SAMPLED, k)
+    for k in ("n", "proposal_top_p", "aligner_top_p", "top_k", "repetition_penalty", "kl_threshold")
 }
 
 # The corrector's prompt, before the sampler's template wraps it. With the plain template the corrector sees
@@ -968,12 +968,12 @@ class SystemConfig:
     proposal: str | None = None
     aligner: str | None = None
     corrector: str | None = None
-    n: int = 8
-    kl_threshold: float | None = None
-    proposal_top_p: float = 1.0
-    aligner_top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    n: int = _SAMPLED.n
+    kl_threshold: float | None = _SAMPLED.kl_threshold
+    proposal_top_p: float = _SAMPLED.proposal_top_p
+    aligner_top_p: float = _SAMPLED.aligner_top_p
+    top_k: int = _SAMPLED.top_k
+    repetition_penalty: float = _SAMPLED.repetition_penalty
 
     def validate(self) -> None:
         if self.n < 1:

@@ -177,23 +177,29 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_file: str | os.PathLike, *,
-                   output: Literal["samples", "training"] = "samples", batch_size: int = 8, num_samples: int = 1,
-                   alpaca_output: str | os.PathLike | None = None, generator: str = "ramjax",
-                   progress: Callable[[int, int], None] | None = None, lambda_field: str | None = "lambda",
-                   **sample_kwargs: Any) -> GenerateSummary:
+def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_file: str | os.PathLike,
+                   params: Any = None, *, output: Literal["samples", "training"] = "samples", batch_size: int = 8,
+                   num_samples: int = 1, seed: int = 0, alpaca_output: str | os.PathLike | None = None,
+                   generator: str = "ramjax", progress: Callable[[int, int], None] | None = None,
+                   lambda_field: str | None = "lambda", rules: Any = None, **overrides: Any) -> GenerateSummary:
     """Samples every prompt of ``prompts_file`` and appends the results to ``output_file`` (see the module doc).
 
     proposal, aligner: ``ramjax.api.Model`` s (``aligner`` may be None in mode ``proposal``).
     batch_size: prompts per jitted call (each with ``num_samples`` rows).
     progress: called as ``progress(done, total)`` (examples in the output, examples in all) once after resuming and
         after every batch.
-    sample_kwargs: passed to ``ramjax.sampler.sample`` (mode, n, temperatures, top-p, stop, seed, template...).
+    params, overrides: the ``SamplingParams`` (or a preset name, or None = the defaults) and field overrides, as
+        for ``ramjax.sampler.sample``; seed, rules: passed to it.
     lambda_field: mode ``inra``: a record with this field is sampled with its own λ (else ``inra_lambda``); the
         samples output then records each line's ``lambda``.
     Several processes (``jax.distributed``; models loaded on each process's local devices): each samples its
     share of every round of batches; the output is the one a single process writes (process 0 writes it).
     """
+    from ramjax import sharding as shd
+    from ramjax.sampling_params import resolve
+
+    params = resolve(params, overrides)
+    rules = shd.DEFAULT_RULES if rules is None else rules
     if output not in ("samples", "training"):
         raise GenerateError(f"output={output!r}; expected 'samples' or 'training'")
     prompts_file, output_file = os.fspath(prompts_file), os.fspath(output_file)
@@ -236,7 +242,7 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
         for round_start in range(done, len(records), batch_size * jax.process_count()):
             start, chunk = distributed.local_share(records, round_start, batch_size)
             lines = _sample_lines(proposal, aligner, chunk, start, output, batch_size, num_samples, lambda_field,
-                                  sample_kwargs) if chunk else []
+                                  params, seed, rules) if chunk else []
             parts = distributed.allgather_objects((len(chunk), lines))
             n_round = sum(n for n, _ in parts)
             if out is not None:
@@ -270,18 +276,18 @@ def training_record(record: Mapping[str, Any], samples: Sequence[Any]) -> dict[s
 
 
 def _sample_lines(proposal, aligner, chunk: Sequence[Mapping[str, Any]], start: int, output: str, batch_size: int,
-                  num_samples: int, lambda_field: str | None, sample_kwargs: Mapping[str, Any]) -> list[dict]:
-    """The output lines of one batch of records (``chunk``, the first being example ``start``)."""
+                  num_samples: int, lambda_field: str | None, params: Any, seed: int, rules: Any) -> list[dict]:
+    """The output lines of one batch of records (``chunk``, the first being example ``start``), sampled with
+    ``params`` (a ``SamplingParams``)."""
     from ramjax import sampler
 
     prompts = [prompt_of(r) for r in chunk]
-    kw = dict(sample_kwargs)
     lams = None
-    if kw.get("mode") == "inra":
-        lams = _chunk_lambdas(chunk, lambda_field, kw.get("inra_lambda", 1.0), start)
-        kw["inra_lambda"] = lams
-    results = sampler.sample(proposal, aligner, prompts, num_samples=num_samples,
-                             batch_size=batch_size * num_samples, example_offset=start, **kw)
+    if params.mode == "inra":
+        lams = _chunk_lambdas(chunk, lambda_field, params.inra_lambda, start)
+        params = params.replace(inra_lambda=tuple(lams))
+    results = sampler.sample(proposal, aligner, prompts, params, num_samples=num_samples, seed=seed,
+                             batch_size=batch_size * num_samples, example_offset=start, rules=rules)
     lines = []
     for k, (rec, prompt, samples) in enumerate(zip(chunk, prompts, results)):
         if output == "training":

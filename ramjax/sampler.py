@@ -43,9 +43,7 @@ import dataclasses
 import functools
 import logging
 import math
-import re
 import time
-import weakref
 from typing import Any, Iterator, Mapping, Sequence
 
 import flax.struct
@@ -57,13 +55,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ramjax import decode_rules as rules_lib
 from ramjax import model as model_lib
 from ramjax import sharding as shd
-from ramjax.decode_rules import FALLBACKS, MODES, RAM_MODES, SUPPORTS, RowParams
+from ramjax import sampling_params as sp_lib
+from ramjax.decode_rules import RowParams
+from ramjax.tokenizer import token_bytes
+from ramjax.sampling_params import (MODES, PRESETS, RAM_MODES, ModeError, SamplerError, SamplingParameterError,
+                                    SamplingParams)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "sample", "stream", "SampleResult", "StreamEvent", "DecodeState", "SamplerError", "ModeError",
-    "SamplingParameterError", "PromptError", "ContextLengthError", "NonFiniteLogitsError", "MODES", "FINISH_REASONS",
+    "sample", "stream", "SamplingParams", "PRESETS", "SampleResult", "StreamEvent", "DecodeState", "SamplerError",
+    "ModeError", "SamplingParameterError", "PromptError", "ContextLengthError", "NonFiniteLogitsError", "MODES",
+    "FINISH_REASONS",
     "token_bytes", "bucket_length",
 ]
 
@@ -72,18 +75,6 @@ _WILDCARD = -2  # stop-string padding: matches any byte (stop strings are right-
 _EMPTY = -1  # no byte (window before any output, beyond a token's bytes); never equals a stop byte
 _MIN_PROMPT_BUCKET = 16
 _MIN_NEW_BUCKET = 16
-
-
-class SamplerError(ValueError):
-    """Bad input to the sampler; the message names the argument and the fix."""
-
-
-class ModeError(SamplerError):
-    """Unknown mode, or a model the mode needs is missing."""
-
-
-class SamplingParameterError(SamplerError):
-    """A sampling parameter is out of range (n, temperature, top-p, top-k, penalty, threshold...)."""
 
 
 class PromptError(SamplerError):
@@ -104,63 +95,7 @@ def bucket_length(n: int, minimum: int = _MIN_PROMPT_BUCKET) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stop strings: token bytes and device tables
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-_BYTE_LEVEL_INV = {c: b for b, c in _bytes_to_unicode().items()}
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_TOKEN_BYTES_CACHE: "weakref.WeakKeyDictionary[Any, list[bytes]]" = weakref.WeakKeyDictionary()
-
-
-def token_bytes(tokenizer: Any, vocab: int | None = None) -> list[bytes]:
-    """The UTF-8 bytes each token id contributes to decoded text, for ids ``0 .. vocab-1``.
-
-    A token's text is taken in context (decoded after an anchor token, so sentencepiece's leading-space rule and
-    ``▁`` handling apply as in a longer text); a token that is only part of a UTF-8 character (byte-level BPE,
-    sentencepiece byte fallback) gets its raw byte(s). Special tokens, which decoding skips, contribute nothing.
-    Cached per tokenizer object.
-    """
-    vocab = tokenizer.vocab_size if vocab is None else vocab
-    cached = _TOKEN_BYTES_CACHE.get(tokenizer)
-    if cached is not None and len(cached) >= vocab:
-        return cached[:vocab]
-    special = tokenizer.special_ids
-    pieces = tokenizer.get_vocab()
-    anchor = tokenizer.encode("a")
-    base = tokenizer.decode(anchor, skip_special_tokens=True)
-    out: list[bytes] = []
-    for i in range(vocab):
-        if i in special:
-            out.append(b"")
-            continue
-        text = tokenizer.decode(anchor + [i], skip_special_tokens=True)
-        tail = text[len(base):] if text.startswith(base) else None
-        if tail is not None and "\ufffd" not in tail:
-            out.append(tail.encode("utf-8"))
-            continue
-        piece = pieces[i] if i < len(pieces) else ""
-        m = _BYTE_PIECE.fullmatch(piece)
-        if m:
-            out.append(bytes([int(m.group(1), 16)]))
-        elif piece and all(c in _BYTE_LEVEL_INV for c in piece):
-            out.append(bytes(_BYTE_LEVEL_INV[c] for c in piece))
-        else:
-            out.append((tail if tail is not None else piece).encode("utf-8"))
-    _TOKEN_BYTES_CACHE[tokenizer] = out
-    return out
+# Stop strings: device tables over each token's bytes (``ramjax.tokenizer.token_bytes``)
 
 
 @flax.struct.dataclass
@@ -613,20 +548,15 @@ class StreamEvent:
     finish_reasons: list[str | None]
 
 
-def _per_prompt(name: str, value: Any, count: int, check, expect: str, dtype=np.float32) -> np.ndarray:
-    """A scalar or one value per prompt -> array ``[count]``; every value must pass ``check``."""
-    if isinstance(value, (list, tuple, np.ndarray)):
+def _per_prompt(name: str, value: Any, count: int, dtype: str) -> np.ndarray:
+    """A setting's one value or one value per prompt (already range-checked by ``SamplingParams.validate``) ->
+    array ``[count]``."""
+    if isinstance(value, tuple):
         if len(value) != count:
             raise SamplingParameterError(f"{name} has {len(value)} values but there are {count} prompts; give one "
                                          f"value or one per prompt")
-        values = list(value)
-    else:
-        values = [value] * count
-    for v in values:
-        if v is None or isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                or not check(v):
-            raise SamplingParameterError(f"{name}={v!r} is invalid: expected {expect}")
-    return np.asarray(values, dtype)
+        return np.asarray(value, dtype)
+    return np.full(count, value, dtype)
 
 
 @dataclasses.dataclass
@@ -729,33 +659,20 @@ def _resolve_models(proposal, aligner, mode: str):
     return p, q, mesh
 
 
-def _plan(proposal, aligner, prompts, *, mode, n, max_new_tokens, num_samples, seed, proposal_temperature,
-          aligner_temperature, proposal_top_p, aligner_top_p, kl_threshold, kl_fallback, product_support, stop,
-          top_k, repetition_penalty, template, batch_size, greedy, eos_ids, example_offset, rules,
-          inra_lambda=1.0) -> _Plan:
+def _plan(proposal, aligner, prompts, params: SamplingParams, *, num_samples, seed, batch_size, eos_ids,
+          example_offset, rules) -> _Plan:
+    mode, max_new_tokens, stop = params.mode, params.max_new_tokens, params.stop
     p, q, mesh = _resolve_models(proposal, aligner, mode)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise SamplingParameterError(f"n={n!r} must be an integer >= 1 (candidates per token in mode 'par')")
-    for name, v in (("max_new_tokens", max_new_tokens), ("num_samples", num_samples)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise SamplingParameterError(f"{name}={v!r} must be an integer >= 1")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise SamplingParameterError(f"num_samples={num_samples!r} must be an integer >= 1")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
         raise SamplingParameterError(f"batch_size={batch_size!r} must be an integer >= 1 or None (all rows)")
-    if kl_fallback not in FALLBACKS:
-        raise SamplingParameterError(f"kl_fallback={kl_fallback!r}; expected one of {FALLBACKS}")
-    if product_support not in SUPPORTS:
-        raise SamplingParameterError(f"product_support={product_support!r}; expected one of {SUPPORTS}")
-    if isinstance(stop, str):
-        stop = (stop,)
-    stop = tuple(stop)
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise SamplingParameterError(f"stop={stop!r}: stop strings must be non-empty strings")
 
     main = p if p is not None else q
     vocab = main.vocab_limit
     tokenizer = main.tokenizer
-    ids = _encode_prompts(prompts, tokenizer, template, vocab)
+    ids = _encode_prompts(prompts, tokenizer, params.template, vocab)
     count = len(ids)
     context = min(_context_length(m.config if m is not None else None) for m in (p, q))
     for i, pr in enumerate(ids):
@@ -765,39 +682,17 @@ def _plan(proposal, aligner, prompts, *, mode, n, max_new_tokens, num_samples, s
                 f"{len(pr) + max_new_tokens} positions but the context is {context} (max_position_embeddings); "
                 f"shorten the prompt or lower max_new_tokens")
 
-    def temp(v):
-        return v >= 0 and math.isfinite(v)
-
-    rowp = dict(
-        proposal_temperature=_per_prompt("proposal_temperature", proposal_temperature, count, temp,
-                                         "a finite temperature >= 0 (0 = greedy)"),
-        aligner_temperature=_per_prompt("aligner_temperature", aligner_temperature, count, temp,
-                                        "a finite temperature >= 0 (0 = greedy)"),
-        proposal_top_p=_per_prompt("proposal_top_p", proposal_top_p, count, lambda v: 0 < v <= 1, "top-p in (0, 1]"),
-        aligner_top_p=_per_prompt("aligner_top_p", aligner_top_p, count, lambda v: 0 < v <= 1, "top-p in (0, 1]"),
-        top_k=_per_prompt("top_k", top_k, count, lambda v: v >= 0 and float(v).is_integer(),
-                          "an integer >= 0 (0 = off)", np.int32),
-        repetition_penalty=_per_prompt("repetition_penalty", repetition_penalty, count,
-                                       lambda v: v > 0 and math.isfinite(v), "a finite penalty > 0 (1 = off)"),
-        kl_threshold=_per_prompt("kl_threshold", math.inf if kl_threshold is None else kl_threshold, count,
-                                 lambda v: v >= 0, "a threshold >= 0, or None (off)"),
-        inra_lambda=_per_prompt("inra_lambda", inra_lambda, count, math.isfinite,
-                                "a finite λ (0 = the base model, 1 = the adapted model; any real value mixes)"),
-    )
-    if isinstance(greedy, (list, tuple, np.ndarray)):
-        if len(greedy) != count:
-            raise SamplingParameterError(f"greedy has {len(greedy)} values but there are {count} prompts")
-        g = np.asarray(greedy, bool)
-    else:
-        g = np.full(count, bool(greedy))
+    rowp = {}
+    for name, _, _, dtype in sp_lib.PER_PROMPT:
+        value = getattr(params, name)
+        rowp[name] = _per_prompt(name, math.inf if value is None else value, count, dtype)
     zero_t = np.zeros(count, bool)
     if mode != "aligner":
         zero_t |= rowp["proposal_temperature"] == 0
     if mode not in ("proposal", "inra"):
         zero_t |= rowp["aligner_temperature"] == 0
-    rowp["greedy"] = g | zero_t
+    rowp["greedy"] = rowp["greedy"] | zero_t
     kl_monitor = mode in RAM_MODES and bool(np.any(np.isfinite(rowp["kl_threshold"])))
-    rowp["kl_threshold"] = rowp["kl_threshold"].astype(np.float32)
 
     # EOS ids and stop-string tables.
     if eos_ids is None:
@@ -835,8 +730,9 @@ def _plan(proposal, aligner, prompts, *, mode, n, max_new_tokens, num_samples, s
             params_p = jax.device_put(params_p, _param_shardings(p.config, mesh, rules))
         if q is not None:
             params_q = jax.device_put(params_q, _param_shardings(q.config, mesh, rules))
-    static_base = dict(mode=mode, n=int(n) if mode == "par" else 1, kl_monitor=kl_monitor, kl_fallback=kl_fallback,
-                       product_support=product_support, cfg_p=p.config if p is not None else None,
+    static_base = dict(mode=mode, n=int(params.n) if mode == "par" else 1, kl_monitor=kl_monitor,
+                       kl_fallback=params.kl_fallback, product_support=params.product_support,
+                       cfg_p=p.config if p is not None else None,
                        cfg_q=q.config if q is not None else None, vocab=vocab, batch=B,
                        max_new=bucket_length(max_new_tokens, _MIN_NEW_BUCKET), stop_len=stop_len,
                        n_stops=len(stop), pad_id=pad_id, mesh=mesh, rules=tuple(rules))
@@ -922,28 +818,19 @@ def _results(plan: _Plan, rows, out: dict[str, np.ndarray], kl_monitor: bool, mo
 
 _COMMON_DOC = """
     proposal, aligner: ``ramjax.api.Model`` (from ``ramjax.load_model``); ``aligner`` may be None in mode
-        ``proposal`` and ``proposal`` None in mode ``aligner``. They must share one vocabulary.
-    prompts: strings (rendered with ``template``: ``"plain"`` = the authors'
-        ``"\\n\\nHuman: {prompt}\\n\\nAssistant: "`` or ``"chat"`` = the tokenizer's chat template; BOS added as in
-        training), ``{role, content}`` message lists,
-        or token-id lists (used as-is).
-    mode: ``proposal`` | ``aligner`` | ``par`` | ``sparse`` | ``product`` (see ``ramjax.decode_rules``) | ``inra``
-        (``proposal`` is an InRa model from ``ramjax.inra.load_inra_model``; ``aligner`` is unused; tokens are
-        drawn from the λ-mixed logits with the proposal-side settings).
-    inra_lambda: mode ``inra`` only: λ, one value or one per prompt (0 = the base model, 1 = the adapted model,
-        other values interpolate or extrapolate); a traced array, so changing it never recompiles.
-    n: candidates per token in ``par`` (a compile-time constant).
-    max_new_tokens, num_samples, seed: generation length, samples per prompt, PRNG seed.
-    proposal_temperature, aligner_temperature, proposal_top_p, aligner_top_p, top_k, repetition_penalty,
-    kl_threshold, greedy: one value or one per prompt. Temperature 0 or ``greedy=True`` makes the row greedy
-        (argmax of the mode's target). ``top_k`` 0 = off; ``repetition_penalty`` 1 = off (HF's rule over prompt and
-        generated tokens); ``kl_threshold`` None = no KL monitor. Defaults are the authors' released settings.
-    kl_fallback: ``"proposal"`` (default; the fallback token is drawn from P_M with its own settings) or ``"paper"``
-        (the released code: P_M's logits with the aligner-side temperature, penalty and top-p).
-    product_support: ``"nucleus"`` (default) or ``"full"`` vocabulary for mode ``product``.
-    stop: stop strings (matched on the generated text, on device). ``eos_ids`` overrides the tokenizer's stop ids.
+        ``proposal`` and ``proposal`` None in mode ``aligner``. They must share one vocabulary. Mode ``inra``:
+        ``proposal`` is an InRa model (``ramjax.inra.load_inra_model``) and ``aligner`` is unused.
+    prompts: strings (rendered with ``params.template``: ``"plain"`` = the authors'
+        ``"\\n\\nHuman: {prompt}\\n\\nAssistant: "`` or ``"chat"`` = the tokenizer's chat template; BOS added as
+        in training), ``{role, content}`` message lists, or token-id lists (used as-is).
+    params: a ``SamplingParams`` (mode, n, max_new_tokens, temperatures, top-p/top-k, penalty, KL monitor, stop
+        strings, greedy, InRa λ, template; per-prompt values allowed where marked), a preset name (``"sampled"``,
+        ``"greedy"``, ``"release"``), or None for the defaults (the authors' released settings).
+    **overrides: ``SamplingParams`` fields applied on top of ``params`` (``mode="sparse", n=16``).
+    num_samples, seed: samples per prompt, PRNG seed.
     batch_size: rows per jitted call, fixed (a short last batch gets inactive rows, so calls of one size share one
         compile); default: all ``len(prompts) * num_samples`` rows in one call.
+    eos_ids: overrides the tokenizer's stop ids.
     example_offset: added to the prompt index in the PRNG key, so prompt i of a file slice keeps its samples.
     num_speculative_tokens: ``sample`` only: k > 0 turns on exact speculative decoding (``ramjax.speculative``):
         the aligner drafts k tokens per round and P_M verifies them in one forward; same distribution as token by
@@ -951,26 +838,18 @@ _COMMON_DOC = """
 """
 
 
-def sample(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: int = 8, max_new_tokens: int = 64,
-           num_samples: int = 1, seed: int = 0, proposal_temperature: float | Sequence[float] = 0.5,
-           aligner_temperature: float | Sequence[float] = 0.5, proposal_top_p: float | Sequence[float] = 0.95,
-           aligner_top_p: float | Sequence[float] = 0.9, kl_threshold: float | Sequence[float] | None = 0.1,
-           kl_fallback: str = "proposal", product_support: str = "nucleus", stop: Sequence[str] | str = (),
-           top_k: int | Sequence[int] = 0, repetition_penalty: float | Sequence[float] = 1.05,
-           template: str = "plain", batch_size: int | None = None, greedy: bool | Sequence[bool] = False,
-           eos_ids: Sequence[int] | None = None, example_offset: int = 0, rules=shd.DEFAULT_RULES,
-           inra_lambda: float | Sequence[float] = 1.0, num_speculative_tokens: int = 0) -> list[list[SampleResult]]:
+def sample(proposal, aligner, prompts: Sequence[Any], params: SamplingParams | str | None = None, *,
+           num_samples: int = 1, seed: int = 0, batch_size: int | None = None, eos_ids: Sequence[int] | None = None,
+           example_offset: int = 0, rules=shd.DEFAULT_RULES, num_speculative_tokens: int = 0,
+           **overrides: Any) -> list[list[SampleResult]]:
     """Samples ``num_samples`` responses per prompt; returns ``results[prompt][sample]`` (``SampleResult``).
     """
     from ramjax import speculative
 
-    k = speculative.check_request(mode, num_speculative_tokens, proposal, aligner)
-    plan = _plan(proposal, aligner, prompts, mode=mode, n=n, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                 seed=seed, proposal_temperature=proposal_temperature, aligner_temperature=aligner_temperature,
-                 proposal_top_p=proposal_top_p, aligner_top_p=aligner_top_p, kl_threshold=kl_threshold,
-                 kl_fallback=kl_fallback, product_support=product_support, stop=stop, top_k=top_k,
-                 repetition_penalty=repetition_penalty, template=template, batch_size=batch_size, greedy=greedy,
-                 eos_ids=eos_ids, example_offset=example_offset, rules=rules, inra_lambda=inra_lambda)
+    params = sp_lib.resolve(params, overrides)
+    k = speculative.check_request(params.mode, num_speculative_tokens, proposal, aligner)
+    plan = _plan(proposal, aligner, prompts, params, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                 eos_ids=eos_ids, example_offset=example_offset, rules=rules)
     all_rows = [(i, j) for i in range(len(plan.prompts)) for j in range(num_samples)]
     seed_key = jax.random.key(seed)
     out: list[list[SampleResult | None]] = [[None] * num_samples for _ in plan.prompts]
@@ -1004,27 +883,18 @@ def sample(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: i
 sample.__doc__ += _COMMON_DOC
 
 
-def stream(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: int = 8, max_new_tokens: int = 64,
-           num_samples: int = 1, seed: int = 0, proposal_temperature: float | Sequence[float] = 0.5,
-           aligner_temperature: float | Sequence[float] = 0.5, proposal_top_p: float | Sequence[float] = 0.95,
-           aligner_top_p: float | Sequence[float] = 0.9, kl_threshold: float | Sequence[float] | None = 0.1,
-           kl_fallback: str = "proposal", product_support: str = "nucleus", stop: Sequence[str] | str = (),
-           top_k: int | Sequence[int] = 0, repetition_penalty: float | Sequence[float] = 1.05,
-           template: str = "plain", greedy: bool | Sequence[bool] = False, eos_ids: Sequence[int] | None = None,
-           example_offset: int = 0, rules=shd.DEFAULT_RULES, inra_lambda: float | Sequence[float] = 1.0
-           ) -> Iterator[StreamEvent]:
+def stream(proposal, aligner, prompts: Sequence[Any], params: SamplingParams | str | None = None, *,
+           num_samples: int = 1, seed: int = 0, eos_ids: Sequence[int] | None = None, example_offset: int = 0,
+           rules=shd.DEFAULT_RULES, **overrides: Any) -> Iterator[StreamEvent]:
     """Yields a ``StreamEvent`` per generated token, for all rows decoded together as one batch.
 
     The first event comes after one prefill (which also draws the first token); every later event is one call of
     the jitted step function (compiled once per shapes, never per token). Same seed and settings give the same
     tokens as ``sample``.
     """
-    plan = _plan(proposal, aligner, prompts, mode=mode, n=n, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                 seed=seed, proposal_temperature=proposal_temperature, aligner_temperature=aligner_temperature,
-                 proposal_top_p=proposal_top_p, aligner_top_p=aligner_top_p, kl_threshold=kl_threshold,
-                 kl_fallback=kl_fallback, product_support=product_support, stop=stop, top_k=top_k,
-                 repetition_penalty=repetition_penalty, template=template, batch_size=None, greedy=greedy,
-                 eos_ids=eos_ids, example_offset=example_offset, rules=rules, inra_lambda=inra_lambda)
+    params = sp_lib.resolve(params, overrides)
+    plan = _plan(proposal, aligner, prompts, params, num_samples=num_samples, seed=seed, batch_size=None,
+                 eos_ids=eos_ids, example_offset=example_offset, rules=rules)
     rows = [(i, j) for i in range(len(plan.prompts)) for j in range(num_samples)]
     st, batch, rowp = _chunk_inputs(plan, rows)
     _, prefill, step = _compiled(st)
@@ -1072,3 +942,6 @@ def stream(proposal, aligner, prompts: Sequence[Any], *, mode: str = "par", n: i
         if all(fin):
             return
         state, col = step(plan.params_p, plan.params_q, state, plan.tables, rowp, max_new)
+
+
+stream.__doc__ += _COMMON_DOC

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -815,6 +816,67 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading.
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Token bytes: what each id contributes to decoded text
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_LEVEL_INV = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_TOKEN_BYTES_CACHE: "weakref.WeakKeyDictionary[Any, list[bytes]]" = weakref.WeakKeyDictionary()
+
+
+def token_bytes(tokenizer: Any, vocab: int | None = None) -> list[bytes]:
+    """The UTF-8 bytes each token id contributes to decoded text, for ids ``0 .. vocab-1``.
+
+    A token's text is taken in context (decoded after an anchor token, so sentencepiece's leading-space rule and
+    ``▁`` handling apply as in a longer text); a token that is only part of a UTF-8 character (byte-level BPE,
+    sentencepiece byte fallback) gets its raw byte(s). Special tokens, which decoding skips, contribute nothing.
+    Cached per tokenizer object. Used by the sampler's on-device stop-string matching.
+    """
+    vocab = tokenizer.vocab_size if vocab is None else vocab
+    cached = _TOKEN_BYTES_CACHE.get(tokenizer)
+    if cached is not None and len(cached) >= vocab:
+        return cached[:vocab]
+    special = tokenizer.special_ids
+    pieces = tokenizer.get_vocab()
+    anchor = tokenizer.encode("a")
+    base = tokenizer.decode(anchor, skip_special_tokens=True)
+    out: list[bytes] = []
+    for i in range(vocab):
+        if i in special:
+            out.append(b"")
+            continue
+        text = tokenizer.decode(anchor + [i], skip_special_tokens=True)
+        tail = text[len(base):] if text.startswith(base) else None
+        if tail is not None and "\ufffd" not in tail:
+            out.append(tail.encode("utf-8"))
+            continue
+        piece = pieces[i] if i < len(pieces) else ""
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            out.append(bytes([int(m.group(1), 16)]))
+        elif piece and all(c in _BYTE_LEVEL_INV for c in piece):
+            out.append(bytes(_BYTE_LEVEL_INV[c] for c in piece))
+        else:
+            out.append((tail if tail is not None else piece).encode("utf-8"))
+    _TOKEN_BYTES_CACHE[tokenizer] = out
+    return out
+
 
 
 def _read_json(path: str) -> dict:

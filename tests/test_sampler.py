@@ -357,6 +357,13 @@ def test_batch_invariance_determinism_and_kl_flags(models):
     assert toks([PROMPT], seed=5)[0] == base[0]
     assert toks([BATCH[2]], seed=5, example_offset=2)[0] == base[2]
     assert toks([[8, 8], [9] * 12, PROMPT], seed=5, example_offset=-2)[2] == base[0]
+    # One SamplingParams record gives what the same settings as keywords give (and keywords override it).
+    fields = {k: v for k, v in PAR.items() if k in S.SamplingParams.__dataclass_fields__}
+    params = S.SamplingParams(**fields)
+    via_params = S.sample(p, q, BATCH, params, seed=5, eos_ids=[], batch_size=4)
+    assert [r[0].token_ids for r in via_params] == base
+    assert [r[0].token_ids for r in S.sample(p, q, BATCH, params.replace(n=2), seed=5, eos_ids=[], batch_size=4,
+                                             n=4)] == base
     # KL threshold per prompt: 0 -> every token from P_M, inf -> none
     res = S.sample(p, q, BATCH, **{**PAR, "seed": 5, "kl_threshold": [0.0, math.inf, 0.0, 1e9]})
     assert [r[0].kl_fallback_rate for r in res] == [1.0, 0.0, 1.0, 0.0]
@@ -457,6 +464,8 @@ def test_bad_inputs_raise_named_errors(models, text_models):
         S.sample(p, None, [[1]], mode="par")
     with pytest.raises(S.SamplingParameterError, match="n=0"):
         S.sample(p, q, [[1]], n=0)
+    with pytest.raises(S.SamplingParameterError, match="did you mean 'kl_threshold'"):
+        S.sample(p, q, [[1]], kl_treshold=0.2)
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(S.SamplingParameterError, match="top_p"):
             S.sample(p, q, [[1]], proposal_top_p=bad)

@@ -41,6 +41,7 @@ import numpy as np
 from ramjax import stats
 from ramjax.evaluate import write_json_atomic
 from ramjax.experiments import tasks
+from ramjax.sampling_params import PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class AblateConfig:
     modes: tuple[Literal["par", "sparse", "product"], ...] = ("product",)
     decodings: tuple[Literal["sampled", "greedy"], ...] = ("sampled", "greedy")
     n: int = 16
-    kl_threshold: float | None = None
+    kl_threshold: float | None = PRESETS["sampled"].kl_threshold
     max_new_tokens: int = 24
     max_eval: int = 0
     eval_batch_size: int = 64

@@ -35,6 +35,7 @@ from ramjax import config as config_lib
 from ramjax import files
 from ramjax.config import ConfigError
 from ramjax.model import ModelConfig
+from ramjax.sampling_params import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class PipelineConfig:
     max_new_tokens: int = 24
     eval_modes: tuple[str, ...] = ("par", "sparse", "product")
     n: int = 16
-    kl_threshold: float | None = None
+    kl_threshold: float | None = PRESETS["sampled"].kl_threshold
     eval_batch_size: int = 64
     baselines: bool = True
 

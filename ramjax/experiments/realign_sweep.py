@@ -34,13 +34,11 @@ from ramjax import config as config_lib
 from ramjax import stats
 from ramjax.config import ConfigError
 from ramjax.experiments import tasks
+from ramjax.sampling_params import PRESETS
 
 log = logging.getLogger(__name__)
 
 INRA, TRRA, ALIGNED = "InRa", "TrRa", "SFT (aligned)"
-# Sampler settings of every cell: plain sampling from the distribution (as ramjax.evaluate.SAMPLING_DEFAULTS).
-_SAMPLING = {"proposal_top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-_TEMPERATURE = {"greedy": 0.0, "sampled": 1.0}
 
 
 class SweepError(ValueError):
@@ -262,12 +260,11 @@ def sample_cell(model: Any, records: Sequence[Mapping[str, Any]], cfg: RealignSw
     """One response per record from ``model`` (``mode`` proposal, or inra at ``lam``), ``SampleResult`` each."""
     from ramjax import sampler
 
-    kw = dict(_SAMPLING, proposal_temperature=_TEMPERATURE[decoding])
-    if mode == "inra":
-        kw["inra_lambda"] = float(lam)
-    out = sampler.sample(model, None, [r["prompt"] for r in records], mode=mode, max_new_tokens=cfg.max_new_tokens,
-                         seed=cfg.seed, stop=list(cfg.stop), batch_size=min(cfg.batch_size, len(records)),
-                         kl_threshold=None, **kw)
+    # Every cell samples plainly from the distribution: the ``sampled`` / ``greedy`` presets.
+    params = PRESETS[decoding].replace(mode=mode, max_new_tokens=cfg.max_new_tokens, stop=tuple(cfg.stop),
+                                       inra_lambda=float(lam))
+    out = sampler.sample(model, None, [r["prompt"] for r in records], params, seed=cfg.seed,
+                         batch_size=min(cfg.batch_size, len(records)))
     return [per[0] for per in out]
 
 
