@@ -12,7 +12,8 @@ Public API::
     for event in ramjax.stream(proposal, aligner, prompts, mode="sparse"):
         print(event.text_deltas[0], end="")
 
-How it runs. Prompts are left-padded to a power-of-two bucket length (so compiles stay bounded) and the batch is
+How it runs. Prompts are left-padded to a bucket length (16, 24, 32, 48, 64, 96, ...: at most 1.5× the longest
+prompt, and compiles stay bounded) and the batch is
 padded to a multiple of the mesh's batch divisor with inactive rows. One jitted function (per model configs,
 mode, ``n``, batch, bucket lengths) prefills both models and draws the first token, then runs a
 ``lax.while_loop`` whose state (``DecodeState``) carries the step, done flags, the last tokens, the output buffer,
@@ -21,6 +22,12 @@ every row is done or ``max_new_tokens`` is reached, so a whole batch costs one h
 step functions, jitted once each, drive the streaming generator. Sampling parameters are traced ``[B]`` arrays
 (per prompt), so changing a temperature never recompiles; ``max_new_tokens`` is traced too (the buffers are
 sized by its power-of-two bucket).
+
+Decode layout. Plain models decode with their layers unrolled over per-layer weights (``model.unstack_layers``,
+built once per model and dtype and cached while the model's weights live) and a per-layer KV cache
+(``model.LayerKVCache``), written in place: the stacked layout under ``scan`` copies every layer's weights and
+cache once per step on XLA's CPU backend. ``SamplingParams.decode_dtype="bfloat16"`` decodes with bf16 weights and
+compute (half the bytes per step; logits and rules float32). InRa models keep their scanned layout.
 
 Randomness. Row ``r`` draws step ``s`` from ``fold_in(fold_in(fold_in(key(seed), example_index), sample_index),
 s)``: a prompt gets the same tokens whatever the batch it is in, its row, or the batch size (up to float
@@ -44,6 +51,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from typing import Any, Iterator, Mapping, Sequence
 
 import flax.struct
@@ -89,9 +97,18 @@ class ContextLengthError(SamplerError):
     """A prompt plus ``max_new_tokens`` does not fit in a model's context (``max_position_embeddings``)."""
 
 
-def bucket_length(n: int, minimum: int = _MIN_PROMPT_BUCKET) -> int:
-    """The power of two ``>= max(n, minimum)``: padded lengths come from a few buckets, so compiles stay few."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+def bucket_length(n: int, minimum: int = _MIN_PROMPT_BUCKET, *, fine: bool = False) -> int:
+    """The power of two ``>= max(n, minimum)``: padded lengths come from a few buckets, so compiles stay few.
+
+    ``fine``: also the midpoints 1.5 · 2^k (16, 24, 32, 48, 64, 96, ...), for prompts: every padded slot is
+    prefilled by both models and attended over (masked) by every decode step, so a 17-token prompt pays for 24
+    positions instead of 32 (at most 1.5× the real length instead of 2×), for one more compile per octave.
+    """
+    m = max(int(n), int(minimum), 1)
+    p = 1 << (m - 1).bit_length()
+    if fine and p >= 4 and m <= 3 * p // 4:
+        return max(int(minimum), 3 * p // 4)
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,26 +263,82 @@ class _Static:
 
 def _forward(cfg: model_lib.DecoderSpec, params, tokens, positions, segment_ids, cache, vocab, static: _Static,
              lam=None):
-    # a ModelConfig ignores λ; an inra.InraSpec runs two streams and mixes their logits per row by λ
-    logits, cache = cfg.forward(params, tokens, positions, segment_ids, cache, lam, last_only=True,
-                                mesh=static.mesh, rules=static.rules)
+    if isinstance(cfg, model_lib.ModelConfig):  # the decode layout: per-layer weights and cache (decode_forward)
+        logits, cache = model_lib.decode_forward(cfg, params, tokens, positions, segment_ids, cache, last_only=True,
+                                                 mesh=static.mesh, rules=static.rules)
+    else:  # an inra.InraSpec runs two streams and mixes their logits per row by λ
+        logits, cache = cfg.forward(params, tokens, positions, segment_ids, cache, lam, last_only=True,
+                                    mesh=static.mesh, rules=static.rules)
     return logits[:, 0, :vocab], cache
 
 
 def _init_cache(cfg: model_lib.DecoderSpec, batch: int, max_len: int):
+    if isinstance(cfg, model_lib.ModelConfig):
+        return model_lib.init_layer_cache(cfg, batch, max_len)
     return cfg.init_cache(batch, max_len)
 
 
 def _cache_shardings(mesh, cfg: model_lib.DecoderSpec, batch: int, max_len: int, rules):
+    if isinstance(cfg, model_lib.ModelConfig):
+        return model_lib.layer_cache_shardings(mesh, cfg, batch, max_len, rules)
     return cfg.cache_shardings(mesh, batch, max_len, rules)
 
 
 def _param_shardings(cfg: model_lib.DecoderSpec, mesh, rules):
+    if isinstance(cfg, model_lib.ModelConfig):
+        return model_lib.unstacked_param_shardings(cfg, mesh, rules)
     return cfg.param_shardings(mesh, rules)
 
 
 def _param_shapes(cfg: model_lib.DecoderSpec):
-    return cfg.param_shapes()
+    return model_lib.unstacked_param_shapes(cfg) if isinstance(cfg, model_lib.ModelConfig) else cfg.param_shapes()
+
+
+# Decode weights per (source weights, dtype, mesh): built once and reused while the model's weights live.
+_DECODE_WEIGHTS: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _placed(m, plan):
+    """A model's own weights (stacked layout), on the plan's mesh when there is one."""
+    mesh, rules = plan.static_base["mesh"], plan.static_base["rules"]
+    if mesh is None:
+        return m.params
+    return jax.device_put(m.params, model_lib.param_shardings(m.config, mesh, rules))
+
+
+def _decode_weights(m, mesh, rules, decode_dtype: str | None):
+    """The config and weights a model decodes with: for a plain model its weights split per layer
+    (``model.unstack_layers``), cast to ``decode_dtype`` (compute dtype too) when given, placed on the mesh;
+    an InRa model keeps its own layout. Cached while the source weights are alive."""
+    cfg = m.config
+    if not isinstance(cfg, model_lib.ModelConfig):
+        if decode_dtype is not None and decode_dtype != cfg.base.dtype:
+            raise SamplingParameterError(f"decode_dtype={decode_dtype!r} is not supported in mode 'inra'; leave it "
+                                         f"None (the models' own dtype)")
+        params = m.params
+        return cfg, (jax.device_put(params, _param_shardings(cfg, mesh, rules)) if mesh is not None else params)
+    if decode_dtype is not None:
+        cfg = cfg.replace(dtype=decode_dtype, param_dtype=decode_dtype)
+    for k in [k for k, (ref, _) in _DECODE_WEIGHTS.items() if ref() is None]:
+        del _DECODE_WEIGHTS[k]
+    leaf = jax.tree_util.tree_leaves(m.params)[0]
+    key = (id(leaf), cfg, id(mesh), tuple(rules))
+    hit = _DECODE_WEIGHTS.get(key)
+    if hit is not None and hit[0]() is leaf:
+        return cfg, hit[1]
+    dtype = cfg.weight_dtype
+
+    def build(params):
+        params = model_lib.unstack_layers(params)
+        if decode_dtype is None:
+            return params
+        return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                      params)
+
+    out_sh = _param_shardings(cfg, mesh, rules) if mesh is not None else None
+    params = jax.jit(build, out_shardings=out_sh)(m.params)
+    _DECODE_WEIGHTS[key] = (weakref.ref(leaf), params)
+    return cfg, params
 
 
 def prompt_seen_set(tokens_bp: jax.Array, segment_ids_bp: jax.Array, vocab: int) -> jax.Array:
@@ -723,17 +796,11 @@ def _plan(proposal, aligner, prompts, params: SamplingParams, *, num_samples, se
     # An explicit batch_size fixes the compiled batch (short batches get inactive rows), so calls share compiles.
     B = batch_size or rows
     B = -(-B // divisor) * divisor
-    params_p = p.params if p is not None else None
-    params_q = q.params if q is not None else None
-    if mesh is not None:
-        if p is not None:
-            params_p = jax.device_put(params_p, _param_shardings(p.config, mesh, rules))
-        if q is not None:
-            params_q = jax.device_put(params_q, _param_shardings(q.config, mesh, rules))
+    cfg_p, params_p = _decode_weights(p, mesh, rules, params.decode_dtype) if p is not None else (None, None)
+    cfg_q, params_q = _decode_weights(q, mesh, rules, params.decode_dtype) if q is not None else (None, None)
     static_base = dict(mode=mode, n=int(params.n) if mode == "par" else 1, kl_monitor=kl_monitor,
                        kl_fallback=params.kl_fallback, product_support=params.product_support,
-                       cfg_p=p.config if p is not None else None,
-                       cfg_q=q.config if q is not None else None, vocab=vocab, batch=B,
+                       cfg_p=cfg_p, cfg_q=cfg_q, vocab=vocab, batch=B,
                        max_new=bucket_length(max_new_tokens, _MIN_NEW_BUCKET), stop_len=stop_len,
                        n_stops=len(stop), pad_id=pad_id, mesh=mesh, rules=tuple(rules))
     return _Plan(static_base=static_base, params_p=params_p, params_q=params_q, tokenizer=tokenizer, prompts=ids,
@@ -744,7 +811,7 @@ def _plan(proposal, aligner, prompts, params: SamplingParams, *, num_samples, se
 def _chunk_inputs(plan: _Plan, rows: Sequence[tuple[int, int]]):
     """Static config and device inputs for one batch of ``(prompt_index, sample_index)`` rows."""
     B = plan.batch_size
-    P = bucket_length(max(len(plan.prompts[i]) for i, _ in rows))
+    P = bucket_length(max(len(plan.prompts[i]) for i, _ in rows), fine=True)
     st = _Static(prompt_len=P, **plan.static_base)
     tokens = np.full((B, P), st.pad_id, np.int32)
     seg = np.zeros((B, P), np.int32)
@@ -848,6 +915,9 @@ def sample(proposal, aligner, prompts: Sequence[Any], params: SamplingParams | s
 
     params = sp_lib.resolve(params, overrides)
     k = speculative.check_request(params.mode, num_speculative_tokens, proposal, aligner)
+    if k and params.decode_dtype is not None:
+        raise SamplingParameterError("decode_dtype is not supported with num_speculative_tokens > 0 (speculative "
+                                     "decoding runs the models' own weights); leave decode_dtype None")
     plan = _plan(proposal, aligner, prompts, params, num_samples=num_samples, seed=seed, batch_size=batch_size,
                  eos_ids=eos_ids, example_offset=example_offset, rules=rules)
     all_rows = [(i, j) for i in range(len(plan.prompts)) for j in range(num_samples)]
@@ -858,8 +928,10 @@ def sample(proposal, aligner, prompts: Sequence[Any], params: SamplingParams | s
         st, batch, rowp = _chunk_inputs(plan, rows)
         t0 = time.perf_counter()
         if k:
-            params_q = plan.params_q if plan.params_q is not None else aligner.params  # proposal mode: the draft
-            final = speculative.generate(st, k, aligner.config, plan.params_p, params_q, batch, plan.tables, rowp,
+            # speculative decoding runs the models' own (stacked) layout and configs
+            params_p, params_q = _placed(proposal, plan), _placed(aligner, plan)
+            st_spec = dataclasses.replace(st, cfg_p=proposal.config, cfg_q=aligner.config if st.cfg_q else None)
+            final = speculative.generate(st_spec, k, aligner.config, params_p, params_q, batch, plan.tables, rowp,
                                          seed_key, np.int32(plan.max_new))
             host = jax.device_get(dict(tokens=final.tokens, finish=final.finish, length=final.length,
                                        fallback=final.fallback, kl=final.kl, nonfinite=final.nonfinite,

@@ -33,6 +33,7 @@ RAM_MODES = ("par", "sparse", "product")
 FALLBACKS = ("proposal", "paper")
 SUPPORTS = ("nucleus", "full")
 TEMPLATES = ("plain", "chat")
+DECODE_DTYPES = ("float32", "bfloat16")
 
 # A setting that may be given per prompt: one value for every prompt, or a sequence with one value per prompt.
 PerPromptFloat = float | tuple[float, ...]
@@ -74,6 +75,9 @@ class SamplingParams:
     stop:        stop strings, matched on the generated text on device.
     template:    how text prompts are rendered: ``plain`` (the authors' ``"\\n\\nHuman: {p}\\n\\nAssistant: "``) or
                  ``chat`` (the tokenizer's chat template).
+    decode_dtype: None decodes with the models' own weights and compute dtype; ``bfloat16`` (or ``float32``) casts
+                 the weights the sampler decodes with (and the compute dtype) to it: half the bytes each memory-bound
+                 decode step reads. Logits and the rules stay float32.
     """
 
     mode: Literal["proposal", "aligner", "par", "sparse", "product", "inra"] = "par"
@@ -92,6 +96,7 @@ class SamplingParams:
     greedy: PerPromptBool = False
     inra_lambda: PerPromptFloat = 1.0
     template: Literal["plain", "chat"] = "plain"
+    decode_dtype: Literal["float32", "bfloat16"] | None = None
 
     def __post_init__(self) -> None:
         # Lists become tuples (the record stays hashable) and a single stop string a one-element tuple.
@@ -115,6 +120,8 @@ class SamplingParams:
         _choice("kl_fallback", self.kl_fallback, FALLBACKS)
         _choice("product_support", self.product_support, SUPPORTS)
         _choice("template", self.template, TEMPLATES)
+        if self.decode_dtype is not None:
+            _choice("decode_dtype", self.decode_dtype, DECODE_DTYPES)
         for name in ("n", "max_new_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

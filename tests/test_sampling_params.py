@@ -51,7 +51,8 @@ def test_validation_names_the_setting():
                        (dict(aligner_temperature=-1.0), "aligner_temperature"), (dict(top_k=1.5), "top_k"),
                        (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(kl_threshold=-1.0), "kl_threshold"),
                        (dict(inra_lambda=float("nan")), "inra_lambda"), (dict(kl_fallback="papr"), "did you mean"),
-                       (dict(stop=("",)), "stop"), (dict(greedy=1), "greedy")]:
+                       (dict(stop=("",)), "stop"), (dict(greedy=1), "greedy"),
+                       (dict(decode_dtype="float16"), "decode_dtype")]:
         with pytest.raises(SP.SamplingParameterError, match=match):
             SamplingParams(**bad).validate()
     with pytest.raises(SP.ModeError, match="unknown mode"):
