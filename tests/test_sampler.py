@@ -118,11 +118,12 @@ def hf_process(z: np.ndarray, *, temperature=1.0, top_k=0, top_p=1.0, penalty=1.
     return scores[0].numpy()
 
 
-@pytest.mark.parametrize("fast_k", [0, 4])
-def test_filters_match_hugging_face(fast_k):
-    """Penalty, temperature, top-k, top-p per row equal transformers' processors (kept set and values), by the
-    exact bisection (fast_k=0) and by the top-k fast path (the peaked rows with fast_k=4; the rule-level tests
-    below run it with fast_k >= V) or the bisection, as the batch-wide switch picks."""
+@pytest.mark.parametrize("fast_k,band_k", [(0, R.BAND_K), (4, R.BAND_K), (0, 2), (0, 0)])
+def test_filters_match_hugging_face(fast_k, band_k):
+    """Penalty, temperature, top-k, top-p per row equal transformers' processors (kept set and values), without
+    the top-k fast path (fast_k=0: top-p by the value bisection with its exact band finish, or where the band holds
+    more than band_k tokens (band_k=2) or band_k=0, by the 32-step key bisection) and with it (the peaked rows
+    with fast_k=4; the rule-level tests below run it with fast_k >= V), as the batch-wide switches pick."""
     rng = np.random.default_rng(1)
     B = 16
     for scale, ks, ps in ((2.0, [0, 1, 5, 20], [1.0, 0.9, 0.5, 0.05]), (8.0, [0, 1, 3], [1.0, 0.6, 0.3])):
@@ -134,12 +135,36 @@ def test_filters_match_hugging_face(fast_k):
         pens = rng.choice([1.0, 1.3], B)
         zp = R.repetition_penalty(jnp.asarray(z), jnp.asarray(seen), jnp.asarray(pens, jnp.float32))
         ours = np.asarray(R.filter_logits(zp / jnp.asarray(temps, jnp.float32)[:, None], jnp.asarray(k, jnp.int32),
-                                          jnp.asarray(p, jnp.float32), fast_k=fast_k))
+                                          jnp.asarray(p, jnp.float32), fast_k=fast_k, band_k=band_k))
         for b in range(B):
             ref = hf_process(z[b], temperature=temps[b], top_k=int(k[b]), top_p=p[b], penalty=pens[b],
                              seen_ids=np.flatnonzero(seen[b]).tolist())
             np.testing.assert_array_equal(np.isfinite(ours[b]), np.isfinite(ref), err_msg=f"row {b}")
             np.testing.assert_allclose(ours[b][np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-6)
+
+
+def test_band_finish_equals_key_bisection_on_flat_large_vocabularies():
+    """Flat distributions over a large vocabulary (random-weight models: no top-k fast path) are where top-p runs
+    the value bisection + band finish; it keeps exactly the set of the 32-step key bisection."""
+    rng = np.random.default_rng(7)
+    z = jnp.asarray((0.5 * rng.standard_normal((8, 8192))).astype(np.float32))
+    z = z.at[0, :4000].set(-jnp.inf).at[1, 100:200].set(z[1, 7])  # excluded ids; many ties
+    k = jnp.zeros(8, jnp.int32).at[2].set(5000)
+    p = jnp.asarray([0.95, 0.9, 0.5, 0.99, 0.3, 0.95, 0.999, 0.8], jnp.float32)
+    band = R.nucleus_mask(z, k, p, fast_k=0)
+    exact = R.nucleus_mask(z, k, p, fast_k=0, band_k=0)
+    np.testing.assert_array_equal(band, exact)
+    assert 0 < int(band.sum()) < int((z > -jnp.inf).sum())
+
+
+def test_nucleus_fast_path_compiles_to_a_top_k_not_a_sort():
+    """The top-k fast path must reach XLA as a TopK: when only top_k's values were used, the CPU backend lowered
+    it to a full sort of every row (~100x slower at V = 49k, as slow as the model step at batch 8)."""
+    z = jnp.zeros((8, 4096), jnp.float32)
+    txt = jax.jit(R.nucleus_mask).lower(z, jnp.zeros(8, jnp.int32), jnp.full(8, 0.9)).compile().as_text()
+    if jax.default_backend() == "cpu":
+        assert "TopK" in txt
+    assert " sort(" not in txt
 
 
 def test_draws_follow_the_distribution_and_never_excluded_ids(logits):
@@ -370,6 +395,21 @@ def test_batch_invariance_determinism_and_kl_flags(models):
     assert res[1][0].token_ids == base[1] and res[3][0].token_ids == base[3]
     assert all(r[0].ess_mean is not None and 1.0 <= r[0].ess_mean <= 4.0 for r in (res[1], res[3]))
     assert res[0][0].ess_mean is None  # every token came from the fallback
+
+
+def test_bf16_decode_weights(models):
+    """decode_dtype=bfloat16 decodes with bf16 per-layer copies of the weights (cached per model and dtype) and
+    draws valid tokens; greedy tokens mostly agree with float32 (numerics: test_model's bf16 parity test)."""
+    p, q = models
+    kw = {**PAR, "seed": 5, "greedy": True}
+    f32 = [r[0].token_ids for r in S.sample(p, q, BATCH, **kw)]
+    bf = [r[0].token_ids for r in S.sample(p, q, BATCH, decode_dtype="bfloat16", **kw)]
+    cached = [w for ref, w in S._DECODE_WEIGHTS.values() if ref() is not None]
+    dtypes = {str(x.dtype) for w in cached for x in jax.tree_util.tree_leaves(w)}
+    assert {"bfloat16", "float32"} <= dtypes
+    assert all(len(t) == 10 and all(0 <= i < V for i in t) for t in bf)
+    same = np.mean([a == b for x, y in zip(f32, bf) for a, b in zip(x, y)])
+    assert same >= 0.5, same
 
 
 def test_stream_yields_the_same_tokens(models):
