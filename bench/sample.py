@@ -1,6 +1,16 @@
 """Sampler benchmark on the mission's shapes: tokens/s and first-token latency of every decoding mode.
 
     python bench/sample.py [--batches 1,8,32] [--modes proposal,sparse,par8,par32,product] [--reps 3] [--quick]
+    python bench/sample.py --shape smollm2-135m [--decode-dtype bfloat16] [--tree OTHER_CHECKOUT]
+
+``--shape smollm2-135m``: a Llama of SmolLM2-135M's shape (30 layers, hidden 576, MLP 1536, 9 heads / 3 KV heads,
+head dim 64, vocabulary 49152, tied embeddings; random weights, float32, T = 1, top-p 0.95, penalty 1.05) with a
+≈¼-compute aligner (hidden 384, 6 layers, MLP 1024, 6 / 2 heads, same vocabulary); adds the roofline
+(``bench/roofline.py``: each mode's step time as a share of the floor), the models' jitted forward step alone (so
+each mode's per-token rule overhead is reported as a share of the forward), ``sparse`` with the KL monitor on, the
+first token of a 512-token prompt, and the authors' design running their ``sparse`` rule. ``--decode-dtype
+bfloat16`` also runs every mode with bf16 decode weights. ``--tree DIR`` imports ramjax from another checkout (an
+older commit), so before/after tables come from the same script.
 
 Models (random weights, float32, 8192-token vocabulary, built with transformers and loaded through ``ramjax.hf``
 so that the torch baselines run the very same weights):
@@ -37,8 +47,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--tree" in sys.argv:  # import ramjax from another checkout (the "before" of a before/after table)
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--tree") + 1]))
 
 VOCAB = 8192
+TIED = False
 PROMPT_LEN = 16
 NEW = 64
 PROPOSAL = dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
@@ -56,6 +69,28 @@ MODES = {"proposal": dict(mode="proposal"), "sparse": dict(mode="sparse"), "par8
 SETTINGS = dict(proposal_temperature=0.5, aligner_temperature=0.5, proposal_top_p=0.95, aligner_top_p=0.9,
                 repetition_penalty=1.05, kl_threshold=0.1)
 
+SHAPES = {
+    "smollm2-135m": dict(
+        vocab=49152, tied=True,
+        proposal=dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                      num_key_value_heads=3),
+        aligners={"1/4": dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1024, num_attention_heads=6,
+                              num_key_value_heads=2)},
+        modes={"proposal": dict(mode="proposal"), "aligner": dict(mode="aligner"), "par8": dict(mode="par", n=8),
+               "sparse": dict(mode="sparse"), "product": dict(mode="product"),
+               "sparse+kl": dict(mode="sparse", kl_threshold=0.1)},
+        settings=dict(proposal_temperature=1.0, aligner_temperature=1.0, proposal_top_p=0.95, aligner_top_p=0.9,
+                      repetition_penalty=1.05, kl_threshold=None)),
+}
+
+
+def use_shape(name: str) -> None:
+    """Switches the module's model shapes, modes and settings to ``SHAPES[name]``."""
+    global VOCAB, TIED, PROPOSAL, ALIGNERS, MODES, SETTINGS
+    sh = SHAPES[name]
+    VOCAB, TIED, PROPOSAL, ALIGNERS = sh["vocab"], sh["tied"], sh["proposal"], sh["aligners"]
+    MODES, SETTINGS = sh["modes"], sh["settings"]
+
 
 def build_hf(directory: str, shape: dict, seed: int):
     import torch
@@ -63,7 +98,7 @@ def build_hf(directory: str, shape: dict, seed: int):
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048, head_dim=64,
-                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **shape)
+                                   tie_word_embeddings=TIED, bos_token_id=1, eos_token_id=2, **shape)
     model = transformers.LlamaForCausalLM(cfg).to(torch.float32).eval()
     model.save_pretrained(directory, safe_serialization=True)
     return model
@@ -90,7 +125,9 @@ class ModeBench:
     """One (mode, aligner, batch) configuration: ``run`` decodes the batch with ``sample``; ``first`` times the
     first token of ``stream`` (one prefill + one step)."""
 
-    def __init__(self, sampler, proposal, aligner, mode_kw: dict, batch: int, new: int = NEW):
+    def __init__(self, sampler, proposal, aligner, mode_kw: dict, batch: int, new: int = NEW,
+                 with_first: bool = True):
+        self.with_first = with_first
         self.sampler, self.proposal, self.batch, self.new = sampler, proposal, batch, new
         self.aligner = aligner if mode_kw["mode"] != "proposal" else None
         self.prompts = prompts(batch)
@@ -118,12 +155,15 @@ class ModeBench:
         out = self.run()
         assert all(len(r[0].token_ids) == self.new for r in out)
         self.out = out
-        self.first()
-        self.compile_run, self.compile_first = self.runs.pop(), self.firsts.pop()
+        if self.with_first:
+            self.first()
+        self.compile_run = self.runs.pop()
+        self.compile_first = self.firsts.pop() if self.with_first else float("nan")
         self.cpus.pop()
 
     def result(self) -> dict:
-        run, ftl, cpu = min(self.runs), min(self.firsts), min(self.cpus)
+        run, cpu = min(self.runs), min(self.cpus)
+        ftl = min(self.firsts) if self.firsts else float("nan")
         out = self.out
         return dict(batch=self.batch, tokens_per_s=self.batch * self.new / run, run_s=run,
                     tokens_per_cpu_s=self.batch * self.new / cpu, cpu_s=cpu,
@@ -196,6 +236,128 @@ def bench_torch_par_loop(p_model, q_model, reps: int, n: int = 8) -> dict:
                 tokens_per_cpu_s=NEW / min(cpus))
 
 
+def forward_step_s(model, batch: int, reps: int, cache_len: int = PROMPT_LEN + NEW, dtype: str | None = None) -> float:
+    """Best time of the model's jitted single-token decode step with a KV cache (``cache_len`` slots, donated),
+    the way the sampler runs it in this checkout (per-layer ``decode_forward`` when it exists, else ``forward``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ramjax import model as model_lib
+
+    cfg, params = model.config, model.params
+    tok = jnp.ones((batch, 1), jnp.int32)
+    pos = jnp.full((batch, 1), PROMPT_LEN, jnp.int32)
+    seg = jnp.ones((batch, 1), jnp.int32)
+    if hasattr(model_lib, "decode_forward"):
+        if dtype is not None:
+            cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+            params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+        params = jax.jit(model_lib.unstack_layers)(params)
+        cache = model_lib.init_layer_cache(cfg, batch, cache_len)
+        fwd = jax.jit(lambda p, c: model_lib.decode_forward(cfg, p, tok, pos, seg, c), donate_argnums=(1,))
+    else:
+        cache = model_lib.init_cache(cfg, batch, cache_len)
+        fwd = jax.jit(lambda p, c: model_lib.forward(cfg, p, tok, pos, seg, c, last_only=True), donate_argnums=(1,))
+    state = {"c": cache}
+
+    def step():
+        logits, c = fwd(params, state["c"])
+        state["c"] = c.replace(index=jnp.int32(PROMPT_LEN))
+        logits.block_until_ready()
+
+    return best_time(step, reps)
+
+
+def rule_s(mode_kw: dict, batch: int, reps: int) -> float:
+    """Best time of the per-token rule alone (``decode_rules.choose``, jitted, every input a traced argument) on
+    random ``[batch, VOCAB]`` logits with SETTINGS, KL monitor as the mode sets it."""
+    import jax
+    import jax.numpy as jnp
+
+    from ramjax import decode_rules as R
+
+    kw = dict(SETTINGS, **mode_kw)
+    mode, n = kw["mode"], kw.get("n", 1)
+    kl = kw.get("kl_threshold")
+    B, V = batch, VOCAB
+    zp = jax.random.normal(jax.random.key(1), (B, V)) * 0.5
+    zq = jax.random.normal(jax.random.key(2), (B, V)) * 0.5
+    seen = jnp.zeros((B, V), bool).at[:, :PROMPT_LEN].set(True)
+    f32 = lambda v: jnp.full((B,), v, jnp.float32)  # noqa: E731
+    rp = R.RowParams(proposal_temperature=f32(kw["proposal_temperature"]),
+                     aligner_temperature=f32(kw["aligner_temperature"]), proposal_top_p=f32(kw["proposal_top_p"]),
+                     aligner_top_p=f32(kw["aligner_top_p"]), top_k=jnp.zeros((B,), jnp.int32),
+                     repetition_penalty=f32(kw["repetition_penalty"]), kl_threshold=f32(kl if kl else jnp.inf),
+                     greedy=jnp.zeros((B,), bool))
+    u = jax.random.uniform(jax.random.key(3), (B, R.num_uniforms(mode, n)))
+    fn = jax.jit(lambda zp, zq, seen, u, rp: R.choose(mode, zp, zq, seen, u, rp, kl_monitor=kl is not None).token)
+    return best_time(lambda: fn(zp, zq, seen, u, rp).block_until_ready(), reps)
+
+
+def bench_torch_sparse_loop(p_model, q_model, reps: int) -> dict:
+    """The authors' decoder design running their released rule: batch 1, a Python loop of transformers forward
+    calls with two KV caches; ``sparse`` = softmax(z_Q / T_Q) restricted to P_M's top-p nucleus, then the
+    aligner-side top-p, repetition penalty on the aligner's logits."""
+    import torch
+
+    ids = torch.tensor(prompts(1))
+    g = torch.Generator().manual_seed(0)
+    t_m, t_q = SETTINGS["proposal_temperature"], SETTINGS["aligner_temperature"]
+    top_p_m, top_p_q, pen = SETTINGS["proposal_top_p"], SETTINGS["aligner_top_p"], SETTINGS["repetition_penalty"]
+
+    def top_p_mask(probs, top_p):
+        sp, si = torch.sort(probs, descending=True)
+        keep = (torch.cumsum(sp, -1) - sp) < top_p
+        return torch.zeros_like(probs, dtype=torch.bool).scatter(0, si[keep], True)
+
+    def run_once():
+        with torch.no_grad():
+            seen = ids[0].clone()
+            out_p = p_model(ids, use_cache=True)
+            out_q = q_model(ids, use_cache=True)
+            past_p, past_q = out_p.past_key_values, out_q.past_key_values
+            zp, zq = out_p.logits[0, -1], out_q.logits[0, -1]
+            first = None
+            for _ in range(NEW):
+                nucleus = top_p_mask(torch.softmax(zp / t_m, -1), top_p_m)
+                zq = zq.clone()
+                sel = zq[seen]
+                zq[seen] = torch.where(sel < 0, sel * pen, sel / pen)
+                probs = torch.softmax(torch.where(nucleus, zq / t_q, torch.tensor(-float("inf"))), -1)
+                probs = torch.where(top_p_mask(probs, top_p_q), probs, torch.tensor(0.0))
+                tok = torch.multinomial(probs, 1, generator=g)
+                seen = torch.cat([seen, tok])
+                if first is None:
+                    first = time.perf_counter()
+                out_p = p_model(tok[None], past_key_values=past_p, use_cache=True)
+                out_q = q_model(tok[None], past_key_values=past_q, use_cache=True)
+                past_p, past_q = out_p.past_key_values, out_q.past_key_values
+                zp, zq = out_p.logits[0, -1], out_q.logits[0, -1]
+        return first
+
+    run_once()
+    times, firsts = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        first = run_once()
+        times.append(time.perf_counter() - t)
+        firsts.append(first - t)
+    return dict(batch=1, tokens_per_s=NEW / min(times), run_s=min(times), first_token_s=min(firsts))
+
+
+def first_token_long_prompt_s(sampler, proposal, length: int, reps: int) -> float:
+    """First-token latency of ``stream`` (prefill + first draw) for one ``length``-token prompt, proposal-only."""
+    ps = [list(np.random.default_rng(1).integers(3, VOCAB, length))]
+    kw = dict(SETTINGS, eos_ids=[], seed=0, max_new_tokens=NEW, mode="proposal")
+
+    def first():
+        it = sampler.stream(proposal, None, ps, **kw)
+        next(it)
+        it.close()
+
+    return best_time(first, reps)
+
+
 def bench_corrector(ramjax, proposal, aligner, new: int, reps: int) -> dict:
     """First-token latency at batch 1: RAM (par, token level) vs a sequence-level corrector, which drafts the whole
     response with P_M and only then starts the rewrite with Q_θ (prefill over prompt + draft, one step)."""
@@ -220,18 +382,32 @@ def bench_corrector(ramjax, proposal, aligner, new: int, reps: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--aligners", default="1/4,1/8")
+    ap.add_argument("--shape", default="mission", choices=["mission", *SHAPES])
+    ap.add_argument("--batches", default=None, help="default 1,8,32 (mission) / 1,8 (smollm2-135m)")
+    ap.add_argument("--modes", default=None, help="default: every mode of the shape")
+    ap.add_argument("--aligners", default=None, help="default 1/4,1/8 (mission) / 1/4 (smollm2-135m)")
+    ap.add_argument("--decode-dtype", default=None, choices=["bfloat16"],
+                    help="also run every mode with this decode dtype (SamplingParams.decode_dtype)")
+    ap.add_argument("--tree", default=None, help="import ramjax from this checkout instead (before/after runs)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="batch 8 only, 2 reps, no 256-token corrector run")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    smol = args.shape != "mission"
+    if smol:
+        use_shape(args.shape)
+    args.batches = args.batches or ("1,8" if smol else "1,8,32")
+    args.modes = args.modes or ",".join(MODES)
+    args.aligners = args.aligners or ",".join(ALIGNERS)
     if args.quick:
         args.batches, args.reps = "8", 2
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     aligner_names = args.aligners.split(",")
+    if args.decode_dtype:
+        for m in [m for m in modes if m in ("proposal", "sparse")]:
+            MODES[f"{m}@bf16"] = dict(MODES[m], decode_dtype=args.decode_dtype)
+            modes.append(f"{m}@bf16")
 
     import jax
     import torch
@@ -260,6 +436,34 @@ def main(argv=None) -> int:
                                    jax=jax.__version__, device=str(jax.devices()[0]), proposal_params=n_p,
                                    aligner_params=sizes, prompt_len=PROMPT_LEN, new_tokens=NEW, settings=SETTINGS),
                          modes=[], hf_generate=[], torch_par_loop=None, corrector=[])
+    results["meta"].update(shape=args.shape, tree=args.tree or ".", ramjax_file=ramjax.__file__)
+    fwd: dict = {}
+    if smol:  # roofline, the forward step alone, the rule alone
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import roofline
+
+        roof = roofline.measure(hidden=PROPOSAL["hidden_size"], mlp=PROPOSAL["intermediate_size"],
+                                batches=tuple(batches))
+        results["roofline"] = roof
+        print(f"roofline: {roof['bandwidth'] / 1e9:.1f} GB/s, f32 matmul {roof['matmul_square'] / 1e9:.1f} GFLOP/s",
+              flush=True)
+        dts = [None] + ([args.decode_dtype] if args.decode_dtype else [])
+        for b in batches:
+            for dt in dts:
+                for name, m in [("P", proposal)] + [(f"Q{k}", a) for k, a in aligners.items()]:
+                    try:
+                        fwd[(name, b, dt)] = forward_step_s(m, b, args.reps * 3, dtype=dt)
+                    except Exception as e:  # noqa: BLE001 - an older tree has no decode dtype
+                        print(f"  forward {name} B={b} {dt}: {e}")
+                print(f"  forward step B={b} {dt or 'f32'}: " + ", ".join(
+                    f"{k[0]} {v * 1e3:.1f} ms" for k, v in fwd.items() if k[1] == b and k[2] == dt), flush=True)
+        results["forward_step_s"] = {f"{k[0]}|{k[1]}|{k[2] or 'model'}": v for k, v in fwd.items()}
+        results["rule_s"] = {}
+        for b in batches:
+            for mode in [m for m in MODES if "@" not in m]:  # every mode: the rule alone compiles fast
+                r = rule_s(MODES[mode], b, args.reps * 3)
+                results["rule_s"][f"{mode}|{b}"] = r
+                print(f"  rule alone {mode:9s} B={b}: {r * 1e3:.2f} ms", flush=True)
     rows = []
     for batch in batches:
         # Compile every configuration of this batch size, then time them round-robin (best of --reps), so that
@@ -267,13 +471,17 @@ def main(argv=None) -> int:
         benches = []
         for mode in modes:
             for name in ([None] if mode == "proposal" else aligner_names):
-                mb = ModeBench(sampler, proposal, aligners[name] if name else None, MODES[mode], batch)
+                # smollm2: the stream's first token (its own compiles) only where the targets need it
+                with_first = not smol or (batch == 1 and mode in ("proposal", "sparse"))
+                mb = ModeBench(sampler, proposal, aligners[name] if name else None, MODES[mode], batch,
+                               with_first=with_first)
                 mb.compile()
                 benches.append((mode, name, mb))
         for _ in range(args.reps):
             for _, _, mb in benches:
                 mb.run()
-                mb.first()
+                if mb.with_first:
+                    mb.first()
         for mode, name, mb in benches:
             r = mb.result()
             r.update(mode=mode, aligner=name)
@@ -285,7 +493,7 @@ def main(argv=None) -> int:
         r = bench_hf_generate(hf_p, b, args.reps)
         results["hf_generate"].append(r)
         print(f"  transformers generate B={b}: {r['tokens_per_s']:.1f} tok/s", flush=True)
-    if aligner_names:
+    if aligner_names and not smol:
         results["torch_par_loop"] = bench_torch_par_loop(hf_p, hf_q[aligner_names[0]], args.reps)
         print(f"  torch par loop (authors' design) B=1: {results['torch_par_loop']['tokens_per_s']:.1f} tok/s",
               flush=True)
@@ -301,9 +509,44 @@ def main(argv=None) -> int:
         base = prop.get(r["batch"])
         r["vs_proposal"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         r["vs_proposal_cpu"] = r["tokens_per_cpu_s"] / base["tokens_per_cpu_s"] if base else None
+    if smol:
+        n_q = sizes[aligner_names[0]]
+        emb_p = VOCAB * PROPOSAL["hidden_size"]
+        emb_q = VOCAB * ALIGNERS[aligner_names[0]]["hidden_size"]
+        for r in rows:
+            base_mode = r["mode"].split("@")[0]
+            dt = MODES[r["mode"]].get("decode_dtype")
+            nbytes = 2 if dt == "bfloat16" else 4
+            use_p = base_mode != "aligner"
+            use_q = base_mode != "proposal"
+            # tied embeddings: the table is read once (the LM head); the lookup touches B rows only
+            wbytes = nbytes * ((n_p if use_p else 0) + (n_q if use_q else 0))
+            mparams = ((n_p if use_p else 0) + (n_q if use_q else 0)) if TIED else (
+                (n_p - emb_p if use_p else 0) + (n_q - emb_q if use_q else 0))
+            fl = roofline.step_floor(wbytes, mparams, r["batch"], results["roofline"])
+            step = r["run_s"] / NEW
+            f = (fwd.get(("P", r["batch"], dt), 0.0) if use_p else 0.0) + (
+                fwd.get((f"Q{aligner_names[0]}", r["batch"], dt), 0.0) if use_q else 0.0)
+            r.update(step_s=step, floor_s=fl["floor_s"], bound=fl["bound"], floor_share=fl["floor_s"] / step,
+                     forward_s=f or None, overhead_vs_forward=(step - f) / f if f else None)
+        results["torch_sparse_loop"] = bench_torch_sparse_loop(hf_p, hf_q[aligner_names[0]], args.reps)
+        print(f"  torch sparse loop (authors' design) B=1: {results['torch_sparse_loop']['tokens_per_s']:.1f} tok/s, "
+              f"first token {results['torch_sparse_loop']['first_token_s'] * 1e3:.1f} ms", flush=True)
+        results["first_token_512_s"] = first_token_long_prompt_s(sampler, proposal, 512, args.reps)
+        results["first_token_17_s"] = first_token_long_prompt_s(sampler, proposal, 17, args.reps)
+        print(f"  first token, 512-token prompt: {results['first_token_512_s'] * 1e3:.1f} ms; 17-token: "
+              f"{results['first_token_17_s'] * 1e3:.1f} ms", flush=True)
+        for b in batches:
+            fp = fwd.get(("P", b, None))
+            if fp:
+                fl = roofline.step_floor(4 * n_p, n_p if TIED else n_p - emb_p, b, results["roofline"])
+                print(f"  P forward step alone B={b}: {fp * 1e3:.1f} ms = {fl['floor_s'] / fp:.0%} of the floor "
+                      f"({fl['bound']}-bound, {fl['floor_s'] * 1e3:.1f} ms)")
     hf = {r["batch"]: r for r in results["hf_generate"]}
     loop = results["torch_par_loop"]
     par8_b8 = next((r for r in rows if r["mode"] == "par8" and r["batch"] == 8), None)
+    sparse = {r["batch"]: r for r in rows if r["mode"] == "sparse"}
+    sl = results.get("torch_sparse_loop")
     results["summary"] = dict(
         proposal_vs_hf_generate={b: prop[b]["tokens_per_s"] / hf[b]["tokens_per_s"] for b in hf if b in prop},
         proposal_vs_hf_generate_cpu={b: prop[b]["tokens_per_cpu_s"] / hf[b]["tokens_per_cpu_s"]
@@ -312,15 +555,24 @@ def main(argv=None) -> int:
         par8_b8_vs_torch_par_loop=(par8_b8["tokens_per_s"] / loop["tokens_per_s"]) if par8_b8 and loop else None,
         par8_b8_vs_torch_par_loop_cpu=(par8_b8["tokens_per_cpu_s"] / loop["tokens_per_cpu_s"]) if par8_b8 and loop
         else None,
+        sparse_vs_authors_sparse_loop={b: sparse[b]["tokens_per_s"] / sl["tokens_per_s"] for b in sparse} if sl
+        else None,
+        sparse_first_token_vs_authors=(sparse[1]["first_token_s"] / sl["first_token_s"]) if sl and 1 in sparse
+        else None,
         load_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
     print("\n| mode | Q | batch | tok/s (wall) | × proposal | tok per CPU-s | × proposal (CPU) | first token (ms) "
-          "| compile (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| compile (s) |" + (" ms/step | floor share | rule+loop over forward |" if smol else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if smol else ""))
     for r in rows:
         ratio = f"{r['vs_proposal']:.2f}" if r["vs_proposal"] is not None else "-"
         ratio_cpu = f"{r['vs_proposal_cpu']:.2f}" if r["vs_proposal_cpu"] is not None else "-"
+        extra = ""
+        if smol:
+            ov = f"{r['overhead_vs_forward']:+.0%}" if r.get("overhead_vs_forward") is not None else "-"
+            extra = f" {r['step_s'] * 1e3:.1f} | {r['floor_share']:.0%} ({r['bound'][:3]}) | {ov} |"
         print(f"| {r['mode']} | {r['aligner'] or '-'} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} | "
-              f"{r['tokens_per_cpu_s']:.1f} | {ratio_cpu} | {r['first_token_s'] * 1e3:.1f} | {r['compile_s']:.1f} |")
+              f"{r['tokens_per_cpu_s']:.1f} | {ratio_cpu} | {r['first_token_s'] * 1e3:.1f} | {r['compile_s']:.1f} |"
+              + extra)
     print(json.dumps(results["summary"], indent=1))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sample-{time.strftime('%Y%m%d-%H%M%S')}.json")
