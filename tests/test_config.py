@@ -11,7 +11,6 @@ import yaml
 
 from ramjax import config as C
 from ramjax.config import ConfigError, SampleConfig, TrainConfig, load_config
-from ramjax.sampling_params import SamplingParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRATCH = ["tokenizer=tok"]  # model.init=scratch needs a tokenizer path to validate
@@ -183,11 +182,11 @@ def test_save_load_round_trip(tmp_path):
     text = C.format_config(cfg)
     assert text.startswith("# TrainConfig\n") and "alpha: 0.0001" in text
     assert C.config_to_dict(cfg)["data"]["train_files"] == ["a.jsonl", "b c.jsonl"]
-    s = load_config(SampleConfig, os.path.join(REPO, "configs", "sample.yaml"),
-                    ['sampling.stop=["\\n\\nHuman:", "###"]', "sampling.kl_threshold=null"])
+    s = load_config(SampleConfig, os.path.join(REPO, "configs", "sample.yaml"), ['stop=["\\n\\nHuman:", "###"]',
+                                                                                  "kl_threshold=null"])
     C.save_config(s, tmp_path / "s.yaml")
     assert load_config(SampleConfig, str(tmp_path / "s.yaml")) == s
-    assert s.sampling.stop == ("\n\nHuman:", "###") and s.sampling.kl_threshold is None
+    assert s.stop == ("\n\nHuman:", "###") and s.kl_threshold is None
 
 
 def test_include_files_merge(tmp_path):
@@ -259,13 +258,11 @@ def test_model_and_mesh_conversions():
 
 def test_sample_config_validation():
     base = ["proposal=p", "prompts_file=x.jsonl", "aligner=q"]
-    assert load_config(SampleConfig, None, base).sampling == SamplingParams()
-    load_config(SampleConfig, None, ["proposal=p", "prompts_file=x.jsonl", "sampling.mode=proposal"])
-    for bad, match in [("aligner=null", "mode=par needs aligner"), ("sampling.n=0", "n=0 must be an integer >= 1"),
-                       ("sampling.proposal_top_p=1.5", r"proposal_top_p=1.5 is invalid: expected top-p in \(0, 1\]"),
-                       ("sampling.kl_threshold=-1", "kl_threshold"), ("sampling.kl_fallback=papr",
-                                                                      "did you mean 'paper'"),
-                       ("mode=par", "did you mean 'sampling.mode'")]:
+    assert load_config(SampleConfig, None, base).mode == "par"
+    load_config(SampleConfig, None, ["proposal=p", "prompts_file=x.jsonl", "mode=proposal"])
+    for bad, match in [("aligner=null", "mode=par needs aligner"), ("n=0", "n=0 must be >= 1"),
+                       ("proposal_top_p=1.5", r"must be in \(0, 1\]"), ("kl_threshold=-1", "kl_threshold"),
+                       ("kl_fallback=papr", "did you mean 'paper'")]:
         with pytest.raises(ConfigError, match=match):
             load_config(SampleConfig, None, base + [bad])
 

@@ -4,7 +4,6 @@ import inspect
 
 import pytest
 
-from ramjax import config as config_lib
 from ramjax import sampling_params as SP
 from ramjax.sampling_params import PRESETS, SamplingParams
 
@@ -61,13 +60,3 @@ def test_validation_names_the_setting():
         SamplingParams().replace(topk=3)
     with pytest.raises(SP.SamplingParameterError, match="SamplingParams or a preset"):
         SP.resolve({"mode": "par"})
-
-
-def test_sample_config_holds_a_sampling_section(tmp_path):
-    cfg = config_lib.load_config(config_lib.SampleConfig, None, [
-        "proposal=p", "prompts_file=x.jsonl", "sampling.mode=proposal", "sampling.top_k=10"])
-    assert cfg.sampling == SamplingParams(mode="proposal", top_k=10)
-    config_lib.save_config(cfg, tmp_path / "c.yaml")
-    assert config_lib.load_config(config_lib.SampleConfig, str(tmp_path / "c.yaml")) == cfg
-    with pytest.raises(config_lib.ConfigError, match="sampling.*top_k"):
-        config_lib.load_config(config_lib.SampleConfig, None, ["proposal=p", "prompts_file=x", "sampling.top_k=-1"])
