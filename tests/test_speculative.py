@@ -8,6 +8,7 @@ grid of the χ² test is marked slow (the fast suite keeps one case per mode plu
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -230,16 +231,18 @@ def test_same_prompt_same_tokens_whatever_the_batch(models):
 
 def test_caches_after_rollback_equal_a_forward_over_the_committed_tokens(models):
     p, q = models
-    plan = S._plan(p, q, RAGGED, mode="product", n=1, max_new_tokens=10, num_samples=1, seed=0,
-                   proposal_temperature=1.0, aligner_temperature=1.0, proposal_top_p=1.0, aligner_top_p=1.0,
-                   kl_threshold=None, kl_fallback="proposal", product_support="nucleus", stop=(), top_k=0,
-                   repetition_penalty=1.0, template="plain", batch_size=None, greedy=False, eos_ids=[],
-                   example_offset=0, rules=(), inra_lambda=1.0)
+    params = S.SamplingParams(mode="product", n=1, max_new_tokens=10, proposal_temperature=1.0,
+                              aligner_temperature=1.0, proposal_top_p=1.0, aligner_top_p=1.0, kl_threshold=None,
+                              repetition_penalty=1.0)
+    plan = S._plan(p, q, RAGGED, params, num_samples=1, seed=0, batch_size=None, eos_ids=[], example_offset=0,
+                   rules=())
     rows = [(i, 0) for i in range(len(RAGGED))]
     st, batch, rowp = S._chunk_inputs(plan, rows)
     # max_new 7 < the buffer: rows end mid-round, so rollback to a partial prefix is exercised
-    final = SP.generate(st, 3, q.config, plan.params_p, plan.params_q, batch, plan.tables, rowp,
-                        jax.random.key(0), np.int32(7), keep_caches=True)
+    # speculative decoding runs the models' own (stacked) weights, as sample() passes them
+    st = dataclasses.replace(st, cfg_p=p.config, cfg_q=q.config)
+    final = SP.generate(st, 3, q.config, p.params, q.params, batch, plan.tables, rowp, jax.random.key(0), np.int32(7),
+                        keep_caches=True)
     final = jax.device_get(final)
     P = st.prompt_len
     committed = []
