@@ -99,7 +99,7 @@ def _bar(total: int, initial: int, enabled: bool):
     return progress, bar
 
 
-PROGRAMS = ("train", "pipeline", "ablate")
+PROGRAMS = ("train", "pipeline", "ablate", "tokenizer")
 
 
 def _program(path: str | None, overrides: list[str]) -> str:
@@ -115,6 +115,25 @@ def _program(path: str | None, overrides: list[str]) -> str:
         raise config_lib.ConfigError(f"program: {declared!r} in {path or 'the overrides'} is not one of "
                                      f"{', '.join(PROGRAMS)}")
     return declared
+
+
+def _run_tokenizer(path: str, overrides: list[str], dry: bool) -> int:
+    """``program: tokenizer`` (configs/tokenizer.yaml): a sentencepiece tokenizer trained on JSONL files."""
+    from ramjax import config as config_lib
+    from ramjax import tokenizer as tok_lib
+
+    cfg = config_lib.load_config(config_lib.TokenizerConfig, path, overrides)
+    print(config_lib.format_config(cfg), flush=True)
+    if dry:
+        return 0
+    try:
+        tok = tok_lib.train_tokenizer_on_files(list(cfg.files), cfg.out_dir, vocab_size=cfg.vocab_size, seed=cfg.seed,
+                                               format=cfg.format)
+    except ValueError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    print(f"tokenizer: {cfg.out_dir} ({tok.vocab_size} pieces)")
+    return 0
 
 
 def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
@@ -191,6 +210,8 @@ def train_main(argv: list[str] | None = None) -> int:
         program = _program(path, overrides)
         if program == "pipeline":
             return _run_pipeline(path, overrides, dry)
+        if program == "tokenizer":
+            return _run_tokenizer(path, overrides, dry)
         if program == "ablate":
             if dry:
                 raise config_lib.ConfigError("--dry-run checks one training config; the ablation sweep has none")

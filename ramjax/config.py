@@ -14,7 +14,8 @@ conveniences for command lines: numbers written in exponent form without a dot (
 as a string) are accepted for float and int fields; a bare scalar given for a list field becomes a one-element
 list; and a value that YAML reads as a number or bool is kept as its text when the field is a string
 (``run_dir=2024``). A YAML file may start from other files with ``include: base.yaml`` (or a list; paths relative
-to the including file; later files and the including file win, merged key by key).
+to the including file; later files and the including file win, merged key by key); a section may do the same with
+a file holding that section only (``stages: {ram: {include: recipe/ram.yaml}}``).
 
 ``save_config`` writes YAML that ``load_config`` reads back to an equal config; ``format_config`` renders the
 resolved config for printing.
@@ -48,7 +49,7 @@ __all__ = [
     "format_config", "validate_config", "split_cli_args",
     "TrainConfig", "SampleConfig", "ModelSection", "DataConfig",
     "OptimizerConfig", "ScheduleConfig", "MeshSection", "CheckpointConfig", "LoggingConfig", "RamConfig",
-    "DpoConfig", "TrraConfig", "InraConfig", "DistributedConfig",
+    "DpoConfig", "TrraConfig", "InraConfig", "DistributedConfig", "TokenizerConfig",
 ]
 
 _INCLUDE_KEYS = ("include", "base")
@@ -343,17 +344,38 @@ def _read_yaml(path: str, cls: type, chain: tuple[str, ...] = ()) -> dict:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path!r} must hold a mapping of keys to values, got {type(data).__name__}")
-    data = dict(data)
+    return _resolve_includes(dict(data), cls, path, chain + (real,))
+
+
+def _resolve_includes(data: dict, cls: Any, path: str, chain: tuple[str, ...]) -> dict:
+    """Resolves ``include:`` keys in ``data`` (a mapping for section type ``cls``) and in every nested section:
+    the included files (relative to ``path``, the file being read) are merged first, then the mapping's own keys
+    win. A nested ``include`` reads a file holding that section only (``model: {arch: {include: arch.yaml}}``)."""
+    sec = _section_type(cls) if cls is not None else None
+    inner = _non_none(cls) if cls is not None else None
+    if sec is None:
+        # a mapping of sections (``dict[str, Section]``) may come from a file too; any other mapping (e.g.
+        # data.field_map) is free-form: its keys are data, not includes
+        if get_origin(inner) not in (dict, collections.abc.Mapping) or _section_type(
+                (get_args(inner) or (Any, Any))[1]) is None:
+            return data
+        hints = {}
+    else:
+        hints = _hints(sec)
     merged: dict = {}
     for key in _INCLUDE_KEYS:
-        if key in data and key not in _hints(cls):
+        if key in data and key not in hints:
             includes = data.pop(key)
             includes = [includes] if isinstance(includes, str) else includes
             if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
                 raise ConfigError(f"{path}: {key!r} must be a file name or a list of file names")
             for inc in includes:
                 inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
-                merged = _deep_merge(merged, _read_yaml(inc_path, cls, chain + (real,)))
+                merged = _deep_merge(merged, _read_yaml(inc_path, sec, chain))
+    item = (get_args(inner) or (Any, Any))[1] if sec is None else None
+    for k, v in list(data.items()):
+        if isinstance(v, Mapping):
+            data[k] = _resolve_includes(dict(v), hints.get(k) if sec is not None else item, path, chain)
     return _deep_merge(merged, data)
 
 
@@ -928,7 +950,8 @@ class TrainConfig:
               baseline), ``dpo`` (baseline), ``ram`` (the residual aligner Q_θ), ``trra`` (training-time
               realignment).
     run_dir:  everything the run writes: config.yaml, metrics.jsonl, tb/, checkpoints/, hf/.
-    steps:    optimizer steps; 0 = ``epochs`` passes over the data.
+    steps:    optimizer steps; 0 = ``tokens`` (rows × max_len per step) when set, else ``epochs`` passes over the
+              data.
     tokenizer: tokenizer path (directory or file); null = the model's own (required for ``model.init: scratch``).
     proposal: stage ram only: the proposal model directory, read only to check that vocabularies match.
     """
@@ -939,6 +962,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 0
     epochs: float = 1.0
+    tokens: int = 0
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tokenizer: str | None = None
     proposal: str | None = None
@@ -956,7 +980,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(self.steps >= 0, f"steps={self.steps} must be >= 0 (0 = from epochs)")
-        _check(self.steps > 0 or self.epochs > 0, f"steps=0 needs epochs > 0, got epochs={self.epochs}")
+        _check(self.steps > 0 or self.tokens > 0 or self.epochs > 0,
+               f"steps=0 and tokens=0 need epochs > 0, got epochs={self.epochs}")
+        _check(self.tokens >= 0, f"tokens={self.tokens} must be >= 0 (0 = from epochs)")
         _check(bool(self.run_dir.strip()), "run_dir is empty")
         _check(self.data.batch_size % self.optimizer.grad_accum == 0,
                f"data.batch_size={self.data.batch_size} must be divisible by "
@@ -988,6 +1014,28 @@ class TrainConfig:
                                                 "realigns), not scratch")
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """``python train.py configs/tokenizer.yaml``: a sentencepiece BPE trained on JSONL files (any data format).
+
+    files: the corpus (text records as is; prompt/response records in the plain dialogue template).
+    out_dir: where tokenizer.model + tokenizer_config.json go (pass it as ``tokenizer=`` to the stage configs).
+    vocab_size: pieces; 0 = sized from the corpus (``ramjax.tokenizer.auto_vocab_size``).
+    """
+
+    program: Literal["tokenizer"] = "tokenizer"
+    files: tuple[str, ...] = ()
+    out_dir: str = "runs/tokenizer"
+    vocab_size: int = 0
+    seed: int = 0
+    format: str = "auto"
+
+    def validate(self) -> None:
+        _check(bool(self.files), "files is empty; set files=[corpus.jsonl,...]")
+        _check(self.vocab_size == 0 or self.vocab_size > 260,
+               f"vocab_size={self.vocab_size}: 0 (from the corpus) or > 260 (4 special ids and 256 bytes come first)")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The schema of sample.py
 
@@ -1010,7 +1058,9 @@ class SampleConfig:
                  (P_M's raw logits with the aligner-side temperature, top-p and repetition penalty, as in the
                  released code).
     Defaults are the released settings: proposal T 0.5 / top-p 0.95, aligner T 0.5 / top-p 0.9, repetition
-    penalty 1.05. Temperature 0 means greedy. ``top_k: 0`` is off (the paper's one-time proposal samples use 10).
+    penalty 1.05. Temperature 0 means greedy. ``top_k: 0`` is off (the authors drew their one-time training samples
+    with top-k 10, T 0.5, top-p 0.95, penalty 1.05: the pipeline's ``release`` preset; the pipeline's default
+    one-time samples are its ``sampled`` preset, T 1 without top-k).
     output_file:  JSONL (one line per sample); alpaca_output: AlpacaEval JSON (instruction, output, generator).
     mesh:        the mesh of each process's own devices: with several processes (``distributed``, detected on TPU
                  pods and SLURM) every process holds the models and samples its share of the prompts; process 0

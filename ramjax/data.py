@@ -519,6 +519,40 @@ def read_records(files: Sequence[str], format: str = "auto", field_map: Mapping[
     raise DataError(f"unknown data source {source!r}; expected jsonl, hf, tfds or grain")
 
 
+def prompt_response(rec: Record) -> tuple[str | list[dict[str, str]], str]:
+    """A single-response record's prompt (a string when it is one user turn, else the message list before the
+    response) and its data response (preference records: the chosen one)."""
+    if rec.format == "text":
+        raise DataError(f"{rec.where}: a text record has no prompt and response")
+    if rec.format == "preference":
+        context, resp = _context(rec.data["prompt"]), rec.data["chosen"]
+    else:
+        context, resp = _prompt_and_messages(rec)
+        if resp is None:
+            resp = rec.data["response"]
+    if not isinstance(resp, str):  # TRL conversational shapes: the response as one assistant message
+        resp = _one_assistant_message(list(resp), rec.where, "response")
+    if len(context) == 1 and context[0]["role"] in ("user", "human"):
+        return context[0]["content"], resp
+    return context, resp
+
+
+def record_text(rec: Record) -> str:
+    """A record as one plain text, what a tokenizer trains on: a text record as is; otherwise every user turn in
+    the plain dialogue template (``"\n\nHuman: {prompt}\n\nAssistant: "``) followed by the response."""
+    if rec.format == "text":
+        return rec.data["text"]
+    prompt, resp = prompt_response(rec)
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = "".join(PLAIN_PROMPT.replace("{prompt}", m["content"]) if m["role"] in ("user", "human") else m["content"]
+                   for m in turns)
+    return text + resp
+
+
+# The plain dialogue template (as ``ramjax.tokenizer.PLAIN_TEMPLATE``; repeated here so that data needs no tokenizer).
+PLAIN_PROMPT = "\n\nHuman: {prompt}\n\nAssistant: "
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Tokenization
 

@@ -1153,6 +1153,27 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os
     return tok
 
 
+def auto_vocab_size(texts: Sequence[str]) -> int:
+    """A sentencepiece size that follows the corpus: 4 special ids + 256 bytes + its distinct characters + about
+    ``sqrt(characters) / 4`` merges (≈ 350 merges for 2M characters, ≈ 800 for 10M), clamped to [64, 32000]."""
+    n_chars = sum(len(t) for t in texts)
+    distinct = len(set().union(*map(set, texts))) if texts else 0
+    return 260 + distinct + int(min(32000, max(64, round(n_chars ** 0.5 / 4))))
+
+
+def train_tokenizer_on_files(paths: Sequence[str], out_dir: str | os.PathLike, *, vocab_size: int = 0, seed: int = 0,
+                             format: str = "auto") -> Tokenizer:
+    """Trains :func:`train_sentencepiece` on the records of JSONL files in any ``ramjax.data`` format (each record
+    as ``ramjax.data.record_text``: text as is, prompts in the plain dialogue template + the response).
+    vocab_size 0 = :func:`auto_vocab_size` of the texts."""
+    from ramjax import data as data_lib
+
+    texts = [data_lib.record_text(r) for p in paths for r in data_lib.read_jsonl(p, format)]
+    size = vocab_size or auto_vocab_size(texts)
+    logger.info("training a %d-piece sentencepiece tokenizer on %d records of %s", size, len(texts), list(paths))
+    return train_sentencepiece(texts, size, out_dir, seed=seed)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Proposal/aligner compatibility.
 

@@ -56,13 +56,14 @@ def test_defaults_and_every_shipped_config_load():
     files = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
     names = {os.path.basename(f) for f in files}
     assert {"pretrain.yaml", "sft.yaml", "dpo.yaml", "ram.yaml", "sample.yaml"} <= names
+    from ramjax.config import TokenizerConfig
     from ramjax.evaluate import EvalConfig
     from ramjax.experiments.ablate import AblateConfig
     from ramjax.experiments.pipeline import DefaultRunConfig
     from ramjax.experiments.realign_sweep import RealignSweepConfig
 
     other = {"default.yaml": DefaultRunConfig, "ablate.yaml": AblateConfig, "eval.yaml": EvalConfig,
-             "realign_sweep.yaml": RealignSweepConfig}
+             "realign_sweep.yaml": RealignSweepConfig, "tokenizer.yaml": TokenizerConfig}
     for f in files:
         name = os.path.basename(f)
         cls = other.get(name) or (SampleConfig if name.startswith("sample") else TrainConfig)
@@ -71,8 +72,51 @@ def test_defaults_and_every_shipped_config_load():
             assert cfg.stage == "sft" and cfg.inra.enabled
         elif cls is TrainConfig:  # ram.yaml, or a worked example such as pod_qwen7b_ram.yaml
             assert cfg.stage == name[:-5] or name[:-5].endswith("_" + cfg.stage), name
-    ram = load_config(TrainConfig, os.path.join(REPO, "configs", "ram.yaml"))
-    assert (ram.optimizer.name, ram.ram.alpha, ram.optimizer.clip_norm) == ("rmsprop", 1e-4, 10.0)
+
+
+def test_stage_configs_train_with_the_pipelines_recipe():
+    """One source of truth: configs/<stage>.yaml and the pipeline's stages come from the same configs/recipe files,
+    so a stage run by hand trains as the pipeline does (only paths, checkpoints and progress bars differ)."""
+    from ramjax.experiments.pipeline import DefaultRunConfig
+
+    run = load_config(DefaultRunConfig, os.path.join(REPO, "configs", "default.yaml"))
+    for name, stage in (("pretrain", "proposal"), ("sft", "sft"), ("dpo", "dpo"), ("ram", "ram")):
+        by_hand = load_config(TrainConfig, os.path.join(REPO, "configs", f"{name}.yaml"))
+        recipe = getattr(run.stages, stage)
+        for key in ("stage", "steps", "epochs", "tokens", "optimizer", "schedule", "ram", "dpo"):
+            assert getattr(by_hand, key) == getattr(recipe, key), (name, key)
+        for key in ("max_len", "max_prompt_len", "batch_size", "packing", "template"):
+            assert getattr(by_hand.data, key) == getattr(recipe.data, key), (name, key)
+    pre = load_config(TrainConfig, os.path.join(REPO, "configs", "pretrain.yaml"))
+    assert C.config_to_dict(pre.model.arch) == C.config_to_dict(run.pipeline.proposal_arch)
+    # and the recipe is the one the README reports: RAM at lr 3e-3 on packed rows of 16, alpha 1e-4
+    assert (run.stages.ram.optimizer.lr, run.stages.ram.data.batch_size, run.stages.ram.ram.alpha) == (3e-3, 16, 1e-4)
+
+
+def test_nested_include_of_a_section_and_of_a_mapping_of_sections(tmp_path):
+    from ramjax.experiments.pipeline import DefaultRunConfig
+
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, "sub/opt.yaml", {"lr": 0.5, "clip_norm": 2.0})
+    write(tmp_path, "sub/stage.yaml", {"include": "common.yaml", "stage": "ram", "steps": 7,
+                                             "optimizer": {"include": "opt.yaml", "lr": 0.25}})
+    write(tmp_path, "sub/common.yaml", {"data": {"max_len": 33, "max_prompt_len": 11}})
+    write(tmp_path, "presets.yaml", {"fast": {"temperature": 0.0}})
+    top = write(tmp_path, "top.yaml", {"stages": {"ram": {"include": "sub/stage.yaml", "steps": 9}},
+                                          "pipeline": {"sampling": {"include": "presets.yaml"},
+                                                       "samples_preset": "fast"}})
+    run = load_config(DefaultRunConfig, top)
+    ram = run.stages.ram
+    # the including mapping wins over its file, nested files resolve relative to the file that names them
+    assert (ram.steps, ram.optimizer.lr, ram.optimizer.clip_norm, ram.data.max_len) == (9, 0.25, 2.0, 33)
+    assert run.pipeline.sampling["fast"].temperature == 0.0
+    # a free-form mapping keeps an "include" key as data
+    cfg = load_config(TrainConfig, write(tmp_path, "fm.yaml", {**{"data": {"field_map": {"include": "x"}}},
+                                                                  "model": {"init": "m"}}))
+    assert cfg.data.field_map == {"include": "x"}
+    write(tmp_path, "sub/loop.yaml", {"include": "loop.yaml"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(DefaultRunConfig, write(tmp_path, "l.yaml", {"stages": {"ram": {"include": "sub/loop.yaml"}}}))
 
 
 def test_overrides_of_nested_and_list_fields(tmp_path):

@@ -14,12 +14,11 @@ from ramjax import config as config_lib
 from ramjax.experiments import pipeline
 
 TINY = ["pipeline.n_corpus=1500", "pipeline.n_align=1000", "pipeline.n_pref=100", "pipeline.n_eval=16",
-        "pipeline.proposal_steps=3", "pipeline.warmup_steps=2", "pipeline.aligner_pretrain_steps=2",
-        "pipeline.ram_steps=2", "pipeline.sft_steps=2", "pipeline.dpo_steps=2", "pipeline.corrector_steps=2",
-        "pipeline.max_new_tokens=4", "pipeline.eval_modes=[par]", "pipeline.n=4", "pipeline.batch_size=16",
-        "pipeline.eval_batch_size=16",
+        "stages.proposal.steps=3", "stages.warmup.steps=2", "stages.aligner_base.steps=2",
+        "stages.ram.steps=2", "stages.sft.steps=2", "stages.dpo.steps=2", "stages.corrector.steps=2",
+        "pipeline.max_new_tokens=4", "pipeline.eval_modes=[par]", "pipeline.n=4", "pipeline.eval_batch_size=16",
         "pipeline.proposal_arch.hidden_size=32", "pipeline.proposal_arch.head_dim=8",
-        "pipeline.proposal_arch.num_layers=1", "pipeline.proposal_arch.intermediate_size=64",
+        "pipeline.proposal_arch.num_layers=2", "pipeline.proposal_arch.intermediate_size=64",
         "pipeline.aligner_arch.hidden_size=16", "pipeline.aligner_arch.head_dim=4",
         "pipeline.aligner_arch.num_layers=1", "pipeline.aligner_arch.intermediate_size=32"]
 
@@ -72,8 +71,12 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     with rundir.RunDirLock(str(rd)), pytest.raises(rundir.RunDirBusyError, match=f"pid {os.getpid()}"):
         pipeline.run_pipeline(run)
     # ...but not with other settings, which would mix two experiments
-    with pytest.raises(config_lib.ConfigError, match="pipeline.ram_steps"):
-        pipeline.run_pipeline(_config(tmp_path / "run", TINY + ["pipeline.ram_steps=3"]))
+    with pytest.raises(config_lib.ConfigError, match="stages.ram.steps"):
+        pipeline.run_pipeline(_config(tmp_path / "run", TINY + ["stages.ram.steps=3"]))
+    # the suite was written in the layout pipeline.data_dir reads, and the report counts the prompts each stage cut
+    assert {p.name for p in (rd / "data").iterdir()} >= {"corpus.jsonl", "align.jsonl", "prefs.jsonl", "eval.jsonl"}
+    assert "## Training data per stage" in (rd / "report.md").read_text()
+    assert set(results["heldout_loss"]) == {"proposal", "warmup", "aligner_base"}
 
 
 def test_scaled_down_pipeline_ram_beats_warmed_up_proposal(tmp_path):
@@ -83,8 +86,8 @@ def test_scaled_down_pipeline_ram_beats_warmed_up_proposal(tmp_path):
     0.115 -> 0.385, greedy 0.145 -> 0.425, win rate 0.635 [0.603, 0.668]; the full default run gains 37 points
     sampled and 22 greedy.)"""
     run = _config(tmp_path / "run", ["pipeline.baselines=false", "pipeline.eval_modes=[product]",
-                                     "pipeline.n_eval=200", "pipeline.proposal_steps=300",
-                                     "pipeline.aligner_pretrain_steps=200", "pipeline.ram_steps=450"])
+                                     "pipeline.n_eval=200", "stages.proposal.steps=300",
+                                     "stages.aligner_base.steps=200", "stages.ram.steps=450"])
     pipeline.run_pipeline(run)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["n_prompts"] >= 200

@@ -476,3 +476,22 @@ def test_dpo_rpo_alpha_adds_token_mean_nll_of_chosen():
     assert "nll" not in m0
     with pytest.raises(Exception, match="rpo_alpha"):
         loss_lib.dpo_objective(0.3, rpo_alpha=-1.0)
+
+
+def test_stage_length_in_steps_tokens_or_epochs():
+    """steps wins; else tokens / (rows x max_len) steps, rounded up; else epochs x batches per epoch."""
+    from ramjax import train_lib
+    from ramjax.config import TrainConfig, load_config
+
+    class It:
+        def batches_per_epoch(self, epoch):
+            return 37
+
+    def total(*ov):
+        cfg = load_config(TrainConfig, None, ["tokenizer=t", "data.batch_size=4", "data.max_len=10",
+                                              "data.max_prompt_len=5", *ov])
+        return train_lib._total_steps(cfg, It())
+
+    assert total("steps=5", "tokens=1000", "epochs=3") == 5
+    assert total("tokens=1000", "epochs=3") == 25 and total("tokens=1001") == 26
+    assert total("epochs=2.5") == 93  # ceil(2.5 * 37)

@@ -85,6 +85,7 @@ __all__ = [
     "write_jsonl",
     "read_jsonl",
     "generate_task_data",
+    "write_user_layout",
     "accuracy_by_kind",
     "bootstrap_ci",
     "win_values",
@@ -820,6 +821,34 @@ def generate_task_data(
         "eval": write_jsonl(os.path.join(out_dir, "eval.jsonl"), eval_prompts(n_eval, seed, kinds)),
     }
     logger.info("wrote task data to %s: %s", os.fspath(out_dir), {k: os.path.basename(v) for k, v in paths.items()})
+    return paths
+
+
+def write_user_layout(
+    out_dir: str | os.PathLike,
+    *,
+    n_corpus: int = 20_000,
+    n_align: int = 2_000,
+    n_pref: int = 2_000,
+    n_eval: int = 500,
+    seed: int = 0,
+    proportions: Mapping[str, float] | None = None,
+    kinds: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """The suite in the layout ``pipeline.data_dir`` reads: corpus.jsonl (D: prompt, response, quality),
+    align.jsonl (S), prefs.jsonl (prompt, chosen, rejected) and eval.jsonl (prompt, kind, answer). Returns the
+    paths by name (corpus, align, prefs, eval)."""
+    kinds = _check_kinds(kinds)
+    evals = [{"prompt": r["prompt"], "kind": r["kind"], "answer": r["reference"]}
+             for r in eval_prompts(n_eval, seed, kinds)]
+    paths = {
+        "corpus": write_jsonl(os.path.join(out_dir, "corpus.jsonl"),
+                              general_corpus(n_corpus, seed, proportions, kinds)),
+        "align": write_jsonl(os.path.join(out_dir, "align.jsonl"), alignment_set(n_align, seed, kinds)),
+        "prefs": write_jsonl(os.path.join(out_dir, "prefs.jsonl"), preference_pairs(n_pref, seed, kinds)),
+        "eval": write_jsonl(os.path.join(out_dir, "eval.jsonl"), evals),
+    }
+    logger.info("wrote the task suite to %s", os.fspath(out_dir))
     return paths
 
 

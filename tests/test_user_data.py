@@ -1,0 +1,195 @@
+"""The recipe on users' data, one command: ``python train.py configs/default.yaml pipeline.data_dir=DIR run_dir=RUN``.
+
+The fast tests run the one command (``ramjax.cli.train_main``, what train.py calls) with tiny budgets on a tiny data
+directory of the held-out quiz family (``ramjax.experiments.quiz``) written in other shapes than the suite's: D as
+plain text, S as TRL conversational prompt/completion, the preference pairs as UltraFeedback rows, held-out prompts
+judged by ``answer`` and ``regex`` fields with a ``family``; then from an existing P_M with a truncated-copy aligner,
+no corpus and no references. The slow test is the acceptance run: the default recipe, unchanged, on the quiz family.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ramjax import cli
+from ramjax import data as D
+from ramjax.experiments import pipeline, quiz
+from ramjax.files import atomic_write_jsonl, read_jsonl
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+DEFAULT = os.path.join(REPO, "configs", "default.yaml")
+TINY = ["stages.proposal.steps=3", "stages.warmup.steps=2", "stages.aligner_base.steps=2", "stages.ram.steps=2",
+        "stages.sft.steps=2", "stages.dpo.steps=2", "stages.corrector.steps=2", "pipeline.max_new_tokens=4",
+        "pipeline.eval_modes=[product]", "pipeline.eval_batch_size=16", "pipeline.heldout_corpus=40",
+        "pipeline.proposal_arch.hidden_size=32", "pipeline.proposal_arch.head_dim=8",
+        "pipeline.proposal_arch.num_layers=2", "pipeline.proposal_arch.intermediate_size=64",
+        "pipeline.aligner_arch.hidden_size=16", "pipeline.aligner_arch.head_dim=4",
+        "pipeline.aligner_arch.num_layers=1", "pipeline.aligner_arch.intermediate_size=32",
+        # tiny S: a third of its 160 rows warm up, in batches of 8 rows (the test mesh has 8 batch shards)
+        "pipeline.warmup_fraction=0.3",
+        *[f"stages.{s}.data.batch_size=8" for s in ("proposal", "warmup", "aligner_base", "ram", "sft", "dpo",
+                                                     "corrector")]]
+
+
+def U(c):
+    return {"role": "user", "content": c}
+
+
+def A(c):
+    return {"role": "assistant", "content": c}
+
+
+def _write_user_dir(d):
+    corpus = quiz.general_corpus(400, seed=1)
+    atomic_write_jsonl(d / "corpus.jsonl", [{"text": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['response']}"}
+                                            for r in corpus])
+    atomic_write_jsonl(d / "align.jsonl", [{"prompt": [U(r["prompt"])], "completion": [A(r["response"])]}
+                                           for r in quiz.alignment_set(160, seed=1)])
+    atomic_write_jsonl(d / "prefs.jsonl", [{"prompt": r["prompt"], "chosen": [U(r["prompt"]), A(r["chosen"])],
+                                            "rejected": [U(r["prompt"]), A(r["rejected"])], "score_chosen": 9.0}
+                                           for r in quiz.preference_pairs(40, seed=1)])
+    evals = quiz.eval_prompts(12, seed=1)
+    # half judged by exact match, half by a regex (any of the answer's spacings)
+    rows = [r if i % 2 else {"prompt": r["prompt"], "regex": r"\s*" + r"\s*".join(map(__import__("re").escape,
+                                                                                    r["answer"])) + r"\s*",
+                             "category": r["family"]} for i, r in enumerate(evals)]
+    atomic_write_jsonl(d / "eval.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user")
+    d = root / "data"
+    d.mkdir()
+    _write_user_dir(d)
+    run = root / "run"
+    rc = cli.train_main([DEFAULT, f"pipeline.data_dir={d}", f"run_dir={run}", *TINY])
+    assert rc == 0
+    return d, run
+
+
+def test_one_command_on_a_user_data_dir(user_run):
+    d, run = user_run
+    res = json.loads((run / "results.json").read_text())
+    assert res["judged"] and res["n_prompts"] == 12
+    names = set(res["systems"])
+    assert {"P_M (warmed up)", "P_M (pretrained)", "Q alone", "P_M + RAM (product)", "SFT", "DPO", "Corrector"} <= names
+    groups = set(res["systems"]["Q alone"]["decodings"]["greedy"]["by_kind"]) - {"all"}
+    assert groups and groups <= set(quiz.KINDS)  # the family / category fields, not the suite's kinds
+    # the same outputs as for the generated suite: report, plots, judged responses and AlpacaEval files
+    for f in ("report.md", "plots/accuracy.png", "plots/training.png", "outputs/Q_alone.greedy.alpaca_eval.json",
+              "tokenizer/tokenizer_config.json", "data/align_samples.jsonl"):
+        assert (run / f).exists(), f
+    rows = read_jsonl(run / "outputs" / "P_M_warmed_up.sampled.jsonl")
+    assert len(rows) == 12 and all("strict" in r and r["kind"] in quiz.KINDS for r in rows)
+    # D's held-out slice was never trained on, and P_M's loss on it is reported
+    assert len(read_jsonl(run / "data" / "heldout.jsonl")) == 40
+    assert len(read_jsonl(run / "data" / "pretrain.jsonl")) == 360
+    assert set(res["heldout_loss"]) == {"proposal", "warmup", "aligner_base"}
+    assert all(np.isfinite(v) and v > 0 for v in res["heldout_loss"].values())
+    report = (run / "report.md").read_text()
+    assert str(d) in report and "Held-out loss on D" in report and "Prompts cut" in report
+    # S in TRL conversational shape became prompt/response pairs for the one-time samples
+    samples = read_jsonl(run / "data" / "align_samples.jsonl")
+    assert len(samples) == 160 and isinstance(samples[0]["prompt"], str) and "proposal" in samples[0]
+
+
+def test_existing_proposal_truncated_aligner_no_corpus_no_references(user_run, tmp_path):
+    d, first = user_run
+    d2 = tmp_path / "data"
+    d2.mkdir()
+    (d2 / "align.jsonl").write_text((d / "align.jsonl").read_text())
+    atomic_write_jsonl(d2 / "eval.jsonl", [{"prompt": r["prompt"]} for r in read_jsonl(d / "eval.jsonl")])
+    run = tmp_path / "run"
+    events = []
+    cfg = pipeline.DefaultRunConfig
+    from ramjax import config as config_lib
+
+    run_cfg = config_lib.load_config(cfg, DEFAULT, [f"pipeline.data_dir={d2}", f"run_dir={run}",
+                                                     f"pipeline.proposal={first / 'proposal' / 'model'}",
+                                                     "pipeline.aligner_init=truncate", *TINY])
+    out = pipeline.run_pipeline(run_cfg, on_stage=lambda s, e, t: events.append((s, e)))
+    done = [s for s, e in events if e == "done"]
+    assert done == ["data", "warmup", "samples", "aligner_base", "ram", "sft", "corrector", "evaluate"]
+    assert any("DPO baselines are skipped" in w for w in out["warnings"])
+    res = json.loads((run / "results.json").read_text())
+    assert not res["judged"] and res["systems"]["Q alone"]["decodings"]["sampled"]["accuracy"] is None
+    assert (run / "outputs" / "P_M_+_RAM_product.greedy.alpaca_eval.json").exists()
+    assert res["systems"]["Q alone"]["loglik"]["per_token"] < 0  # the likelihood metrics are still there
+    # the aligner started as P_M's bottom layer: same vocabulary, same embeddings
+    from ramjax import api
+
+    pm, base = api.load_model(first / "proposal" / "model"), api.load_model(run / "aligner_base" / "model")
+    assert base.config.num_layers == 1 and base.config.vocab_size == pm.config.vocab_size
+    flat = lambda m: dict(__import__("jax").tree_util.tree_leaves_with_path(m.params))  # noqa: E731
+    emb = [k for k in flat(pm) if "embed" in str(k)]
+    assert emb and all(np.array_equal(flat(pm)[k], flat(base)[k]) for k in emb)
+
+
+def test_missing_files_are_named_errors(tmp_path):
+    from ramjax import config as config_lib
+
+    def run(d, *extra):
+        cfg = config_lib.load_config(pipeline.DefaultRunConfig, DEFAULT,
+                                     [f"pipeline.data_dir={d}", f"run_dir={tmp_path / 'r' / d.name}", *TINY, *extra])
+        pipeline.run_pipeline(cfg)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(pipeline.PipelineDataError, match="align.jsonl is missing"):
+        run(empty)
+    only_s = tmp_path / "only_s"
+    only_s.mkdir()
+    atomic_write_jsonl(only_s / "align.jsonl", [{"prompt": "a", "response": "b"}])
+    with pytest.raises(pipeline.PipelineDataError, match="corpus.jsonl is missing.*pipeline.proposal=PATH"):
+        run(only_s)
+    assert cli.train_main([DEFAULT, f"pipeline.data_dir={empty}", f"run_dir={tmp_path / 'cli'}", *TINY]) == 2
+
+
+def test_the_pipeline_reads_every_supported_shape():
+    """S, D and the preference pairs reach the pipeline through ramjax.data: every shape it reads gives the
+    prompt/response pairs of the one-time samples and the text the tokenizer trains on."""
+    from test_formats import PREFERENCE_SHAPES, SFT_SHAPES
+
+    for name, row in {**SFT_SHAPES, **PREFERENCE_SHAPES}.items():
+        rec = D._normalize(dict(row), name, "auto", None)
+        prompt, resp = D.prompt_response(rec)
+        assert (prompt, resp) == ("hi", "good"), name
+        assert D.record_text(rec) == "\n\nHuman: hi\n\nAssistant: good", name
+    assert D.record_text(D._normalize({"text": "plain words"}, "t", "auto", None)) == "plain words"
+
+
+@pytest.mark.slow
+def test_heldout_quiz_family_with_the_default_recipe(tmp_path):
+    """Acceptance: the default recipe, unchanged, on a task family it was not tuned on (ramjax.experiments.quiz: 20k
+    mixed-quality rows of D, 2k concise S, 2k pairs, 400 held-out questions). RAM's product beats Q alone and the
+    warmed-up P_M by at least 30 points of exact-match accuracy, sampled and greedy."""
+    d = tmp_path / "quiz"
+    quiz.write_quiz_data(d)
+    run = tmp_path / "run"
+    assert cli.train_main([DEFAULT, f"pipeline.data_dir={d}", f"run_dir={run}"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    for dec in ("sampled", "greedy"):
+        acc = {n: res["systems"][n]["decodings"][dec]["accuracy"]["mean"]
+               for n in ("P_M (warmed up)", "Q alone", "P_M + RAM (product)")}
+        assert acc["P_M + RAM (product)"] >= acc["Q alone"], (dec, acc)
+        assert acc["P_M + RAM (product)"] >= acc["P_M (warmed up)"] + 0.30, (dec, acc)
+
+
+def test_tokenizer_command_sizes_the_vocabulary_from_the_corpus(tmp_path):
+    from ramjax import tokenizer as tok_lib
+
+    # 260 (4 special + 256 bytes) + 4 distinct characters + at least 64 merges
+    assert tok_lib.auto_vocab_size(["ab", "ba c"]) == 260 + 4 + 64
+    n = 4_000_000  # sqrt(4M) / 4 = 500 merges
+    assert tok_lib.auto_vocab_size(["x" * n]) == 260 + 1 + 500
+    corpus = atomic_write_jsonl(tmp_path / "corpus.jsonl", quiz.general_corpus(300, seed=2))
+    out = tmp_path / "tok"
+    rc = cli.train_main([os.path.join(REPO, "configs", "tokenizer.yaml"), f"files=[{corpus}]", f"out_dir={out}",
+                         "vocab_size=0"])
+    assert rc == 0
+    tok = tok_lib.load_tokenizer(str(out))
+    texts = [D.record_text(r) for r in D.read_jsonl(corpus)]
+    assert tok.decode(tok.encode(texts[0])) == texts[0]
+    assert 260 < tok.vocab_size <= tok_lib.auto_vocab_size(texts)  # sentencepiece may stop short of the size asked
