@@ -332,8 +332,8 @@ def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float 
     def model_dir(name: str) -> str:
         return os.path.join(rd, name, "model")
 
-    def stage(name: str, output: str, fn: Callable[[], Any], enabled: bool = True) -> None:
-        if not enabled or _done(output):
+    def stage(name: str, output: str | tuple[str, ...], fn: Callable[[], Any], enabled: bool = True) -> None:
+        if not enabled or _done(*((output,) if isinstance(output, str) else output)):
             notify(name, "skip", None)
             return
         notify(name, "start", None)
@@ -552,6 +552,7 @@ def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float 
         if not has_eval:
             warn(f"no {f['eval']}: nothing to evaluate")
             files.atomic_write(os.path.join(rd, "report.md"), "# ramjax pipeline\n\n" + "\n\n".join(notes) + "\n")
+            files.atomic_write(os.path.join(rd, "results_table.md"), "(no eval.jsonl: nothing evaluated)\n")
             return
         warm, aligner = load("warmup"), load("ram")
         ram_sampling = {"n": p.n, "kl_threshold": p.kl_threshold}
@@ -601,7 +602,7 @@ def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float 
         table = evaluate.write_report(rd, results, stage_times=times, plots=pngs, notes="\n\n".join(notes) or None,
                                       cost_reference="SFT" if p.baselines else None, title=title)
         files.atomic_write(os.path.join(rd, "results_table.md"), table + "\n")
-    stage("evaluate", os.path.join(rd, "report.md"), make_eval)
+    stage("evaluate", (os.path.join(rd, "report.md"), os.path.join(rd, "results_table.md")), make_eval)
 
     table_path = os.path.join(rd, "results_table.md")
     table = open(table_path, encoding="utf-8").read() if os.path.exists(table_path) else ""
