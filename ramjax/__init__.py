@@ -10,6 +10,6 @@ from ramjax.sampler import SampleResult, sample, stream
 from ramjax.sampling_params import PRESETS, SamplingParams
 from ramjax.tokenizer import Tokenizer, check_vocab_compatible, load_tokenizer
 
-__all__ = ["PRESETS", "Model", "ModelConfig", "SampleResult", "SamplingParams", "Tokenizer", "check_vocab_compatible", "load_model",
-           "load_tokenizer", "logits", "sample", "stream"]
+__all__ = ["PRESETS", "Model", "ModelConfig", "SampleResult", "SamplingParams", "Tokenizer", "check_vocab_compatible",
+           "load_model", "load_tokenizer", "logits", "sample", "stream"]
 __version__ = "0.1.0"

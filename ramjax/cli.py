@@ -378,8 +378,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def ablate_main(argv: list[str] | None = None) -> int:
-    """``python -m ramjax.experiments.ablate [CONFIG.yaml] [key=value ...]``: the α × aligner-size sweep, with ``--help`` and
-    named errors as in the other commands."""
+    """``python -m ramjax.experiments.ablate [CONFIG.yaml] [key=value ...]``: the α × aligner-size sweep, with
+    ``--help`` and named errors as in the other commands."""
     from ramjax.experiments import ablate
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -395,7 +395,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: python -m ramjax.experiments.realign_sweep [CONFIG.yaml] [key=value ...]\n\n{realign_sweep.__doc__}")
+        usage = "usage: python -m ramjax.experiments.realign_sweep [CONFIG.yaml] [key=value ...]"
+        print(f"{usage}\n\n{realign_sweep.__doc__}")
         return 0
     return guarded(realign_sweep.main, argv)
 

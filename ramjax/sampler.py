@@ -62,12 +62,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ramjax import decode_rules as rules_lib
 from ramjax import model as model_lib
-from ramjax import sharding as shd
 from ramjax import sampling_params as sp_lib
+from ramjax import sharding as shd
 from ramjax.decode_rules import RowParams
+from ramjax.sampling_params import (
+    MODES,
+    PRESETS,
+    RAM_MODES,
+    ModeError,
+    SamplerError,
+    SamplingParameterError,
+    SamplingParams,
+)
 from ramjax.tokenizer import token_bytes
-from ramjax.sampling_params import (MODES, PRESETS, RAM_MODES, ModeError, SamplerError, SamplingParameterError,
-                                    SamplingParams)
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import difflib
 import math
 from typing import Any, Literal, Mapping, Sequence
 
-__all__ = ["SamplingParams", "PRESETS", "preset", "SamplerError", "ModeError", "SamplingParameterError", "MODES", "RAM_MODES",
-           "FALLBACKS", "SUPPORTS", "TEMPLATES", "resolve", "FIELDS"]
+__all__ = ["SamplingParams", "PRESETS", "preset", "SamplerError", "ModeError", "SamplingParameterError", "MODES",
+           "RAM_MODES", "FALLBACKS", "SUPPORTS", "TEMPLATES", "resolve", "FIELDS"]
 
 MODES = ("proposal", "aligner", "par", "sparse", "product", "inra")
 RAM_MODES = ("par", "sparse", "product")

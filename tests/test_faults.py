@@ -358,8 +358,7 @@ def test_non_utf8_jsonl_names_file_and_line(fx, tmp_path, capsys):
 def test_damaged_hf_files_are_named(tmp_path, damage):
     import hf_fixtures
 
-    from ramjax import api
-    from ramjax import hf
+    from ramjax import api, hf
 
     d = tmp_path / "hf"
     hf_fixtures.make_hf_model(d)
