@@ -38,8 +38,9 @@ SAMPLE_USAGE = """Sample the aligned model P_M·Q_θ (or either model alone) ove
     python sample.py (or ramjax-sample) configs/sample.yaml [key=value ...] [--training-data]
 
 Keys are those of ``ramjax.config.SampleConfig`` (``proposal``, ``aligner``, ``prompts_file``, ``output_file``,
-``alpaca_output``, ``seed``, ``num_samples``, ``batch_size`` ...) and the ``ramjax.SamplingParams`` fields it carries
-(``mode``, ``n``, ``max_new_tokens``, temperatures, top-p/top-k, ``kl_threshold``, ``stop`` ...).
+``alpaca_output``, ``seed``, ``num_samples``, ``batch_size`` ...) and its ``sampling:`` section, a
+``ramjax.SamplingParams`` (``mode``, ``n``, ``max_new_tokens``, temperatures, top-p/top-k, ``kl_threshold``, ``stop``
+...). A sampling field may be given bare: ``mode=sparse`` means ``sampling.mode=sparse``.
 
 Outputs (see ``ramjax.generate``): a JSONL with one line per sample (prompt, text, token ids, finish reason, length,
 KL-fallback rate, ESS) and, with ``alpaca_output``, an AlpacaEval JSON (instruction, output, generator).
@@ -275,6 +276,19 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"model: {result.model_dir}" + (f"  (Hugging Face: {result.hf_dir})" if result.hf_dir else ""))
     return 0
 
+def _sampling_key(arg: str) -> str:
+    """``mode=sparse`` -> ``sampling.mode=sparse`` for the fields of ``SamplingParams`` (the config's ``sampling:``
+    section), ``lambda=0.5`` -> ``sampling.inra_lambda=0.5`` (``lambda`` is a Python keyword); other arguments as
+    given."""
+    from ramjax.sampling_params import FIELDS
+
+    if "=" not in arg:
+        return arg
+    key, value = arg.split("=", 1)
+    key = "inra_lambda" if key == "lambda" else key
+    return f"sampling.{key}={value}" if key in FIELDS else arg
+
+
 def sample_main(argv: list[str] | None = None) -> int:
     """``ramjax-sample`` / ``python sample.py``: see ``SAMPLE_USAGE``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -283,8 +297,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     training = TRAINING_FLAG in argv
     argv = [a for a in argv if a != TRAINING_FLAG]
-    # ``lambda`` is a Python keyword, so the config field is ``inra_lambda``; accept the short name on the CLI
-    argv = ["inra_lambda=" + a[len("lambda="):] if a.startswith("lambda=") else a for a in argv]
+    argv = [_sampling_key(a) for a in argv]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
 
@@ -318,10 +331,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         # each process samples its share of the prompts on its own devices (see ramjax.generate)
         mesh = shd.make_mesh(cfg.mesh.mesh_config(), devices=jax.local_devices())
         rules = cfg.mesh.sharding_rules()
-        from ramjax.sampling_params import FIELDS, SamplingParams
-
-        # the config's sampling keys are SamplingParams fields
-        sp = SamplingParams(**{f: getattr(cfg, f) for f in FIELDS if hasattr(cfg, f)})
+        sp = cfg.sampling
         if sp.mode == "inra":
             from ramjax import inra
 

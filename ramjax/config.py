@@ -41,6 +41,7 @@ import yaml
 from ramjax import files
 from ramjax import loss as loss_lib
 from ramjax.model import AttentionImpl, DType, ModelConfig
+from ramjax.sampling_params import SamplingParams
 
 T = TypeVar("T")
 
@@ -1044,23 +1045,18 @@ class TokenizerConfig:
 class SampleConfig:
     """One run of ``sample.py``: the aligned model P_M·Q_θ (or either alone) sampled token by token.
 
-    mode:        ``proposal`` (P_M alone; also how the one-time RAM training samples are drawn), ``aligner``
-                 (Q_θ alone), ``par`` (the paper: n candidates from P_M's top-p nucleus, weighted by Q_θ,
-                 self-normalised), ``sparse`` (the authors' released rule: Q_θ restricted to P_M's nucleus, then the
-                 aligner-side top-p), ``product`` (exact softmax(log p_M/T_M + log q/T_Q)), ``inra`` (an InRa
-                 adapter: ``proposal`` is the base model, ``adapter`` the adapter file; two streams mixed by λ, drawn
-                 with the proposal-side settings).
-    inra_lambda: mode ``inra``: λ for every prompt (0 = the base model, 1 = the adapted model); a prompt record
-                 with the field ``lambda_field`` (default ``lambda``) uses its own value. ``sample.py`` also accepts
-                 ``lambda=`` for ``inra_lambda=``.
-    kl_threshold: per token, KL(P_M‖Q_θ) above this draws the token from P_M instead (null = off; paper 0.1).
-    kl_fallback: how the fallback token is drawn: ``proposal`` (P_M with its own temperature/top-p) or ``paper``
-                 (P_M's raw logits with the aligner-side temperature, top-p and repetition penalty, as in the
-                 released code).
-    Defaults are the released settings: proposal T 0.5 / top-p 0.95, aligner T 0.5 / top-p 0.9, repetition
-    penalty 1.05. Temperature 0 means greedy. ``top_k: 0`` is off (the authors drew their one-time training samples
-    with top-k 10, T 0.5, top-p 0.95, penalty 1.05: the pipeline's ``release`` preset; the pipeline's default
-    one-time samples are its ``sampled`` preset, T 1 without top-k).
+    proposal, aligner: model directories (HF or ramjax checkpoints); mode ``inra``: ``proposal`` is the base model
+                 and ``adapter`` the adapter file of an ``inra.enabled`` training run.
+    sampling:    a ``ramjax.SamplingParams`` (``ramjax.sampling_params``, the one home of every sampling setting and
+                 its default): mode (``proposal`` — P_M alone, also how the one-time RAM training samples are drawn —
+                 ``aligner``, ``par``, ``sparse``, ``product``, ``inra``), n, max_new_tokens, temperatures, top-p/top-k,
+                 repetition penalty, KL threshold and fallback, product support, stop strings, greedy, InRa λ,
+                 template, decode dtype. Its defaults are the authors' released settings (proposal T 0.5 / top-p
+                 0.95, aligner T 0.5 / top-p 0.9, penalty 1.05, KL monitor 0.1); the authors drew their one-time
+                 training samples with the ``release`` preset (top-k 10), the pipeline with ``sampled`` (T 1).
+                 ``sample.py`` also accepts the bare field names (``mode=sparse`` = ``sampling.mode=sparse``) and
+                 ``lambda=`` for ``sampling.inra_lambda=``.
+    lambda_field: mode ``inra``: a prompt record with this field uses its own λ (else ``sampling.inra_lambda``).
     output_file:  JSONL (one line per sample); alpaca_output: AlpacaEval JSON (instruction, output, generator).
     mesh:        the mesh of each process's own devices: with several processes (``distributed``, detected on TPU
                  pods and SLURM) every process holds the models and samples its share of the prompts; process 0
@@ -1072,53 +1068,30 @@ class SampleConfig:
 
     proposal: str = ""
     aligner: str | None = None
+    adapter: str | None = None
     prompts_file: str = ""
     output_file: str = "samples.jsonl"
     alpaca_output: str | None = None
-    mode: Literal["proposal", "aligner", "par", "sparse", "product", "inra"] = "par"
-    adapter: str | None = None
-    inra_lambda: float = 1.0
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     lambda_field: str = "lambda"
-    n: int = 8
-    max_new_tokens: int = 1024
     num_samples: int = 1
     seed: int = 0
     batch_size: int = 8
-    proposal_temperature: float = 0.5
-    aligner_temperature: float = 0.5
-    proposal_top_p: float = 0.95
-    aligner_top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.05
-    kl_threshold: float | None = 0.1
-    kl_fallback: Literal["proposal", "paper"] = "proposal"
-    stop: tuple[str, ...] = ()
-    template: Template = "plain"
     generator: str = "ramjax"
     aligner_tokenizer: Literal["own", "proposal"] = "own"
     mesh: MeshSection = dataclasses.field(default_factory=lambda: MeshSection(data=-1, fsdp=1, tensor=1))
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
+        # the sampling section validates itself (SamplingParams.validate, run first by validate_config)
         _check(bool(self.proposal), "proposal is empty; set proposal=PATH (a HF directory or ramjax checkpoint)")
         _check(bool(self.prompts_file), "prompts_file is empty; set prompts_file=PATH (JSONL with prompt/messages/"
                                         "instruction)")
-        if self.mode not in ("proposal", "inra"):
-            _check(self.aligner is not None, f"mode={self.mode} needs aligner=PATH")
-        if self.mode == "inra":
+        mode = self.sampling.mode
+        if mode not in ("proposal", "inra"):
+            _check(self.aligner is not None, f"sampling.mode={mode} needs aligner=PATH")
+        if mode == "inra":
             _check(self.adapter is not None, "mode=inra needs adapter=PATH (the adapter.safetensors of an "
                                              "inra.enabled training run) and proposal=PATH (its base model)")
-        _check(self.inra_lambda == self.inra_lambda and abs(self.inra_lambda) != float("inf"),
-               f"inra_lambda={self.inra_lambda} must be finite")
-        _check(self.n >= 1, f"n={self.n} must be >= 1")
-        _check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
         _check(self.num_samples >= 1, f"num_samples={self.num_samples} must be >= 1")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        for name in ("proposal_temperature", "aligner_temperature"):
-            _check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0 = greedy)")
-        for name in ("proposal_top_p", "aligner_top_p"):
-            _check(0 < getattr(self, name) <= 1, f"{name}={getattr(self, name)} must be in (0, 1]")
-        _check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
-        _check(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be positive")
-        if self.kl_threshold is not None:
-            _check(self.kl_threshold >= 0, f"kl_threshold={self.kl_threshold} must be >= 0 or null (off)")

@@ -11,6 +11,7 @@ import yaml
 
 from ramjax import config as C
 from ramjax.config import ConfigError, SampleConfig, TrainConfig, load_config
+from ramjax.sampling_params import SamplingParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRATCH = ["tokenizer=tok"]  # model.init=scratch needs a tokenizer path to validate
@@ -226,11 +227,13 @@ def test_save_load_round_trip(tmp_path):
     text = C.format_config(cfg)
     assert text.startswith("# TrainConfig\n") and "alpha: 0.0001" in text
     assert C.config_to_dict(cfg)["data"]["train_files"] == ["a.jsonl", "b c.jsonl"]
-    s = load_config(SampleConfig, os.path.join(REPO, "configs", "sample.yaml"), ['stop=["\\n\\nHuman:", "###"]',
-                                                                                  "kl_threshold=null"])
+    s = load_config(SampleConfig, os.path.join(REPO, "configs", "sample.yaml"),
+                    ['sampling.stop=["\\n\\nHuman:", "###"]', "sampling.kl_threshold=null",
+                     "sampling.proposal_temperature=[0.5, 1.0]"])
     C.save_config(s, tmp_path / "s.yaml")
     assert load_config(SampleConfig, str(tmp_path / "s.yaml")) == s
-    assert s.stop == ("\n\nHuman:", "###") and s.kl_threshold is None
+    assert s.sampling.stop == ("\n\nHuman:", "###") and s.sampling.kl_threshold is None
+    assert s.sampling.proposal_temperature == (0.5, 1.0)  # a per-prompt setting survives the round trip
 
 
 def test_include_files_merge(tmp_path):
@@ -302,11 +305,16 @@ def test_model_and_mesh_conversions():
 
 def test_sample_config_validation():
     base = ["proposal=p", "prompts_file=x.jsonl", "aligner=q"]
-    assert load_config(SampleConfig, None, base).mode == "par"
-    load_config(SampleConfig, None, ["proposal=p", "prompts_file=x.jsonl", "mode=proposal"])
-    for bad, match in [("aligner=null", "mode=par needs aligner"), ("n=0", "n=0 must be >= 1"),
-                       ("proposal_top_p=1.5", r"must be in \(0, 1\]"), ("kl_threshold=-1", "kl_threshold"),
-                       ("kl_fallback=papr", "did you mean 'paper'")]:
+    # the sampling section is a SamplingParams: its defaults are SamplingParams' own, defined once
+    assert load_config(SampleConfig, None, base).sampling == SamplingParams()
+    assert SampleConfig().sampling == SamplingParams()
+    load_config(SampleConfig, None, ["proposal=p", "prompts_file=x.jsonl", "sampling.mode=proposal"])
+    for bad, match in [("aligner=null", "mode=par needs aligner"), ("sampling.n=0", "n=0 must be an integer >= 1"),
+                       ("sampling.proposal_top_p=1.5", r"proposal_top_p=1.5 is invalid: expected top-p in \(0, 1\]"),
+                       ("sampling.kl_threshold=-1", "kl_threshold"),
+                       ("sampling.kl_fallback=papr", "did you mean 'paper'"),
+                       ("sampling.inra_lambda=.inf", "inra_lambda"),
+                       ("mode=par", "did you mean 'sampling.mode'")]:  # bare keys are sample.py's convenience only
         with pytest.raises(ConfigError, match=match):
             load_config(SampleConfig, None, base + [bad])
 
@@ -337,3 +345,19 @@ def test_train_py_picks_the_program_a_config_declares(tmp_path):
     assert cli._program(str(inc), []) == "pipeline"  # declared in an included file
     with pytest.raises(ConfigError, match="'foo'.*not one of train, pipeline, ablate"):
         cli._program(str(f), ["program=foo"])
+
+
+def test_sample_cli_maps_bare_sampling_keys():
+    """sample.py's convenience: a bare SamplingParams field goes to the sampling section, ``lambda=`` to
+    ``sampling.inra_lambda``; every other argument is passed on unchanged (and stays strict)."""
+    from ramjax.cli import _sampling_key
+
+    assert _sampling_key("mode=sparse") == "sampling.mode=sparse"
+    assert _sampling_key("aligner_temperature=0.3") == "sampling.aligner_temperature=0.3"
+    assert _sampling_key("lambda=0.5") == "sampling.inra_lambda=0.5"
+    assert _sampling_key("stop=[a, b=c]") == "sampling.stop=[a, b=c]"
+    for same in ("sampling.mode=par", "seed=3", "configs/sample.yaml", "--training-data", "modee=par"):
+        assert _sampling_key(same) == same
+    args = ["proposal=p", "prompts_file=x", "mode=proposal", "lambda=0.25", "top_k=10"]
+    cfg = load_config(SampleConfig, None, [_sampling_key(a) for a in args])
+    assert cfg.sampling == SamplingParams(mode="proposal", inra_lambda=0.25, top_k=10)
