@@ -13,6 +13,10 @@
   the chat template from ``chat_template.jinja`` or ``tokenizer_config.json``, rendered with jinja2 in the same
   sandboxed environment as transformers.
 
+The two file formats' backends are in ``ramjax.tokenizer_formats``, the chat-template sandbox in
+``ramjax.chat_template``; this module holds the ``Tokenizer`` over them, loading, token bytes, training and the
+proposal/aligner check.
+
 ``check_vocab_compatible`` guards a proposal/aligner pair: the residual aligner only makes sense over the
 proposal's vocabulary, id for id. ``train_sentencepiece`` trains the small tokenizer of the embedded default
 pipeline. transformers is never imported here.
@@ -20,33 +24,43 @@ pipeline. transformers is never imported here.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import glob
 import io
 import json
 import logging
 import os
-import re
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
-from ramjax import files
+from ramjax import chat_template, files
+from ramjax import tokenizer_formats as formats
+from ramjax.chat_template import TEMPLATE_MAX_OUTPUT, TEMPLATE_MAX_RANGE_ITEMS, TEMPLATE_MAX_SECONDS, ChatTemplateError
+from ramjax.tokenizer_formats import (
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG,
+    SENTENCEPIECE_MODEL,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    AddedTokenSpec,
+    TokenizerError,
+)
+
+# the errors, file names and template limits of the two modules below the tokenizer are part of its interface
+__all__ = [
+    "Tokenizer", "load_tokenizer", "has_tokenizer", "token_bytes", "check_vocab_compatible", "train_sentencepiece",
+    "auto_vocab_size", "train_tokenizer_on_files", "PLAIN_TEMPLATE", "SPECIAL_TOKEN_ATTRIBUTES", "AddedTokenSpec",
+    "TokenizerError", "ChatTemplateError", "VocabMismatchError", "TOKENIZER_JSON", "SENTENCEPIECE_MODEL",
+    "TOKENIZER_CONFIG", "SPECIAL_TOKENS_MAP", "GENERATION_CONFIG", "CHAT_TEMPLATE_FILE", "CHAT_TEMPLATE_DIR",
+    "TEMPLATE_MAX_OUTPUT", "TEMPLATE_MAX_RANGE_ITEMS", "TEMPLATE_MAX_SECONDS",
+]
 
 logger = logging.getLogger(__name__)
 
 PLAIN_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: "
 """The RAM authors' prompt template; ``{prompt}`` is replaced by the user's text."""
-
-TOKENIZER_JSON = "tokenizer.json"
-SENTENCEPIECE_MODEL = "tokenizer.model"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-GENERATION_CONFIG = "generation_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
-
 # transformers' named special-token attributes (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES); the chat
 # template sees each one that is set as a variable of the same name.
 SPECIAL_TOKEN_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -57,457 +71,9 @@ SPECIAL_TOKEN_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", 
 _CHAT_TERMINATORS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>",
                      "<end_of_turn>", "<|end|>", "</s>")
 
-# Qwen2Tokenizer's pre-tokenizer split (transformers/models/qwen2/tokenization_qwen2.py).
-_QWEN2_SPLIT_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
-    r"""|\s+(?!\S)|\s+"""
-)
-
-_SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_UNUSED, _SPM_BYTE = 1, 2, 3, 4, 5, 6
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, unreadable or unsupported, or a tokenizer was used wrongly."""
-
-
-class ChatTemplateError(TokenizerError):
-    """The chat template is missing, does not compile, or rejected the conversation (``raise_exception``)."""
-
 
 class VocabMismatchError(ValueError):
     """The proposal and aligner vocabularies differ, or an embedding has fewer rows than its tokenizer's ids."""
-
-
-@dataclasses.dataclass(frozen=True)
-class AddedTokenSpec:
-    """A token matched verbatim in the text before the model tokenises the rest (transformers' ``AddedToken``)."""
-
-    content: str
-    id: int
-    special: bool = True
-    lstrip: bool = False
-    rstrip: bool = False
-    normalized: bool = False
-    single_word: bool = False
-
-    def to_json(self) -> dict:
-        return {"content": self.content, "lstrip": self.lstrip, "normalized": self.normalized,
-                "rstrip": self.rstrip, "single_word": self.single_word, "special": self.special}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Backends: the two file formats behind one small interface.
-
-
-class _HFBackend:
-    """A ``tokenizers.Tokenizer`` (from ``tokenizer.json``)."""
-
-    kind = "hf"
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
-
-    def vocab(self) -> list[str]:
-        out = [""] * self.size()
-        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
-            if 0 <= i < len(out):
-                out[i] = token
-        return out
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    def added_tokens(self) -> list[AddedTokenSpec]:
-        return [AddedTokenSpec(t.content, i, t.special, t.lstrip, t.rstrip, t.normalized, t.single_word)
-                for i, t in sorted(self.tok.get_added_tokens_decoder().items())]
-
-    def add_token(self, spec: AddedTokenSpec) -> int:
-        """Registers ``spec`` unless it already is an added token (then it is left as it is, as in transformers);
-        a token of the model's own vocabulary keeps its id."""
-        from tokenizers import AddedToken
-
-        for existing in self.tok.get_added_tokens_decoder().values():
-            if existing.content == spec.content:
-                return self.tok.token_to_id(spec.content)
-        token = AddedToken(spec.content, special=spec.special, lstrip=spec.lstrip, rstrip=spec.rstrip,
-                           normalized=spec.normalized, single_word=spec.single_word)
-        (self.tok.add_special_tokens if spec.special else self.tok.add_tokens)([token])
-        return self.tok.token_to_id(spec.content)
-
-    def save(self, directory: str) -> None:
-        self.tok.save(os.path.join(directory, TOKENIZER_JSON))
-
-
-class _SentencePieceBackend:
-    """A sentencepiece model proto, encoded the way transformers' non-legacy ``LlamaTokenizer`` does.
-
-    prepend_scheme: ``"first"`` (a ``▁`` before the first text segment unless it starts with a space),
-    ``"always"`` (before every segment between added tokens, legacy Llama) or ``"never"``.
-    """
-
-    kind = "sentencepiece"
-
-    def __init__(self, model_proto: bytes, prepend_scheme: str = "first"):
-        import sentencepiece as spm
-
-        try:
-            from sentencepiece import sentencepiece_model_pb2
-        except ImportError as e:  # protobuf comes with orbax-checkpoint; say what is missing if it does not
-            raise TokenizerError(f"reading a sentencepiece model needs the protobuf package ({e})") from e
-        proto = sentencepiece_model_pb2.ModelProto()
-        try:
-            proto.ParseFromString(model_proto)
-            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        except Exception as e:  # noqa: BLE001 - sentencepiece/protobuf raise assorted types for corrupt files
-            raise TokenizerError(f"not a valid sentencepiece model ({type(e).__name__}: {e})") from e
-        self.model_proto = model_proto
-        if not proto.normalizer_spec.add_dummy_prefix:
-            prepend_scheme = "never"
-        if prepend_scheme not in ("first", "always", "never"):
-            raise TokenizerError(f"unknown prepend scheme {prepend_scheme!r}; expected first, always or never")
-        self.prepend_scheme = prepend_scheme
-        # A second processor without the dummy prefix encodes the segments that must not get a leading "▁".
-        proto.normalizer_spec.add_dummy_prefix = False
-        self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        self.pieces = [p.piece for p in proto.pieces]
-        self.piece_types = [p.type for p in proto.pieces]
-        self.piece_ids = {p: i for i, p in enumerate(self.pieces)}
-        self.trainer_spec = proto.trainer_spec
-        self._added: dict[int, AddedTokenSpec] = {}
-        # transformers' SentencePieceExtractor: control pieces are special added tokens, user-defined ones are
-        # plain added tokens; both are matched in the text before sentencepiece runs.
-        for i, (piece, kind) in enumerate(zip(self.pieces, self.piece_types)):
-            if kind in (_SPM_CONTROL, _SPM_USER_DEFINED):
-                self._added[i] = AddedTokenSpec(piece, i, special=kind == _SPM_CONTROL)
-        self._split_re: re.Pattern | None = None
-
-    # -- added tokens
-    def added_tokens(self) -> list[AddedTokenSpec]:
-        return [self._added[i] for i in sorted(self._added)]
-
-    def add_token(self, spec: AddedTokenSpec) -> int:
-        """Registers ``spec`` unless it already is an added token (left as it is, as in transformers); a piece
-        of the model keeps its id, a new token gets the next free id."""
-        i = self.token_to_id(spec.content)
-        if i is not None and i in self._added:
-            return i
-        if i is None:
-            i = self.size()
-        self._added[i] = dataclasses.replace(spec, id=i)
-        self._split_re = None
-        return i
-
-    def _splitter(self) -> re.Pattern | None:
-        if self._split_re is None and self._added:
-            # Longest first, so the leftmost match is also the longest (tokenizers' leftmost-longest matching).
-            alternatives = []
-            for spec in sorted(self._added.values(), key=lambda s: -len(s.content)):
-                alt = re.escape(spec.content)
-                if spec.lstrip:
-                    alt = r"\s*" + alt
-                if spec.rstrip:
-                    alt = alt + r"\s*"
-                alternatives.append(f"(?:{alt})")
-            self._split_re = re.compile("|".join(alternatives))
-        return self._split_re
-
-    def _match_id(self, matched: str) -> int:
-        stripped = matched.strip()
-        for text in (matched, stripped):
-            i = self.token_to_id(text)
-            if i is not None and i in self._added:
-                return i
-        raise AssertionError(f"added token {matched!r} not found")  # unreachable: the regex only matches these
-
-    # -- encode / decode
-    def _encode_segment(self, text: str, start: int) -> list[int]:
-        prefix = (self.prepend_scheme == "always" or (self.prepend_scheme == "first" and start == 0))
-        if text.startswith((" ", "\u2581")):
-            prefix = False  # tokenizers' Metaspace never doubles an existing leading space
-        return (self.sp if prefix else self.sp_no_prefix).encode(text)
-
-    def encode(self, text: str) -> list[int]:
-        splitter = self._splitter()
-        if splitter is None:
-            return self._encode_segment(text, 0) if text else []
-        ids: list[int] = []
-        pos = 0
-        for m in splitter.finditer(text):
-            if m.start() > pos:
-                ids.extend(self._encode_segment(text[pos:m.start()], pos))
-            ids.append(self._match_id(m.group()))
-            pos = m.end()
-        if pos < len(text):
-            ids.extend(self._encode_segment(text[pos:], pos))
-        return ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        # transformers' LlamaTokenizer decoder chain: "▁" -> " ", byte-fallback pieces fused into UTF-8 (an invalid
-        # byte run becomes one U+FFFD per byte), concatenation, then one leading space stripped.
-        special = self.special_ids() if skip_special_tokens else frozenset()
-        parts: list[str] = []
-        pending = bytearray()
-        n_pending = 0
-
-        def flush():
-            nonlocal n_pending
-            if n_pending:
-                try:
-                    parts.append(pending.decode("utf-8"))
-                except UnicodeDecodeError:
-                    parts.append("\ufffd" * n_pending)
-                pending.clear()
-                n_pending = 0
-
-        for i in ids:
-            if i in special:
-                continue
-            piece = self.id_to_token(i)
-            if i < len(self.pieces) and self.piece_types[i] == _SPM_BYTE:
-                m = _BYTE_PIECE.fullmatch(piece)
-                if m:
-                    pending.append(int(m.group(1), 16))
-                    n_pending += 1
-                    continue
-            flush()
-            parts.append(piece.replace("\u2581", " "))
-        flush()
-        text = "".join(parts)
-        if self.prepend_scheme != "never" and text.startswith(" "):
-            text = text[1:]
-        return text
-
-    def special_ids(self) -> frozenset[int]:
-        return frozenset(i for i, s in self._added.items() if s.special)
-
-    # -- vocabulary
-    def size(self) -> int:
-        return max(len(self.pieces), max(self._added, default=-1) + 1)
-
-    def vocab(self) -> list[str]:
-        out = list(self.pieces) + [""] * (self.size() - len(self.pieces))
-        for i, spec in self._added.items():
-            out[i] = spec.content
-        return out
-
-    def id_to_token(self, i: int) -> str:
-        spec = self._added.get(i)
-        if spec is not None:
-            return spec.content
-        return self.pieces[i] if i < len(self.pieces) else ""
-
-    def token_to_id(self, token: str) -> int | None:
-        i = self.piece_ids.get(token)
-        if i is not None:
-            return i
-        for j, spec in self._added.items():
-            if spec.content == token:
-                return j
-        return None
-
-    def save(self, directory: str) -> None:
-        with open(os.path.join(directory, SENTENCEPIECE_MODEL), "wb") as f:
-            f.write(self.model_proto)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Chat templates, rendered the way transformers.utils.chat_template_utils does.
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # transformers replaces jinja's tojson: no HTML escaping, and json.dumps' options exposed.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(format):  # noqa: A002 - the name templates call
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    """``dict`` inside templates, without attribute access to the real class."""
-
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-# Rendering one prompt is bounded: a template that loops or multiplies its way past these limits (a hang or an
-# out-of-memory in the making) is a ChatTemplateError naming the template, not a stuck process.
-TEMPLATE_MAX_OUTPUT = 1 << 22     # characters of rendered text
-TEMPLATE_MAX_RANGE_ITEMS = 1 << 20  # items produced by range() over one rendering
-TEMPLATE_MAX_SECONDS = 10.0       # wall time of one rendering
-
-
-class _RenderBudget:
-    """The limits of one ``render``: ``range`` items handed out, output size and wall time."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        import time
-
-        self.items = 0
-        self.deadline = time.monotonic() + TEMPLATE_MAX_SECONDS
-
-    def check_time(self) -> None:
-        import time
-
-        if time.monotonic() > self.deadline:
-            raise ChatTemplateError(f"rendering took longer than {TEMPLATE_MAX_SECONDS:.0f} s (nested loops?)")
-
-    def range(self, *args):
-        r = range(*args)
-        self.items += len(r)
-        if self.items > TEMPLATE_MAX_RANGE_ITEMS:
-            raise ChatTemplateError(f"the template's range() calls produce more than {TEMPLATE_MAX_RANGE_ITEMS} "
-                                    f"items in one rendering (nested loops?)")
-        self.check_time()
-        return r
-
-
-def _compile_chat_template(source: str):
-    import jinja2
-    import jinja2.ext
-    import jinja2.nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class BoundedEnvironment(ImmutableSandboxedEnvironment):
-        # ``*`` and ``**`` are intercepted so that "x" * 10**9 or 10**10**10 cannot exhaust memory or time
-        intercepted_binops = frozenset({"*", "**"})
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
-                            len(seq) * n > TEMPLATE_MAX_OUTPUT:
-                        raise ChatTemplateError(f"the template builds a sequence of {len(seq) * n} items with "
-                                                f"'*' (limit {TEMPLATE_MAX_OUTPUT})")
-            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
-                raise ChatTemplateError(f"the template raises to the power {right} (limit 1024)")
-            return super().call_binop(context, operator, left, right)
-
-    def no_include(name):
-        raise ChatTemplateError(f"chat templates cannot load other templates ({{% include/import/extends "
-                                f"{name!r} %}}); inline that template's text instead")
-
-    class GenerationTag(jinja2.ext.Extension):
-        # ``{% generation %}...{% endgeneration %}`` marks assistant text for training masks in transformers; the
-        # rendered string is the body unchanged.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        # Namespaces that refuse underscore attributes, as in transformers' sandbox.
-        def __init__(*args, **kwargs):  # noqa: N805 - jinja's Namespace signature trick
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(
-                    f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.FunctionLoader(no_include),
-                             extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    budget = _RenderBudget()
-    env.globals["range"] = budget.range
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = TemplateNamespace
-    try:
-        template = env.from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from e
-    template.ramjax_budget = budget
-    return template
-
-
-def _render_bounded(template: Any, variables: Mapping[str, Any]) -> str:
-    """``template.render(**variables)`` streamed, stopping with ``ChatTemplateError`` past the output, range and
-    time limits of ``_RenderBudget``."""
-    budget = getattr(template, "ramjax_budget", None) or _RenderBudget()
-    budget.reset()
-    out, size = [], 0
-    for chunk in template.generate(**variables):
-        out.append(chunk)
-        size += len(chunk)
-        if size > TEMPLATE_MAX_OUTPUT:
-            raise ChatTemplateError(f"the rendered prompt exceeds {TEMPLATE_MAX_OUTPUT} characters")
-        budget.check_time()
-    return "".join(out)
-
-
-def _plain_data(value: Any) -> Any:
-    """A copy of ``value`` made of JSON types only, so the sandboxed template never sees rich objects."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain_data(k): _plain_data(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain_data(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain_data(v) for v in value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / jax scalars
-        return _plain_data(value.item())
-    return f"<{type(value).__name__}>"
-
-
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-
-
-def _prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """transformers' message normalisation: drop None values, copy to plain data, alias reasoning fields."""
-    out = []
-    for m in messages:
-        if not isinstance(m, Mapping):
-            raise ChatTemplateError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
-        m = _plain_data({k: v for k, v in m.items() if v is not None})
-        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
-        if reasoning is not None:
-            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
-        out.append(m)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -533,7 +99,8 @@ class Tokenizer:
     embedding rows.
     """
 
-    def __init__(self, backend: _HFBackend | _SentencePieceBackend, *, special_tokens: Mapping[str, str | None],
+    def __init__(self, backend: formats.HFBackend | formats.SentencePieceBackend, *,
+                 special_tokens: Mapping[str, str | None],
                  chat_templates: Mapping[str, str] | None = None, extra_eos_ids: Iterable[int] = (),
                  config: Mapping[str, Any] | None = None, source: str = ""):
         self._backend = backend
@@ -708,15 +275,15 @@ class Tokenizer:
             name = "tool_use"
         if name not in self._compiled:
             try:
-                self._compiled[name] = _compile_chat_template(self._chat_templates[name])
+                self._compiled[name] = chat_template.compile_template(self._chat_templates[name])
             except ChatTemplateError as e:
                 raise ChatTemplateError(f"chat template {name!r} of the tokenizer from {self.source!r}: {e}") from None
         variables = {"tools": None, "documents": None, **self.special_tokens,
-                     **_plain_data(dict(template_kwargs))}
-        variables.update(messages=_prepare_messages(messages), add_generation_prompt=add_generation_prompt)
+                     **chat_template.plain_data(dict(template_kwargs))}
+        variables.update(messages=chat_template.prepare_messages(messages), add_generation_prompt=add_generation_prompt)
         where = f"chat template {name!r} of the tokenizer from {self.source!r}"
         try:
-            return _render_bounded(self._compiled[name], variables)
+            return chat_template.render_bounded(self._compiled[name], variables)
         except ChatTemplateError as e:
             raise ChatTemplateError(f"{where}: {e}") from None
         except jinja2.exceptions.TemplateError as e:
@@ -836,7 +403,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTE_LEVEL_INV = {c: b for b, c in _bytes_to_unicode().items()}
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _TOKEN_BYTES_CACHE: "weakref.WeakKeyDictionary[Any, list[bytes]]" = weakref.WeakKeyDictionary()
 
 
@@ -867,7 +433,7 @@ def token_bytes(tokenizer: Any, vocab: int | None = None) -> list[bytes]:
             out.append(tail.encode("utf-8"))
             continue
         piece = pieces[i] if i < len(pieces) else ""
-        m = _BYTE_PIECE.fullmatch(piece)
+        m = formats.BYTE_PIECE.fullmatch(piece)
         if m:
             out.append(bytes([int(m.group(1), 16)]))
         elif piece and all(c in _BYTE_LEVEL_INV for c in piece):
@@ -945,55 +511,6 @@ def _as_id_list(value: Any) -> list[int]:
     raise TokenizerError(f"expected an id or a list of ids in {GENERATION_CONFIG}, found {value!r}")
 
 
-def _load_hf_backend(path: str, config: Mapping[str, Any]) -> _HFBackend:
-    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as _Tok
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
-        tok = _Tok.from_str(raw)
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for malformed files
-        raise TokenizerError(f"cannot read {path!r} as a Hugging Face tokenizer.json: {e}") from e
-    cls = str(config.get("tokenizer_class") or "").removesuffix("Fast")
-    # transformers 5 rebuilds these classes' pipelines from its own code rather than the file; do the same so ids
-    # match it (for the files the model families ship with, the rebuild equals the file).
-    if cls == "Qwen2Tokenizer":
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space") or False),
-                                     use_regex=False),
-        ])
-        tok.decoder = decoders.ByteLevel()
-    elif cls == "LlamaTokenizer" and '"ByteLevel"' not in raw:
-        add_prefix_space = config.get("add_prefix_space")
-        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
-        scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
-        tok.normalizer = None
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
-        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if add_prefix_space:
-            steps.append(decoders.Strip(content=" ", left=1, right=0))
-        tok.decoder = decoders.Sequence(steps)
-    return _HFBackend(tok)
-
-
-def _load_sentencepiece_backend(path: str, config: Mapping[str, Any]) -> _SentencePieceBackend:
-    try:
-        with open(path, "rb") as f:
-            proto = f.read()
-    except OSError as e:
-        raise TokenizerError(f"cannot read sentencepiece model {path!r}: {e}") from e
-    add_prefix_space = config.get("add_prefix_space")
-    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
-    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
-    try:
-        return _SentencePieceBackend(proto, scheme)
-    except TokenizerError as e:
-        raise TokenizerError(f"{path!r}: {e}") from e
-
-
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a tokenizer from a checkpoint directory or a tokenizer file.
 
@@ -1034,9 +551,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     gen = optional_json(GENERATION_CONFIG)
 
     if file.endswith(".json"):
-        backend: _HFBackend | _SentencePieceBackend = _load_hf_backend(file, config)
+        backend: formats.HFBackend | formats.SentencePieceBackend = formats.load_hf_backend(file, config)
     elif file.endswith(".model"):
-        backend = _load_sentencepiece_backend(file, config)
+        backend = formats.load_sentencepiece_backend(file, config)
     else:
         raise TokenizerError(f"unsupported tokenizer file {file!r}: expected a Hugging Face tokenizer.json or a "
                              f"sentencepiece .model file")
@@ -1049,7 +566,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             special[name] = _token_content(config[name])
         elif name in special_map:
             special[name] = _token_content(special_map[name])
-    if isinstance(backend, _SentencePieceBackend):
+    if isinstance(backend, formats.SentencePieceBackend):
         spec = backend.trainer_spec
         for name, idx in (("unk_token", spec.unk_id), ("bos_token", spec.bos_id), ("eos_token", spec.eos_id)):
             if name not in special and 0 <= idx < len(backend.pieces):
@@ -1140,7 +657,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os
             max_sentence_length=max(4192, max_len + 1), minloglevel=2)
     except RuntimeError as e:
         raise TokenizerError(f"sentencepiece training failed (vocab_size={vocab_size}, {len(lines)} texts): {e}") from e
-    backend = _SentencePieceBackend(buf.getvalue(), "never")
+    backend = formats.SentencePieceBackend(buf.getvalue(), "never")
     if backend.size() < vocab_size:
         logger.info("sentencepiece vocabulary has %d pieces (asked for %d): the training text supports no more",
                     backend.size(), vocab_size)
