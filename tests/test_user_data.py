@@ -153,11 +153,11 @@ def test_the_pipeline_reads_every_supported_shape():
     from test_formats import PREFERENCE_SHAPES, SFT_SHAPES
 
     for name, row in {**SFT_SHAPES, **PREFERENCE_SHAPES}.items():
-        rec = D._normalize(dict(row), name, "auto", None)
+        rec = D.parse_record(dict(row), name, "auto", None)
         prompt, resp = D.prompt_response(rec)
         assert (prompt, resp) == ("hi", "good"), name
         assert D.record_text(rec) == "\n\nHuman: hi\n\nAssistant: good", name
-    assert D.record_text(D._normalize({"text": "plain words"}, "t", "auto", None)) == "plain words"
+    assert D.record_text(D.parse_record({"text": "plain words"}, "t", "auto", None)) == "plain words"
 
 
 @pytest.mark.slow
