@@ -256,12 +256,24 @@ def make_train_step(objective: loss_lib.Objective, optimizer: optax.GradientTran
         metrics["tokens"] = jnp.sum(batch[objective.tokens_key] > 0).astype(jnp.float32)
         metrics["input_tokens"] = sum(jnp.sum(v > 0) for k, v in batch.items()
                                       if k.endswith("segment_ids")).astype(jnp.float32)
-        if schedule is not None:  # optax evaluates the schedule at its update count, which equals state.step
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        if schedule is not None:  # the rate of this update: optax's schedule at its own count of applied updates
+            metrics["lr"] = jnp.asarray(schedule(schedule_count(state.opt_state, state.step)), jnp.float32)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(key))
         return new, metrics
 
     return step
+
+
+def schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
+    """The update count at which optax evaluates the learning-rate schedule (``ScaleByScheduleState.count``).
+
+    It counts applied updates only: a step dropped as non-finite (``optimizer.nonfinite=skip``) keeps the old
+    optimizer state, so the count (and the rate of the next update) stays behind ``TrainState.step``.
+    ``default`` when the optimizer has no schedule state."""
+    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)):
+        if isinstance(s, optax.ScaleByScheduleState):
+            return s.count
+    return default
 
 
 def jit_train_step(step_fn: Callable, state_sh: TrainState, batch_sh: Mapping[str, Any], frozen_sh: Any,

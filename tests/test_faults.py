@@ -467,6 +467,11 @@ def test_skip_mode_drops_non_finite_updates_up_to_the_limit(fx, tmp_path):
                      "optimizer.max_skipped_steps=5")
     r = train_lib.train(_cfg(over))  # steps 2..6 diverge: 5 skipped, the limit
     assert r.step == 6 and r.metrics["train/skipped_steps"] == 5
+    # the logged rate is the one the optimizer used: one update applied, so steps 2..6 all report the schedule at
+    # update 1 (linear decay over 6 steps after 1 warm-up step), not at steps 2..6
+    sched = train_lib.make_schedule(1e30, 6, 1, "linear", 0.0)
+    want = [float(np.float32(sched(0)))] + [float(np.float32(sched(1)))] * 5
+    assert [r["train/lr"] for r in metrics_lib.read_metrics(run_dir)] == want
     _, exported = ckpt_lib.load_model_dir(os.path.join(run_dir, "model"))
     assert _all_finite(exported)
     with pytest.raises(train_lib.NonFiniteTrainingError, match="more than optimizer.max_skipped_steps=4"):
