@@ -130,6 +130,34 @@ def _resume(path: str, per_record: int) -> int:
     return done
 
 
+def _check_creatable(path: str) -> None:
+    """Raises ``GenerateError`` unless ``path`` can be written: an existing file, or a new one whose directory
+    exists (or can be created under its nearest existing ancestor). Creates nothing."""
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise GenerateError(f"output_file {path!r} is not writable; fix its permissions or choose another path")
+        return
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise GenerateError(f"output_file {path!r} cannot be created: {existing!r} is a file, not a directory; "
+                            f"choose a path in a writable directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GenerateError(f"output_file {path!r} cannot be created: {existing!r} is not writable; choose a path "
+                            f"in a writable directory")
+
+
+def _open_output(path: str):
+    """``path`` opened for appending (its directory created first)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as e:
+        raise GenerateError(f"output_file {path!r} cannot be created ({e.strerror or e}); choose a path in a "
+                            f"writable directory") from None
+
+
 def _check_existing(path: str, records: Sequence[Mapping[str, Any]], per_record: int, output: str,
                     prompts_file: str) -> None:
     """Raises ``GenerateError`` (touching nothing) when the complete lines already in ``path`` are not this prompt
@@ -195,19 +223,24 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     Several processes (``jax.distributed``; models loaded on each process's local devices): each samples its
     share of every round of batches; the output is the one a single process writes (process 0 writes it).
     """
+    from ramjax import sampler
     from ramjax import sharding as shd
     from ramjax.sampling_params import resolve
 
+    # Everything that can be checked is checked before the output (or its directory) is created or touched: the
+    # sampling parameters, the models (mode, vocabularies, tokenizer files), the paths and the prompts file.
     params = resolve(params, overrides)
+    sampler._resolve_models(proposal, aligner, params.mode)
     rules = shd.DEFAULT_RULES if rules is None else rules
     if output not in ("samples", "training"):
         raise GenerateError(f"output={output!r}; expected 'samples' or 'training'")
     prompts_file, output_file = os.fspath(prompts_file), os.fspath(output_file)
     if os.path.abspath(prompts_file) == os.path.abspath(output_file):
         raise GenerateError(f"output_file {output_file!r} is the prompts file; choose another path")
-    if os.path.isdir(output_file):
-        raise GenerateError(f"output_file {output_file!r} is a directory; give a file path, e.g. "
-                            f"{os.path.join(output_file, 'samples.jsonl')!r}")
+    for key, path in (("output_file", output_file), ("alpaca_output", alpaca_output)):
+        if path is not None and os.path.isdir(path):
+            raise GenerateError(f"{key} {os.fspath(path)!r} is a directory; give a file path, e.g. "
+                                f"{os.path.join(path, 'samples.jsonl' if key == 'output_file' else 'alpaca.json')!r}")
     records = read_prompt_records(prompts_file)
     per_record = num_samples if output == "samples" else 1
     primary = jax.process_index() == 0
@@ -217,11 +250,7 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     done = 0
     if primary:
         try:
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-            except OSError as e:
-                raise GenerateError(f"output_file {output_file!r} cannot be created ({e.strerror or e}); choose a "
-                                    f"path in a writable directory") from None
+            _check_creatable(output_file)
             _check_existing(output_file, records, per_record, output, prompts_file)
             done = _resume(output_file, per_record)
         except GenerateError as e:
@@ -237,7 +266,8 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     written = 0
     if progress is not None:
         progress(done, len(records))
-    out = open(output_file, "a", encoding="utf-8") if primary else None
+    # opened when the first batch is sampled: an error in it (a prompt too long, non-finite logits) leaves no file
+    out = None
     try:
         for round_start in range(done, len(records), batch_size * jax.process_count()):
             start, chunk = distributed.local_share(records, round_start, batch_size)
@@ -245,7 +275,9 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
                                   params, seed, rules) if chunk else []
             parts = distributed.allgather_objects((len(chunk), lines))
             n_round = sum(n for n, _ in parts)
-            if out is not None:
+            if primary:
+                if out is None:
+                    out = _open_output(output_file)
                 out.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for _, ls in parts for line in ls))
                 out.flush()
                 os.fsync(out.fileno())
@@ -255,6 +287,8 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     finally:
         if out is not None:
             out.close()
+    if primary and out is None and not os.path.exists(output_file):  # no prompts: the (empty) output still exists
+        files.atomic_write(output_file, "")
     summary = GenerateSummary(total=len(records), skipped=done, written=written, output_file=output_file)
     if alpaca_output is not None and output == "samples" and primary:
         summary.alpaca_output = write_alpaca_eval(output_file, alpaca_output, generator)

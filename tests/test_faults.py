@@ -331,15 +331,34 @@ def test_inra_adapter_that_is_not_safetensors_is_named(fx, tmp_path, capsys):
 def test_aligner_without_tokenizer_files_needs_an_explicit_choice(fx, tmp_path, capsys, caplog):
     bare = tmp_path / "bare"
     shutil.copytree(f"{fx}/aligner0", bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
-    args = _sample_args(fx, tmp_path, "mode=product", f"aligner={bare}", "kl_threshold=null")
+    out = tmp_path / "new" / "out.jsonl"
+    args = _sample_args(fx, tmp_path, "mode=product", f"aligner={bare}", "kl_threshold=null", f"output_file={out}")
+    before = snapshot(str(tmp_path))
     code, err = _sample_cli(args, capsys)
     assert code == 2 and "VocabMismatchError" in err and "no tokenizer files" in err
     assert "aligner_tokenizer=proposal" in err
-    assert not os.path.exists(tmp_path / "out.jsonl") or not (tmp_path / "out.jsonl").read_text()
+    assert snapshot(str(tmp_path)) == before and not os.path.exists(out.parent)  # nothing created, not even new/
     caplog.set_level("WARNING")
     code, err = _sample_cli(args + ["aligner_tokenizer=proposal"], capsys)
     assert code == 0 and "using the proposal's" in caplog.text
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4
+    assert len(out.read_text().splitlines()) == 4
+
+
+def test_sampling_error_in_the_first_batch_creates_no_output(fx, tmp_path, capsys):
+    """A prompt longer than the model's context fails in the first batch: no output file appears; an existing
+    output of the same prompt set (being resumed) keeps its bytes."""
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "the quick fox " * n}) + "\n" for n in (1, 200)))
+    out = tmp_path / "out.jsonl"
+    args = _sample_args(fx, tmp_path, f"prompts_file={prompts}", "batch_size=2")
+    code, err = _sample_cli(args, capsys)
+    assert code == 2 and "ContextLengthError" in err and not out.exists()
+    # resuming: the first prompt's line is there, the second prompt still fails; the file is untouched
+    line = {"index": 0, "sample_index": 0, "prompt": "the quick fox ", "text": "x"}
+    out.write_text(json.dumps(line) + "\n")
+    before = out.read_bytes()
+    code, err = _sample_cli(args, capsys)
+    assert code == 2 and "ContextLengthError" in err and out.read_bytes() == before
 
 
 def test_non_utf8_jsonl_names_file_and_line(fx, tmp_path, capsys):
