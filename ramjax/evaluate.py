@@ -25,66 +25,40 @@ product, see :func:`product_token_logprobs`) and the training cost given by the 
 The same judge serves users' own data: :func:`evaluate_file` scores a JSONL of responses with an exact-match or
 regex verifier, ``python -m ramjax.evaluate CONFIG [key=value ...]`` runs and judges systems from model
 directories (``EvalConfig``), and :func:`write_alpacaeval` writes AlpacaEval-ready JSON for users with a judge.
+
+Around this module: ``ramjax.verify`` (verifiers and judging), ``ramjax.loglik`` (held-out log-likelihood) and
+``ramjax.report`` (results.json, report.md, AlpacaEval files); their public names are re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ramjax import config as config_lib
-from ramjax import data as data_lib
-from ramjax import distributed, files, sampler, stats, verify
-from ramjax import loss as loss_lib
-from ramjax import model as model_lib
+from ramjax import distributed, files, report, sampler, stats, verify
 from ramjax.api import load_model
+from ramjax.loglik import heldout_loglik, product_token_logprobs, sequence_logliks
+from ramjax.report import get_field, results_table, write_alpacaeval, write_json_atomic, write_outputs, write_report
 from ramjax.sampling_params import PRESETS
+from ramjax.verify import EvalError, default_verifier, judge_responses, make_eval_verifier
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EvalError",
-    "MODES",
-    "DECODINGS",
-    "SAMPLING_DEFAULTS",
-    "CORRECTOR_TEMPLATE",
-    "Generation",
-    "System",
-    "corrector_prompt",
-    "corrector_training_records",
-    "training_cost",
-    "product_token_logprobs",
-    "sequence_logliks",
-    "heldout_loglik",
-    "judge_responses",
-    "evaluate_systems",
-    "evaluate_file",
-    "write_alpacaeval",
-    "write_outputs",
-    "results_table",
-    "write_report",
-    "write_json_atomic",
-    "SystemConfig",
-    "EvalConfig",
-    "evaluate_from_config",
-    "main",
+    "EvalError", "MODES", "DECODINGS", "SAMPLING_DEFAULTS", "CORRECTOR_TEMPLATE", "Generation", "System",
+    "corrector_prompt", "corrector_training_records", "training_cost", "product_token_logprobs", "sequence_logliks",
+    "heldout_loglik", "judge_responses", "evaluate_systems", "evaluate_file", "write_alpacaeval", "write_outputs",
+    "results_table", "write_report", "write_json_atomic", "SystemConfig", "EvalConfig", "evaluate_from_config", "main",
 ]
-
-
-class EvalError(ValueError):
-    """Bad evaluation input: unknown mode or decoding, duplicate system names, mismatched lengths, a missing
-    baseline or model."""
 
 
 # What a system does with its models. par / sparse / product are the RAM sampling rules (see ramjax.sampler).
@@ -223,12 +197,6 @@ def training_cost(seconds: float | None = None, params: int | None = None, token
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
 def _opt_float(x: Any) -> float | None:
     if x is None:
         return None
@@ -247,21 +215,21 @@ def _to_generation(obj: Any) -> Generation:
         return Generation(text=obj, num_tokens=len(obj.split()))
     if isinstance(obj, (list, tuple)) and obj and not isinstance(obj[0], (int, np.integer)):
         obj = obj[0]  # one prompt's list of samples: we draw one
-    text = _get(obj, "text")
+    text = get_field(obj, "text")
     if not isinstance(text, str):
         raise EvalError(f"a generation must carry a 'text' string, got {type(obj).__name__} {obj!r:.80}")
-    ids = _get(obj, "token_ids")
+    ids = get_field(obj, "token_ids")
     ids = [int(i) for i in ids] if ids is not None else None
-    n = _get(obj, "num_tokens", _get(obj, "length"))
+    n = get_field(obj, "num_tokens", get_field(obj, "length"))
     if n is None:
         n = len(ids) if ids is not None else len(text.split())
-    diag = _get(obj, "diagnostics") or {}
+    diag = get_field(obj, "diagnostics") or {}
     return Generation(
         text=text,
         num_tokens=int(n),
-        finish_reason=str(_get(obj, "finish_reason", "") or ""),
-        kl_fallback_rate=_opt_float(_get(obj, "kl_fallback_rate", _get(diag, "kl_fallback_rate"))),
-        ess_mean=_opt_float(_get(obj, "ess_mean", _get(diag, "ess_mean"))),
+        finish_reason=str(get_field(obj, "finish_reason", "") or ""),
+        kl_fallback_rate=_opt_float(get_field(obj, "kl_fallback_rate", get_field(diag, "kl_fallback_rate"))),
+        ess_mean=_opt_float(get_field(obj, "ess_mean", get_field(diag, "ess_mean"))),
         token_ids=ids,
     )
 
@@ -348,171 +316,6 @@ def _throughput(gens: Sequence[Generation], times: Sequence[float] | None, secon
         return (toks / sum(times[1:]) if sum(times[1:]) > 0 else None), True
     toks = sum(g.num_tokens for g in gens)
     return (toks / seconds if seconds > 0 else None), False
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Held-out log-likelihood
-# ---------------------------------------------------------------------------------------------------------
-
-
-def product_token_logprobs(logits_p_btv: Any, logits_q_btv: Any, targets_bt: Any, vocab_limit: int | None = None):
-    """Per-token log-probabilities of ``targets`` under the token-level product of two models, float32 ``[B, T]``.
-
-    The product distribution at each position is normalised over the vocabulary:
-    ``log softmax(log p_M + log q)[target] = log softmax(logits_p + logits_q)[target]`` (the per-model
-    normalisers are constants per position and cancel). This is the distribution the ``product`` sampler draws
-    from at temperature 1 over the full vocabulary, and the limit of ``par`` as n → ∞ (without a nucleus).
-    Ids ``>= vocab_limit`` (padded embedding rows) are excluded.
-    """
-
-    lp = logits_p_btv.astype(jnp.float32)
-    lq = logits_q_btv.astype(jnp.float32)
-    if vocab_limit is not None:
-        lp, lq = lp[..., :vocab_limit], lq[..., :vocab_limit]
-    joint = jax.nn.log_softmax(jax.nn.log_softmax(lp, axis=-1) + jax.nn.log_softmax(lq, axis=-1), axis=-1)
-    return jnp.take_along_axis(joint, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
-@functools.lru_cache(maxsize=None)
-def _loglik_fn(kind: str, cfg_p: Any, cfg_q: Any, vocab: int):
-    """A jitted ``(params_p, params_q, batch) -> (sums [B], counts [B])`` for one kind and pair of configs."""
-
-
-    def fn(params_p, params_q, b):
-        def logits(cfg, params):
-            out, _ = model_lib.forward(cfg, params, b["tokens"], b["positions"], b["segment_ids"])
-            return out
-
-        if kind == "product":
-            lp = product_token_logprobs(logits(cfg_p, params_p), logits(cfg_q, params_q), b["targets"], vocab)
-        else:
-            cfg, params = (cfg_p, params_p) if kind == "proposal" else (cfg_q, params_q)
-            lp = loss_lib.token_logprobs(logits(cfg, params)[..., :vocab], b["targets"])
-        mask = b["loss_mask"] * (b["segment_ids"] > 0)
-        return jnp.sum(lp * mask, axis=-1), jnp.sum(mask, axis=-1)
-
-    return jax.jit(fn)
-
-
-def sequence_logliks(seqs: Sequence[tuple[Sequence[int], Sequence[bool]]], *, kind: str, proposal: Any = None,
-                     aligner: Any = None, batch_size: int = 16, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Summed log-likelihood of the flagged tokens of each sequence, and their count: two float64 ``[N]`` arrays.
-
-    seqs[i] = (tokens [L_i] ints, target [L_i] bools): token j counts iff target[j] (predicted from token j-1;
-    target[0] is ignored), as in ``ramjax.data.Seq``. kind: ``proposal`` (log p_M), ``aligner`` (log q) or
-    ``product`` (log softmax(log p_M + log q), see ``product_token_logprobs``); teacher-forced, untempered, over
-    the models' shared usable vocabulary (``min`` of their ``vocab_limit``). Rows are right-padded to a power of two
-    so that few shapes are compiled.
-    """
-    if kind not in ("proposal", "aligner", "product"):
-        raise EvalError(f"unknown log-likelihood kind {kind!r}; expected proposal, aligner or product")
-    need = {"proposal": (proposal,), "aligner": (aligner,), "product": (proposal, aligner)}[kind]
-    if any(m is None for m in need):
-        needs = "proposal and aligner" if kind == "product" else kind
-        raise EvalError(f"log-likelihood kind {kind!r} needs the {needs}"
-                        f" model")
-    vocab = min(m.vocab_limit for m in need)
-    cfg_p = proposal.config if proposal is not None and kind != "aligner" else None
-    cfg_q = aligner.config if aligner is not None and kind != "proposal" else None
-    params_p = proposal.params if cfg_p is not None else None
-    params_q = aligner.params if cfg_q is not None else None
-    fn = _loglik_fn(kind, cfg_p, cfg_q, int(vocab))
-    seqs = [(np.asarray(t, np.int64), np.asarray(g, bool)) for t, g in seqs]
-    for i, (t, g) in enumerate(seqs):
-        if t.ndim != 1 or g.shape != t.shape or t.size < 2:
-            raise EvalError(f"sequence {i}: tokens and target flags must be 1-D of equal length >= 2")
-        if t.min() < 0 or t.max() >= vocab:
-            raise EvalError(f"sequence {i}: token ids must be in [0, {vocab}) (the models' shared vocabulary)")
-    sums = np.zeros(len(seqs))
-    counts = np.zeros(len(seqs))
-    T = max(8, 1 << (max(len(t) for t, _ in seqs) - 1).bit_length()) if seqs else 8
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        rows = [[i] for i in range(len(chunk))] + [[]] * (batch_size - len(chunk))  # one sequence per row
-        b = data_lib.fill_rows(rows, [data_lib.Seq(t, g) for t, g in chunk], T, pad_id)
-        s, c = fn(params_p, params_q, b)
-        sums[start : start + len(chunk)] = np.asarray(s, np.float64)[: len(chunk)]
-        counts[start : start + len(chunk)] = np.asarray(c, np.float64)[: len(chunk)]
-    return sums, counts
-
-
-def heldout_loglik(records: Sequence[Mapping[str, Any]], *, kind: str, proposal: Any = None, aligner: Any = None,
-                   tokenizer: Any = None, template: str = "plain", max_len: int = 512, max_prompt_len: int = 256,
-                   batch_size: int = 16) -> dict[str, float]:
-    """Held-out log-likelihood of {"prompt", "response"} records (the alignment set S) under one model or the
-    product; the response tokens and EOS count, the prompt does not (as in training).
-
-    Returns {"per_token": total log-lik / tokens, "per_sequence": mean summed log-lik per record, "tokens",
-    "sequences"}. tokenizer: defaults to the proposal's (or the aligner's).
-    """
-
-    tok = tokenizer or _get(proposal, "tokenizer") or _get(aligner, "tokenizer")
-    if tok is None:
-        raise EvalError("heldout_loglik needs a tokenizer: the models have none; pass tokenizer=")
-    recs = []
-    for i, r in enumerate(records):
-        if "prompt" not in r or "response" not in r:
-            raise EvalError(f"record {i} needs 'prompt' and 'response' for the log-likelihood (keys: {sorted(r)})")
-        recs.append(data_lib.Record(where=f"record {i}", format="sft",
-                                    data={"prompt": r["prompt"], "response": r["response"]}))
-    td = data_lib.tokenize_records(recs, tok, kind="single", template=template, max_len=max_len,
-                                   max_prompt_len=max_prompt_len)
-    sums, counts = sequence_logliks([(s.tokens, s.target) for s in td.examples], kind=kind, proposal=proposal,
-                                    aligner=aligner, batch_size=batch_size, pad_id=td.pad_id)
-    n_tok = float(counts.sum())
-    return {"per_token": float(sums.sum() / max(n_tok, 1.0)), "per_sequence": float(sums.mean()),
-            "tokens": int(n_tok), "sequences": int(len(sums))}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Judging and aggregation
-# ---------------------------------------------------------------------------------------------------------
-
-
-def default_verifier(records: Sequence[Mapping[str, Any]]) -> verify.Verifier | None:
-    """The verifier for records that name none: exact match on ``answer`` / full regex match on ``regex`` when
-    every record carries one (``ramjax.verify.reference_verifier``), else None (nothing to judge against)."""
-    return verify.reference_verifier() if verify.has_references(records) else None
-
-
-# Short names for verifiers that live outside the library (resolved lazily, so the library imports none of them).
-VERIFIER_ALIASES: dict[str, str] = {"task": "ramjax.experiments.tasks:task_verifier"}
-
-
-def make_eval_verifier(spec: str, records: Sequence[Mapping[str, Any]], **kw: Any) -> verify.Verifier | None:
-    """A verifier by name for these records: "auto" = :func:`default_verifier`; "none" = no judging; "exact",
-    "regex", "references" (kw: field, case_sensitive, full_match); "task" (the generated suite's judge) or any
-    "module:function"."""
-    if spec == "auto":
-        return verify.reference_verifier(**kw) if verify.has_references(records) else None
-    return verify.resolve_verifier(VERIFIER_ALIASES.get(spec, spec), **kw)
-
-
-def judge_responses(records: Sequence[Mapping[str, Any]], responses: Sequence[str],
-                    verifier: verify.Verifier | None = None) -> list[dict[str, Any]]:
-    """Judges responses[i] against records[i]: ``[{"kind", "strict", "lenient"?}]`` (kind = the record's group).
-
-    verifier: ``verify(record, response)`` returning a float (strict) or {"strict", "lenient"?, "group"?} (see
-    ``ramjax.verify``); None = :func:`default_verifier` of the records (an EvalError if they have no references).
-    The group is the verifier's "group", else the record's ``family``/``category``/``kind``, else "data".
-    """
-    if len(records) != len(responses):
-        raise EvalError(f"{len(records)} records but {len(responses)} responses; they must pair up")
-    if verifier is None:
-        verifier = default_verifier(records)
-        if verifier is None:
-            raise EvalError("the records carry no 'answer' or 'regex' field to judge against; pass a verifier")
-    out = []
-    for r, s in zip(records, responses):
-        v = verifier(r, s)
-        if isinstance(v, Mapping):
-            j = {"kind": str(v.get("group") or verify.group_of(r, "data")), "strict": float(v["strict"])}
-            if v.get("lenient") is not None:
-                j["lenient"] = float(v["lenient"])
-        else:
-            j = {"kind": verify.group_of(r, "data"), "strict": float(v)}
-        out.append(j)
-    return out
 
 
 def _ci_dict(ci: stats.CI) -> dict[str, float]:
@@ -753,207 +556,6 @@ def evaluate_file(
     return out
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> str:
-    """Writes JSON (NaN refused: strict JSON for other tools) to path atomically (``ramjax.files``)."""
-    return files.atomic_write_json(path, obj, indent=indent, allow_nan=False)
-
-
-def write_alpacaeval(path: str | os.PathLike, records: Sequence[Mapping[str, Any]], outputs: Sequence[Any],
-                     generator: str, dataset: str | None = None) -> str:
-    """Writes AlpacaEval-ready JSON: a list of {"instruction", "output", "generator"(, "dataset")}.
-
-    records[i]["prompt"] (or "instruction") is the instruction; outputs[i] is a response string (or a Generation /
-    dict with "text" / "response"). Pass it to ``alpaca_eval --model_outputs PATH``.
-    """
-    if len(records) != len(outputs):
-        raise EvalError(f"{len(records)} records but {len(outputs)} outputs; they must pair up")
-    rows = []
-    for i, (r, o) in enumerate(zip(records, outputs)):
-        inst = r.get("instruction", r.get("prompt"))
-        if not isinstance(inst, str):
-            raise EvalError(f"record {i} has no 'prompt' or 'instruction' string (keys: {sorted(r)})")
-        text = o if isinstance(o, str) else _get(o, "text", _get(o, "response"))
-        if not isinstance(text, str):
-            raise EvalError(f"output {i} is not a string nor has a 'text'/'response' string")
-        row = {"instruction": inst, "output": text, "generator": generator}
-        if dataset is not None or "dataset" in r:
-            row["dataset"] = dataset if dataset is not None else r["dataset"]
-        rows.append(row)
-    return write_json_atomic(path, rows)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "system"
-
-
-def write_outputs(run_dir: str | os.PathLike, results: Mapping[str, Any], *, alpaca: bool = True) -> list[str]:
-    """Writes each system's judged responses to ``outputs/<system>.<decoding>.jsonl`` (and, with ``alpaca``,
-    ``outputs/<system>.<decoding>.alpaca_eval.json``). Returns the paths written."""
-    paths = []
-    out_dir = os.path.join(os.fspath(run_dir), "outputs")
-    for name, per_dec in results.get("outputs", {}).items():
-        for dec, rows in per_dec.items():
-            stem = os.path.join(out_dir, f"{_safe_name(name)}.{dec}")
-            paths.append(files.atomic_write_jsonl(stem + ".jsonl", rows))
-            if alpaca:
-                paths.append(write_alpacaeval(stem + ".alpaca_eval.json", rows, [r["response"] for r in rows],
-                                              generator=f"{name} ({dec})"))
-    return paths
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float) and not math.isfinite(x):
-        return "–"
-    return f"{x:.{digits}f}"
-
-
-def _fmt_ci(ci: Mapping[str, float] | None, digits: int = 3) -> str:
-    if not ci:
-        return "–"
-    return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
-
-
-def _fmt_big(x: float | None) -> str:
-    if x is None:
-        return "–"
-    if abs(x) < 1e6 and float(x).is_integer():
-        return f"{int(x):,}"
-    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def results_table(results: Mapping[str, Any]) -> str:
-    """The main markdown table: one row per system × decoding."""
-    base = results.get("baseline", "")
-    header = ["System", "Decoding", "Strict acc. [95% CI]", "Lenient", f"Win vs {base}", "Len (tok)",
-              "KL fallback", "ESS", "tok/s", "S loglik/tok"]
-    rows = []
-    for name, entry in results["systems"].items():
-        ll = entry.get("loglik")
-        for dec, s in entry["decodings"].items():
-            rows.append([name, dec, _fmt_ci(s["accuracy"]), _fmt((s.get("lenient") or {}).get("mean")),
-                         _fmt_ci(s.get("win_rate")), _fmt(s.get("mean_length"), 1), _fmt(s.get("kl_fallback_rate")),
-                         _fmt(s.get("ess_mean"), 2), _fmt(s.get("tokens_per_s"), 0),
-                         _fmt(ll["per_token"]) if ll else "–"])
-    return _md_table(header, rows)
-
-
-def _kind_table(results: Mapping[str, Any]) -> str:
-    kinds: list[str] = []
-    for entry in results["systems"].values():
-        for s in entry["decodings"].values():
-            kinds += [k for k in s["by_kind"] if k != "all" and k not in kinds]
-    header = ["System", "Decoding", *kinds, "all"]
-    rows = []
-    for name, entry in results["systems"].items():
-        for dec, s in entry["decodings"].items():
-            bk = s["by_kind"]
-            rows.append([name, dec, *[_fmt(bk[k]["strict"], 2) if k in bk else "–" for k in kinds],
-                         _fmt(bk["all"]["strict"], 2) if "all" in bk else "–"])
-    return _md_table(header, rows)
-
-
-def _cost_table(results: Mapping[str, Any], cost_reference: str | None) -> str | None:
-    costs = {n: e["train_cost"] for n, e in results["systems"].items() if e.get("train_cost")}
-    if not costs:
-        return None
-    flops = {n: c.get("flops") for n, c in costs.items() if c.get("flops")}
-    ref = cost_reference if cost_reference in flops else (max(flops, key=flops.get) if flops else None)
-    header = ["System", "Train time (s)", "Trained params", "Train tokens", "FLOPs (6·N·D)"]
-    if ref:
-        header.append(f"× cheaper than {ref}")
-    rows = []
-    for n, c in costs.items():
-        row = [n, _fmt(c.get("seconds"), 1), _fmt_big(c.get("params")), _fmt_big(c.get("tokens")),
-               _fmt_big(c.get("flops"))]
-        if ref:
-            row.append(_fmt(flops[ref] / c["flops"], 1) if c.get("flops") else "–")
-        rows.append(row)
-    return _md_table(header, rows)
-
-
-def write_report(run_dir: str | os.PathLike, results: Mapping[str, Any], stage_times: Mapping[str, float] | None = None,
-                 *, title: str = "ramjax evaluation", notes: str | None = None, plots: Sequence[str] = (),
-                 cost_reference: str | None = None, outputs: bool = True) -> str:
-    """Writes ``results.json`` (everything but the responses), ``report.md`` and (with ``outputs``) the judged
-    responses under ``outputs/``; returns the main markdown table (system × decoding) for the CLI to print.
-
-    stage_times: seconds per pipeline stage (a table in the report). plots: image paths to link (existing paths are
-    made relative to run_dir; others are taken as relative to it already). cost_reference: the system the
-    training-cost ratios are against (default: the costliest).
-    """
-    run_dir = os.fspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    slim = {k: v for k, v in results.items() if k != "outputs"}
-    if stage_times is not None:
-        slim["stage_times"] = {k: float(v) for k, v in stage_times.items()}
-    write_json_atomic(os.path.join(run_dir, "results.json"), _jsonable(slim))
-    if outputs and results.get("outputs"):
-        write_outputs(run_dir, results)
-    table = results_table(results)
-    parts = [f"# {title}", "",
-             f"{results.get('n_prompts', '?')} held-out prompts; decodings: {', '.join(results.get('decodings', []))}"
-             f" (sampled = temperature 1, greedy = temperature 0, the same for every system); win rate against "
-             f"**{results.get('baseline')}** at the same decoding, ties 0.5. Intervals: 95% percentile bootstrap "
-             f"over prompts (paired for win rates). Length in tokens (EOS included); tok/s = generated tokens / "
-             f"wall seconds of sampling in batches of one shape, the first (compiling) batch left out when there "
-             f"are several. "
-             f"S loglik/tok: held-out log-likelihood of the alignment set per response token (RAM: the per-token "
-             f"normalised product softmax(log p_M + log q)).", "", table, ""]
-    if notes:
-        parts += [notes, ""]
-    if results.get("judged", True):
-        parts += ["## Strict accuracy per group", "", _kind_table(results), ""]
-    else:
-        parts += ["The held-out records carry no reference (`answer`/`regex`): responses are not judged; see "
-                  "`outputs/*.alpaca_eval.json` for an external judge.", ""]
-    cost = _cost_table(results, cost_reference)
-    if cost:
-        parts += ["## Training cost", "", cost, ""]
-    if stage_times:
-        total = sum(float(v) for v in stage_times.values())
-        rows = [[k, _fmt(float(v), 1)] for k, v in stage_times.items()] + [["**total**", _fmt(total, 1)]]
-        parts += ["## Stage times", "", _md_table(["Stage", "Seconds"], rows), ""]
-    if plots:
-        parts += ["## Plots", ""]
-        for p in plots:
-            # a path that exists (absolute, or relative to the cwd) is linked relative to report.md; any other is
-            # taken as already relative to run_dir
-            rel = os.path.relpath(os.path.abspath(p), os.path.abspath(run_dir)) if os.path.exists(p) else p
-            parts.append(f"![{os.path.basename(p)}]({rel.replace(os.sep, '/')})")
-        parts.append("")
-    files.atomic_write(os.path.join(run_dir, "report.md"), "\n".join(parts))
-    return table
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON data: numpy scalars to Python, non-finite floats to None, tuples to lists."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    return x
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Config and CLI: python -m ramjax.evaluate CONFIG [key=value ...]
 # ---------------------------------------------------------------------------------------------------------
@@ -1043,10 +645,11 @@ def evaluate_from_config(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
         res = evaluate_file(cfg.eval_file, responses_path=cfg.responses_file, response_field=cfg.response_field,
                             verifier=cfg.verifier, field=cfg.verifier_field, case_sensitive=cfg.case_sensitive,
                             full_match=cfg.full_match, n_boot=cfg.n_boot, seed=cfg.seed)
-        write_json_atomic(os.path.join(cfg.run_dir, "results.json"), _jsonable(res))
-        rows = [[k, str(int(v["n"])), _fmt(v["strict"]), _fmt(v.get("lenient"))] for k, v in res["by_kind"].items()]
-        table = (f"strict accuracy {_fmt_ci(res['accuracy'])} on {res['n']} records\n\n"
-                 + _md_table(["Kind", "n", "Strict", "Lenient"], rows))
+        write_json_atomic(os.path.join(cfg.run_dir, "results.json"), report.jsonable(res))
+        rows = [[k, str(int(v["n"])), report.fmt(v["strict"]), report.fmt(v.get("lenient"))]
+                for k, v in res["by_kind"].items()]
+        table = (f"strict accuracy {report.fmt_ci(res['accuracy'])} on {res['n']} records\n\n"
+                 + report.md_table(["Kind", "n", "Strict", "Lenient"], rows))
         with open(os.path.join(cfg.run_dir, "report.md"), "w", encoding="utf-8") as f:
             f.write(f"# Judged {cfg.responses_file or cfg.eval_file}\n\n{table}\n")
         return res, table
@@ -1081,7 +684,7 @@ def evaluate_from_config(cfg: EvalConfig) -> tuple[dict[str, Any], str]:
     if not cfg.alpaca_eval:
         for name, per_dec in results["outputs"].items():
             for dec in per_dec:
-                p = os.path.join(cfg.run_dir, "outputs", f"{_safe_name(name)}.{dec}.alpaca_eval.json")
+                p = os.path.join(cfg.run_dir, "outputs", f"{report.safe_name(name)}.{dec}.alpaca_eval.json")
                 if os.path.exists(p):
                     os.unlink(p)
     return results, table

@@ -23,8 +23,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VerifierError", "Verifier", "ANSWER_FIELDS", "REGEX_FIELDS", "GROUP_FIELDS", "make_verifier",
-           "reference_verifier", "has_references", "group_of", "resolve_verifier", "score_records"]
+__all__ = ["EvalError", "VerifierError", "Verifier", "ANSWER_FIELDS", "REGEX_FIELDS", "GROUP_FIELDS", "make_verifier",
+           "reference_verifier", "has_references", "group_of", "resolve_verifier", "score_records",
+           "default_verifier", "VERIFIER_ALIASES", "make_eval_verifier", "judge_responses"]
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (``ramjax.evaluate``, its judging, log-likelihood and report): unknown mode or decoding,
+    duplicate system names, mismatched lengths, a missing baseline or model."""
+
 
 Verifier = Callable[[Mapping[str, Any], str], Any]
 
@@ -174,3 +181,53 @@ def score_records(records: Sequence[Mapping[str, Any]], responses: Sequence[str]
         v = verifier(r, s)
         out.append(float(v["strict"]) if isinstance(v, Mapping) else float(v))
     return np.asarray(out, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Judging a list of responses (what ramjax.evaluate calls)
+
+
+def default_verifier(records: Sequence[Mapping[str, Any]]) -> Verifier | None:
+    """The verifier for records that name none: exact match on ``answer`` / full regex match on ``regex`` when
+    every record carries one (``ramjax.reference_verifier``), else None (nothing to judge against)."""
+    return reference_verifier() if has_references(records) else None
+
+
+# Short names for verifiers that live outside the library (resolved lazily, so the library imports none of them).
+VERIFIER_ALIASES: dict[str, str] = {"task": "ramjax.experiments.tasks:task_verifier"}
+
+
+def make_eval_verifier(spec: str, records: Sequence[Mapping[str, Any]], **kw: Any) -> Verifier | None:
+    """A verifier by name for these records: "auto" = :func:`default_verifier`; "none" = no judging; "exact",
+    "regex", "references" (kw: field, case_sensitive, full_match); "task" (the generated suite's judge) or any
+    "module:function"."""
+    if spec == "auto":
+        return reference_verifier(**kw) if has_references(records) else None
+    return resolve_verifier(VERIFIER_ALIASES.get(spec, spec), **kw)
+
+
+def judge_responses(records: Sequence[Mapping[str, Any]], responses: Sequence[str],
+                    verifier: Verifier | None = None) -> list[dict[str, Any]]:
+    """Judges responses[i] against records[i]: ``[{"kind", "strict", "lenient"?}]`` (kind = the record's group).
+
+    verifier: ``verify(record, response)`` returning a float (strict) or {"strict", "lenient"?, "group"?} (see
+    above); None = :func:`default_verifier` of the records (an EvalError if they have no references).
+    The group is the verifier's "group", else the record's ``family``/``category``/``kind``, else "data".
+    """
+    if len(records) != len(responses):
+        raise EvalError(f"{len(records)} records but {len(responses)} responses; they must pair up")
+    if verifier is None:
+        verifier = default_verifier(records)
+        if verifier is None:
+            raise EvalError("the records carry no 'answer' or 'regex' field to judge against; pass a verifier")
+    out = []
+    for r, s in zip(records, responses):
+        v = verifier(r, s)
+        if isinstance(v, Mapping):
+            j = {"kind": str(v.get("group") or group_of(r, "data")), "strict": float(v["strict"])}
+            if v.get("lenient") is not None:
+                j["lenient"] = float(v["lenient"])
+        else:
+            j = {"kind": group_of(r, "data"), "strict": float(v)}
+        out.append(j)
+    return out

@@ -39,8 +39,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ramjax import stats
-from ramjax.evaluate import write_json_atomic
 from ramjax.experiments import tasks
+from ramjax.report import jsonable, write_json_atomic
 from ramjax.sampling_params import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ def run_ablation(cfg: AblateConfig, *, cell_fn: CellFn = run_cell, baseline_fn: 
             say("baseline: the proposal alone")
             os.makedirs(bdir, exist_ok=True)
             baseline = _check_result(baseline_fn(cfg, bdir), "baseline_fn")
-            write_json_atomic(bpath, _plain(baseline))
+            write_json_atomic(bpath, jsonable(baseline))
 
     results: dict[str, dict[str, Any]] = {}
     ran, reused = [], []
@@ -412,7 +412,7 @@ def run_ablation(cfg: AblateConfig, *, cell_fn: CellFn = run_cell, baseline_fn: 
         res["cell"] = cell.info()
         res["seconds"] = time.perf_counter() - t0
         res["fingerprint"] = _fingerprint(cfg, cell)
-        write_json_atomic(path, _plain(res))  # last: the cell counts as done only once this file exists
+        write_json_atomic(path, jsonable(res))  # last: the cell counts as done only once this file exists
         results[cell.name] = _read_result(path)
         ran.append(cell.name)
         logger.info("cell %s done in %.1fs", cell.name, res["seconds"])
@@ -420,18 +420,12 @@ def run_ablation(cfg: AblateConfig, *, cell_fn: CellFn = run_cell, baseline_fn: 
     rows = aggregate(cfg, results, baseline)
     table = ablation_table(rows, cfg)
     write_json_atomic(os.path.join(cfg.run_dir, "ablation.json"),
-                      _plain({"rows": rows, "baseline": _baseline_metrics(baseline), "metric": cfg.metric}))
+                      jsonable({"rows": rows, "baseline": _baseline_metrics(baseline), "metric": cfg.metric}))
     plots = _plot(cfg, rows, baseline)
     with open(os.path.join(cfg.run_dir, "ablation.md"), "w", encoding="utf-8") as f:
         f.write(_report(cfg, table, rows, plots))
     return {"rows": rows, "table": table, "plots": plots, "cells": results, "baseline": baseline, "ran": ran,
             "reused": reused}
-
-
-def _plain(x: Any) -> Any:
-    from ramjax.evaluate import _jsonable
-
-    return _jsonable(x)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float |
 
 def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float | None], None] | None = None,
                   train_progress: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
-    from ramjax import api, evaluate, generate, sampler, train_lib
+    from ramjax import api, evaluate, generate, report, sampler, train_lib
     from ramjax import data as data_lib
     from ramjax import tokenizer as tok_lib
     from ramjax.experiments import plots, tasks
@@ -531,7 +531,7 @@ def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float 
             rows = [[k, f"{v:.4f}"] for k, v in losses.items()]
             n_held = len(files.read_jsonl(derived["heldout"]))
             notes.append(f"## Held-out loss on D\n\nLoss per token (nats) on {n_held} rows of D never trained on.\n\n"
-                         + evaluate._md_table(["Model", "Loss"], rows))
+                         + report.md_table(["Model", "Loss"], rows))
             if trend is not None and trend > 0.02:
                 warn(f"P_M's training loss still fell {100 * trend:.1f}% over the last tenth of pretraining: it is "
                      f"far from its floor on D; raise stages.proposal.epochs (or steps)")
@@ -545,7 +545,7 @@ def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float 
                                  str(dstats.get("kept", "–")), str(dstats.get("truncated_prompts", "–")),
                                  str(dstats.get("truncated_responses", "–"))])
         if cut_rows:
-            notes.append("## Training data per stage\n\n" + evaluate._md_table(
+            notes.append("## Training data per stage\n\n" + report.md_table(
                 ["Stage", "Steps", "Epochs", "Examples", "Prompts cut", "Responses cut"], cut_rows))
         if warnings:
             notes.append("## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings))
