@@ -532,8 +532,9 @@ class SampleConfig:
                  ``aligner``, ``par``, ``sparse``, ``product``, ``inra``), n, max_new_tokens, temperatures, top-p/top-k,
                  repetition penalty, KL threshold and fallback, product support, stop strings, greedy, InRa λ,
                  template, decode dtype. Its defaults are the authors' released settings (proposal T 0.5 / top-p
-                 0.95, aligner T 0.5 / top-p 0.9, penalty 1.05, KL monitor 0.1); the authors drew their one-time
-                 training samples with the ``release`` preset (top-k 10), the pipeline with ``sampled`` (T 1).
+                 0.95, aligner T 0.5 / top-p 0.9, penalty 1.05, KL monitor 0.1, up to 1024 new tokens); the authors
+                 drew their one-time training samples with the ``release`` preset (top-k 10), the pipeline with
+                 ``sampled`` (T 1).
                  ``sample.py`` also accepts the bare field names (``mode=sparse`` = ``sampling.mode=sparse``) and
                  ``lambda=`` for ``sampling.inra_lambda=``.
     lambda_field: mode ``inra``: a prompt record with this field uses its own λ (else ``sampling.inra_lambda``).
@@ -552,7 +553,9 @@ class SampleConfig:
     prompts_file: str = ""
     output_file: str = "samples.jsonl"
     alpaca_output: str | None = None
-    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    # SamplingParams' defaults, except the released code's 1024 new tokens at most (the library's own default, 64,
+    # suits tests and the pipeline's short tasks; sample.py users expect the release's length)
+    sampling: SamplingParams = dataclasses.field(default_factory=lambda: SamplingParams(max_new_tokens=1024))
     lambda_field: str = "lambda"
     num_samples: int = 1
     seed: int = 0

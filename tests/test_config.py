@@ -305,9 +305,12 @@ def test_model_and_mesh_conversions():
 
 def test_sample_config_validation():
     base = ["proposal=p", "prompts_file=x.jsonl", "aligner=q"]
-    # the sampling section is a SamplingParams: its defaults are SamplingParams' own, defined once
-    assert load_config(SampleConfig, None, base).sampling == SamplingParams()
-    assert SampleConfig().sampling == SamplingParams()
+    # the sampling section is a SamplingParams: its defaults are SamplingParams' own (defined once), but for the
+    # released 1024 new tokens, kept also when the section is given in part
+    assert load_config(SampleConfig, None, base).sampling == SamplingParams(max_new_tokens=1024)
+    assert SampleConfig().sampling == SamplingParams(max_new_tokens=1024)
+    assert load_config(SampleConfig, None, base + ["sampling={mode: sparse}"]).sampling == SamplingParams(
+        mode="sparse", max_new_tokens=1024)
     load_config(SampleConfig, None, ["proposal=p", "prompts_file=x.jsonl", "sampling.mode=proposal"])
     for bad, match in [("aligner=null", "mode=par needs aligner"), ("sampling.n=0", "n=0 must be an integer >= 1"),
                        ("sampling.proposal_top_p=1.5", r"proposal_top_p=1.5 is invalid: expected top-p in \(0, 1\]"),
@@ -360,4 +363,4 @@ def test_sample_cli_maps_bare_sampling_keys():
         assert _sampling_key(same) == same
     args = ["proposal=p", "prompts_file=x", "mode=proposal", "lambda=0.25", "top_k=10"]
     cfg = load_config(SampleConfig, None, [_sampling_key(a) for a in args])
-    assert cfg.sampling == SamplingParams(mode="proposal", inra_lambda=0.25, top_k=10)
+    assert cfg.sampling == SamplingParams(mode="proposal", inra_lambda=0.25, top_k=10, max_new_tokens=1024)
