@@ -209,6 +209,35 @@ class _Kind:
         raise NotImplementedError
 
 
+class _ListKind(_Kind):
+    """A kind whose argument is a list of symbols written space-separated after ``"<label>: "``: the sampling,
+    rendering and parsing are the same for all of them (reverse, sort, upper, max, copy); each subclass names its
+    alphabet, list lengths and symbol pattern and says how to solve and what mistakes to make."""
+
+    label: str
+    alphabet: Sequence[str]
+    lengths: tuple[int, int]  # [low, high) symbols
+    symbol: str  # the regex of one symbol
+    numeric = False  # symbols are digits, kept as ints in ``args``
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.pattern = re.compile(rf"{cls.label}: ({cls.symbol}(?: {cls.symbol})*)\.?")
+
+    def _value(self, text: str) -> Any:
+        return int(text) if self.numeric else text
+
+    def sample(self, rng):
+        n = int(rng.integers(*self.lengths))
+        return tuple(self._value(self.alphabet[int(i)]) for i in rng.integers(len(self.alphabet), size=n))
+
+    def render(self, args):
+        return f"{self.label}: {_spaced(args)}"
+
+    def parse(self, m):
+        return tuple(self._value(t) for t in m.group(1).split())
+
+
 class _Add(_Kind):
     name = "add"
     pattern = re.compile(r"Add (\d+) and (\d+)\.?")
@@ -234,19 +263,12 @@ class _Add(_Kind):
         return str(args[0] + args[1] + 1)
 
 
-class _Reverse(_Kind):
+class _Reverse(_ListKind):
     name = "reverse"
-    pattern = re.compile(r"Reverse: ([a-z](?: [a-z])*)\.?")
-
-    def sample(self, rng):
-        n = int(rng.integers(3, 6))
-        return tuple(_LETTERS[int(i)] for i in rng.integers(len(_LETTERS), size=n))
-
-    def render(self, args):
-        return f"Reverse: {_spaced(args)}"
-
-    def parse(self, m):
-        return tuple(m.group(1).split())
+    label = "Reverse"
+    alphabet = _LETTERS
+    lengths = (3, 6)
+    symbol = "[a-z]"
 
     def solve(self, args):
         return _spaced(reversed(args))
@@ -269,19 +291,13 @@ class _Reverse(_Kind):
         return _spaced(_perturb_symbol(list(reversed(args)), rng, _LETTERS))
 
 
-class _Sort(_Kind):
+class _Sort(_ListKind):
     name = "sort"
-    pattern = re.compile(r"Sort: (\d(?: \d)*)\.?")
-
-    def sample(self, rng):
-        n = int(rng.integers(3, 6))
-        return tuple(int(d) for d in rng.integers(10, size=n))
-
-    def render(self, args):
-        return f"Sort: {_spaced(args)}"
-
-    def parse(self, m):
-        return tuple(int(d) for d in m.group(1).split())
+    label = "Sort"
+    alphabet = "0123456789"
+    lengths = (3, 6)
+    symbol = r"\d"
+    numeric = True
 
     def solve(self, args):
         return _spaced(sorted(args))
@@ -335,19 +351,12 @@ class _Count(_Kind):
         return str(args[1].count(args[0]) + 1)
 
 
-class _Upper(_Kind):
+class _Upper(_ListKind):
     name = "upper"
-    pattern = re.compile(r"Upper: ([a-z](?: [a-z])*)\.?")
-
-    def sample(self, rng):
-        n = int(rng.integers(3, 6))
-        return tuple(_LETTERS[int(i)] for i in rng.integers(len(_LETTERS), size=n))
-
-    def render(self, args):
-        return f"Upper: {_spaced(args)}"
-
-    def parse(self, m):
-        return tuple(m.group(1).split())
+    label = "Upper"
+    alphabet = _LETTERS
+    lengths = (3, 6)
+    symbol = "[a-z]"
 
     def solve(self, args):
         return _spaced(c.upper() for c in args)
@@ -367,19 +376,13 @@ class _Upper(_Kind):
         return _spaced(_perturb_symbol([c.upper() for c in args], rng, _LETTERS.upper()))
 
 
-class _Max(_Kind):
+class _Max(_ListKind):
     name = "max"
-    pattern = re.compile(r"Max: (\d(?: \d)*)\.?")
-
-    def sample(self, rng):
-        n = int(rng.integers(3, 6))
-        return tuple(int(d) for d in rng.integers(10, size=n))
-
-    def render(self, args):
-        return f"Max: {_spaced(args)}"
-
-    def parse(self, m):
-        return tuple(int(d) for d in m.group(1).split())
+    label = "Max"
+    alphabet = "0123456789"
+    lengths = (3, 6)
+    symbol = r"\d"
+    numeric = True
 
     def solve(self, args):
         return str(max(args))
@@ -393,19 +396,12 @@ class _Max(_Kind):
         return str(max(args) + 1)
 
 
-class _Copy(_Kind):
+class _Copy(_ListKind):
     name = "copy"
-    pattern = re.compile(r"Copy: ([a-z]+(?: [a-z]+)*)\.?")
-
-    def sample(self, rng):
-        n = int(rng.integers(2, 5))
-        return tuple(_WORDS[int(i)] for i in rng.integers(len(_WORDS), size=n))
-
-    def render(self, args):
-        return f"Copy: {_spaced(args)}"
-
-    def parse(self, m):
-        return tuple(m.group(1).split())
+    label = "Copy"
+    alphabet = _WORDS
+    lengths = (2, 5)
+    symbol = "[a-z]+"
 
     def solve(self, args):
         return _spaced(args)
