@@ -27,9 +27,9 @@ default when the key is absent), ``pipeline`` (``configs/default.yaml``: the who
 ``ramjax.experiments.pipeline``) or ``ablate`` (``configs/ablate.yaml``: the α × aligner-size sweep,
 ``ramjax.experiments.ablate``). With no arguments, or only ``key=value`` overrides without ``stage=``, it runs
 ``configs/default.yaml`` if that file exists, else prints this help.
-A run owns its ``run_dir``: a second run on it at the same time exits 2 naming the holder, and a run directory
-made with other settings is refused (naming the keys) unless ``--force-restart`` is given, which moves the old
-run to ``<run_dir>.replaced-<time>`` and starts over.
+A run (a training run or the whole pipeline) owns its ``run_dir``: a second run on it at the same time exits 2
+naming the holder, and a run directory made with other settings is refused (naming the keys) unless
+``--force-restart`` is given, which moves the old run to ``<run_dir>.replaced-<time>`` and starts over.
 Exit status: 0 on success and after a SIGTERM/SIGINT checkpoint, 2 on a configuration/input error.
 """
 
@@ -137,7 +137,7 @@ def _run_tokenizer(path: str, overrides: list[str], dry: bool) -> int:
     return 0
 
 
-def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
+def _run_pipeline(path: str, overrides: list[str], dry: bool, force_restart: bool = False) -> int:
     from ramjax import config as config_lib
     from ramjax.experiments import pipeline
 
@@ -169,7 +169,8 @@ def _run_pipeline(path: str, overrides: list[str], dry: bool) -> int:
             bar.set_postfix({"loss": f"{m['train/loss']:.4f}"}, refresh=False)
 
     try:
-        out = pipeline.run_pipeline(run, on_stage=on_stage, train_progress=train_progress)
+        out = pipeline.run_pipeline(run, on_stage=on_stage, train_progress=train_progress,
+                                    force_restart=force_restart)
     except (ValueError, OSError) as e:  # named input errors; OSError: a path that cannot be read or written
         return error_exit(e)
     except KeyboardInterrupt as e:
@@ -209,8 +210,11 @@ def train_main(argv: list[str] | None = None) -> int:
         if path is None and default_config is not None and not any(o.startswith("stage=") for o in overrides):
             path = default_config  # `python train.py run_dir=... pipeline.alpha=...` overrides the default pipeline
         program = _program(path, overrides)
+        if force_restart and program not in ("train", "pipeline"):
+            raise config_lib.ConfigError(f"--force-restart applies to training runs and the pipeline, not to "
+                                         f"program: {program}")
         if program == "pipeline":
-            return _run_pipeline(path, overrides, dry)
+            return _run_pipeline(path, overrides, dry, force_restart)
         if program == "tokenizer":
             return _run_tokenizer(path, overrides, dry)
         if program == "ablate":

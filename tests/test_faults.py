@@ -259,6 +259,47 @@ def test_other_settings_on_a_run_dir_are_refused_and_force_restart_moves_the_old
     assert [r["step"] for r in metrics_lib.read_metrics(run_dir)] == [1, 2]
 
 
+def test_pipeline_with_other_settings_is_refused_and_force_restart_moves_it_aside(tmp_path, capsys, monkeypatch):
+    """The one-command pipeline (``python train.py`` with program: pipeline) on a run directory of a pipeline made
+    with other settings: exit 2 naming the keys and the ways out, nothing touched; ``--force-restart`` moves the old
+    run aside byte for byte and starts the pipeline in an empty directory. (The stages themselves are stubbed: the
+    whole pipeline's run and resume are test_pipeline's.)"""
+    from ramjax.experiments import pipeline
+
+    default = os.path.join(ROOT, "configs", "default.yaml")
+    run_dir = tmp_path / "run"
+    old = config_lib.load_config(pipeline.DefaultRunConfig, default, [f"run_dir={run_dir}", "stages.ram.steps=2"])
+    config_lib.save_config(old, str(run_dir / "pipeline_config.yaml"))
+    (run_dir / "ram" / "model").mkdir(parents=True)
+    (run_dir / "ram" / "model" / "ramjax_model.json").write_text('{"format_version": 1}\n')
+    (run_dir / "report.md").write_text("# the old run's report\n")
+    before = snapshot(str(run_dir))
+    started = []
+
+    def stub(run, **_):
+        started.append((run.stages.ram.steps, sorted(os.listdir(run.run_dir))))
+        return {"table": "", "stage_times": {}, "report": os.path.join(run.run_dir, "report.md")}
+
+    monkeypatch.setattr(pipeline, "_run_pipeline", stub)
+    args = [default, f"run_dir={run_dir}", "stages.ram.steps=3"]
+    code, err = _train_cli(args, capsys)
+    assert code == 2 and "other settings" in err and "stages.ram.steps: 2 -> 3" in err
+    assert "--force-restart" in err and "new run_dir" in err and err.count("\n") == 1
+    assert snapshot(str(run_dir)) == before and not started
+    # a forced restart that cannot start (its data directory lacks align.jsonl) moves nothing
+    code, err = _train_cli(args + [f"pipeline.data_dir={tmp_path}/nodata", "--force-restart"], capsys)
+    assert code == 2 and "align.jsonl is missing" in err and "nothing was moved" in err
+    assert snapshot(str(run_dir)) == before and not started
+    # the explicit way out: the old run is kept aside byte for byte, the new one starts in an empty directory
+    code, _ = _train_cli(args + ["--force-restart"], capsys)
+    assert code == 0 and started == [(3, [".lock"])]
+    aside = [d for d in os.listdir(tmp_path) if d.startswith("run.replaced-")]
+    assert len(aside) == 1 and snapshot(str(tmp_path / aside[0])) == before
+    # the flag means nothing to the other programs: refused rather than ignored
+    code, err = _train_cli([os.path.join(ROOT, "configs", "ablate.yaml"), "--force-restart"], capsys)
+    assert code == 2 and "--force-restart applies to" in err
+
+
 def test_kill_before_the_first_checkpoint_then_rerun_logs_each_step_once(fx, straight, tmp_path):
     run_dir = str(tmp_path / "run")
     over = overrides(fx, run_dir, "checkpoint.every=0")

@@ -53,7 +53,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from ramjax import config as config_lib
-from ramjax import files
+from ramjax import files, rundir
 from ramjax.config import ConfigError, TrainConfig
 from ramjax.model import ModelConfig
 from ramjax.sampling_params import PRESETS
@@ -201,6 +201,15 @@ class PipelineDataError(ValueError):
     """The data directory lacks a file the chosen settings need, or holds an unusable one."""
 
 
+class PipelineSettingsError(rundir.RunDirMismatchError, ConfigError):
+    """The run directory holds a pipeline run made with other settings (``force_restart`` moves it aside)."""
+
+
+# what marks a directory as holding a pipeline run (``force_restart`` moves only such a directory aside)
+PIPELINE_OUTPUTS = ("pipeline_config.yaml", "stage_times.json", "report.md", "results_table.md",
+                    os.path.join("data", "prepared.json"), *TRAINED)
+
+
 def _done(*outputs: str) -> bool:
     """A stage is done when every one of its outputs exists and reads back: a model directory loads with intact
     checksums, a JSONL/JSON file parses, any other file is non-empty (a run killed between two outputs, or a
@@ -278,24 +287,61 @@ def _truncate_model(src: str, num_layers: int, out: str) -> str:
 
 
 def run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float | None], None] | None = None,
-                 train_progress: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+                 train_progress: Callable[[str, dict], None] | None = None,
+                 force_restart: bool = False) -> dict[str, Any]:
     """Runs (or resumes) every stage; returns ``{"table", "stage_times", "report", "warnings"}`` (the markdown
     results table, seconds per stage run this time, the report path, warnings raised along the way).
 
     on_stage(stage, event, seconds): event "start" or "done" (with the stage's seconds) or "skip".
     train_progress(stage, info): forwarded from ``train_lib.train``'s progress callback.
     The run directory must be writable (``RunDirError``) and is locked for the run (a second pipeline on it fails
-    with ``RunDirBusyError`` naming the holder).
+    with ``RunDirBusyError`` naming the holder). Resuming a run made with other settings fails with
+    ``PipelineSettingsError`` naming the keys, unless ``force_restart``: then a directory holding a previous
+    pipeline run is moved to ``<run_dir>.replaced-<UTC time>`` (nothing is deleted) and the pipeline starts over.
     """
-    from ramjax import rundir
-
     if "://" in run.run_dir:  # object storage: no local lock
+        if force_restart:
+            raise ConfigError(f"--force-restart moves a local run directory aside; run_dir={run.run_dir!r} is remote")
         return _run_pipeline(run, on_stage=on_stage, train_progress=train_progress)
     rundir.check_writable(run.run_dir)
     os.makedirs(run.run_dir, exist_ok=True)
     # one pipeline per run directory at a time (each training stage also locks its own directory)
-    with rundir.RunDirLock(run.run_dir):
+    lock = rundir.RunDirLock(run.run_dir).acquire()
+    try:
+        if force_restart and rundir.has_previous_run(run.run_dir, PIPELINE_OUTPUTS):
+            align = os.path.join(run.pipeline.data_dir, "align.jsonl") if run.pipeline.data_dir else None
+            if align is not None and not os.path.isfile(align):  # a run that cannot start moves nothing aside
+                raise PipelineDataError(f"{align} is missing: the alignment set S (prompt/response JSONL) is "
+                                        f"required in pipeline.data_dir; nothing was moved")
+            lock.release()
+            rundir.replace_aside(run.run_dir)
+            os.makedirs(run.run_dir)
+            lock = rundir.RunDirLock(run.run_dir).acquire()
+        _check_settings(run)
         return _run_pipeline(run, on_stage=on_stage, train_progress=train_progress)
+    finally:
+        lock.release()
+
+
+def _check_settings(run: DefaultRunConfig) -> None:
+    """Raises ``PipelineSettingsError`` when ``run_dir`` holds a pipeline run made with other settings: stages
+    are skipped when their output exists, so resuming it would mix two experiments."""
+    saved = os.path.join(run.run_dir, "pipeline_config.yaml")
+    if not os.path.exists(saved):
+        return
+    try:
+        old = config_lib.config_to_dict(config_lib.load_config(DefaultRunConfig, saved))
+    except ConfigError as e:
+        raise PipelineSettingsError(f"{saved} cannot be read ({e}); pass --force-restart to move the old run aside "
+                                    f"and start over, or use a new run_dir=...") from None
+    new = config_lib.config_to_dict(run)
+    if old != new:
+        diff = _diff(old, new)
+        raise PipelineSettingsError(
+            f"run_dir={run.run_dir!r} holds a pipeline run made with other settings ({'; '.join(diff[:8])}"
+            + (f"; +{len(diff) - 8} more" if len(diff) > 8 else "")
+            + "); resuming it would mix two experiments. Use a new run_dir=..., or pass --force-restart to move "
+              "the old run aside and start over")
 
 
 def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float | None], None] | None = None,
@@ -308,13 +354,8 @@ def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float 
     p, st = run.pipeline, run.stages
     rd = run.run_dir
     saved = os.path.join(rd, "pipeline_config.yaml")
-    if os.path.exists(saved):
-        # stages are skipped when their output exists: resuming with other settings would mix two experiments
-        old = config_lib.load_config(DefaultRunConfig, saved)
-        if config_lib.config_to_dict(old) != config_lib.config_to_dict(run):
-            diff = _diff(config_lib.config_to_dict(old), config_lib.config_to_dict(run))
-            raise ConfigError(f"{rd} holds a run made with other settings ({', '.join(diff[:5])}); pass a new "
-                              f"run_dir=... or delete {rd} to start over")
+    if "://" in rd:
+        _check_settings(run)
     os.makedirs(rd, exist_ok=True)
     config_lib.save_config(run, saved)
     times_path = os.path.join(rd, "stage_times.json")
