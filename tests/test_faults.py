@@ -218,13 +218,52 @@ def test_unusable_run_dir_is_a_named_error(fx, tmp_path, capsys, where):
                       "proc": ("/proc/ramjax_run", "virtual file system"),
                       "read-only": (str(tmp_path / "ro" / "run"), "cannot be written")}[where]
     if where == "read-only":
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only directories")
+        if os.geteuid() == 0:  # root writes anywhere: run the CLI as an unprivileged user instead
+            return _read_only_run_dir_as_nobody(fx)
         (tmp_path / "ro").mkdir(mode=0o555)
     before = snapshot(str(tmp_path))
     code, err = _train_cli(overrides(fx, run_dir), capsys)
     assert code == 2 and "RunDirError" in err and words in err and "run_dir=" in err
     assert snapshot(str(tmp_path)) == before
+
+
+def _read_only_run_dir_as_nobody(fx):
+    """``python train.py`` run as user nobody (``setpriv``) with run_dir under a directory it cannot write: exit
+    2 with the named error, nothing written. The fixture is copied to a world-readable temporary directory (pytest's
+    own are private to root)."""
+    import subprocess
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and setpriv (util-linux) is missing: no way to run as an unprivileged user")
+    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    base = tempfile.mkdtemp(prefix="ramjax-readonly-")
+    try:
+        shutil.copytree(fx, os.path.join(base, "fx"))
+        os.mkdir(os.path.join(base, "ro"))
+        for root, dirs, names in os.walk(base):
+            os.chmod(root, 0o555 if root == os.path.join(base, "ro") else 0o755)
+            for n in names:
+                os.chmod(os.path.join(root, n), 0o644)
+        env = {**os.environ, "HOME": base, "JAX_PLATFORMS": "cpu"}
+        probe = subprocess.run([*as_nobody, sys.executable, "-c", "import ramjax"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode != 0:
+            pytest.skip(f"user nobody cannot run this Python/checkout: {probe.stderr.strip()[-300:]}")
+        run_dir = os.path.join(base, "ro", "run")
+        before = snapshot(base)
+        proc = subprocess.run([*as_nobody, sys.executable, os.path.join(ROOT, "train.py"),
+                               *overrides(os.path.join(base, "fx"), run_dir)], cwd=base, env=env,
+                              capture_output=True, text=True, timeout=600)
+        err = proc.stderr
+        assert proc.returncode == 2, err[-2000:]
+        assert "RunDirError" in err and "cannot be written" in err and "permission denied" in err and "run_dir=" in err
+        assert snapshot(base) == before and not os.path.exists(run_dir)
+    finally:
+        for root, dirs, _ in os.walk(base):
+            os.chmod(root, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_second_concurrent_run_is_refused_naming_the_holder(fx, straight, tmp_path, capsys):
