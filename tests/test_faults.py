@@ -382,9 +382,24 @@ def _sample_args(fx, tmp_path, *extra):
             "mesh.fsdp=-1", *extra]
 
 
+def _refused_sample(fx, tmp_path, capsys, *extra):
+    """sample.py with ``extra`` over the standard arguments, resuming an output that already holds the first
+    prompt's sample: asserts exit 2 with a one-line error and that every file under tmp_path is byte-identical
+    afterwards (nothing written, nothing created); returns the error line."""
+    args = _sample_args(fx, tmp_path, *extra)
+    (tmp_path / "out.jsonl").write_text(json.dumps({"index": 0, "sample_index": 0, "prompt": "the quick fox 0",
+                                                    "text": "x"}) + "\n")
+    before = snapshot(str(tmp_path))
+    code, err = _sample_cli(args, capsys)
+    err = err.strip().splitlines()[-1] if err.strip() else err
+    assert code == 2 and err.startswith("error: "), err
+    assert snapshot(str(tmp_path)) == before
+    return err
+
+
 def test_sample_missing_proposal_and_directory_output_are_named(fx, tmp_path, capsys):
-    code, err = _sample_cli(_sample_args(fx, tmp_path, f"proposal={tmp_path}/nope"), capsys)
-    assert code == 2 and "nope" in err and err.count("\n") == 1
+    err = _refused_sample(fx, tmp_path, capsys, f"proposal={tmp_path}/nope")
+    assert "nope" in err
     (tmp_path / "outdir").mkdir()
     code, err = _sample_cli(_sample_args(fx, tmp_path, f"output_file={tmp_path}/outdir"), capsys)
     assert code == 2 and "GenerateError" in err and "is a directory" in err and "samples.jsonl" in err
@@ -404,8 +419,21 @@ def test_sample_refuses_an_output_file_of_another_prompt_set(fx, tmp_path, capsy
 def test_inra_adapter_that_is_not_safetensors_is_named(fx, tmp_path, capsys):
     bogus = tmp_path / "passwd"
     bogus.write_text("root:x:0:0:root:/root:/bin/bash\n")
-    code, err = _sample_cli(_sample_args(fx, tmp_path, "mode=inra", f"adapter={bogus}"), capsys)
-    assert code == 2 and "RealignError" in err and "not a readable safetensors file" in err and "passwd" in err
+    err = _refused_sample(fx, tmp_path, capsys, "mode=inra", f"adapter={bogus}")
+    assert "RealignError" in err and "not a readable safetensors file" in err and "passwd" in err
+
+
+def test_sample_refuses_a_model_with_non_finite_weights(fx, tmp_path, capsys):
+    """One NaN weight in a saved aligner: sample.py stops at load naming the file and the parameter (where the
+    review saw healthy-looking diagnostics and empty texts), and the output being resumed is untouched."""
+    cfg, params = ckpt_lib.load_model_dir(f"{fx}/aligner0")
+    params = jax.tree_util.tree_map(np.array, params)
+    params["layers"]["w_up"][0, 1, 2] = np.nan
+    ckpt_lib.save_model_dir(tmp_path / "bad", cfg, params, tokenizer=f"{fx}/tok")
+    for mode in ("proposal", "product"):
+        err = _refused_sample(fx, tmp_path, capsys, f"mode={mode}", f"proposal={tmp_path}/bad" if mode == "proposal"
+                              else f"aligner={tmp_path}/bad", "kl_threshold=null")
+        assert "NonFiniteWeightsError" in err and "bad" in err and "w_up" in err
 
 
 def test_aligner_without_tokenizer_files_needs_an_explicit_choice(fx, tmp_path, capsys, caplog):
@@ -449,12 +477,15 @@ def test_non_utf8_jsonl_names_file_and_line(fx, tmp_path, capsys):
     with pytest.raises(data_lib.DataError, match=r"bad.jsonl:2.*UTF-8"):
         train_lib.train(_cfg(overrides(fx, str(tmp_path / "run"), f"data.train_files=[{bad}]")))
     assert not os.path.exists(tmp_path / "run")
-    code, err = _sample_cli(_sample_args(fx, tmp_path, f"prompts_file={bad}"), capsys)
-    assert code == 2 and "bad.jsonl:2" in err and "UTF-8" in err
+    code, err = _train_cli(overrides(fx, str(tmp_path / "run"), f"data.train_files=[{bad}]"), capsys)
+    assert code == 2 and "DataError" in err and "bad.jsonl:2" in err and "UTF-8" in err
+    assert not os.path.exists(tmp_path / "run")
+    err = _refused_sample(fx, tmp_path, capsys, f"prompts_file={bad}")
+    assert "bad.jsonl:2" in err and "UTF-8" in err
 
 
 @pytest.mark.parametrize("damage", ["config", "safetensors"])
-def test_damaged_hf_files_are_named(tmp_path, damage):
+def test_damaged_hf_files_are_named(fx, tmp_path, capsys, damage):
     import hf_fixtures
 
     from ramjax import api, hf
@@ -472,6 +503,9 @@ def test_damaged_hf_files_are_named(tmp_path, damage):
     with pytest.raises(hf.ModelFileError, match=match):
         api.load_model(str(d))
     assert snapshot(str(d)) == before
+    # the same through sample.py: exit 2, the file named, the output being resumed untouched
+    err = _refused_sample(fx, tmp_path, capsys, f"proposal={d}")
+    assert "ModelFileError" in err and match in err  # the patterns are plain text
 
 
 def _cli_run(main, argv, capsys):
@@ -579,7 +613,7 @@ def test_skip_mode_drops_non_finite_updates_up_to_the_limit(fx, tmp_path):
 
 
 @pytest.mark.parametrize("bad_id", [99999, -5])
-def test_out_of_vocabulary_proposal_token_ids_name_file_and_line(fx, tmp_path, bad_id):
+def test_out_of_vocabulary_proposal_token_ids_name_file_and_line(fx, tmp_path, capsys, bad_id):
     from ramjax import data as data_lib
 
     f = tmp_path / "ram.jsonl"
@@ -589,12 +623,15 @@ def test_out_of_vocabulary_proposal_token_ids_name_file_and_line(fx, tmp_path, b
     with pytest.raises(data_lib.DataError, match=rf"ram.jsonl:3: field 'proposal_token_ids' .*{bad_id}"):
         train_lib.train(_cfg(overrides(fx, str(tmp_path / "run"), f"data.train_files=[{f}]")))
     assert not os.path.exists(tmp_path / "run")
-
-
-def test_rows_longer_than_the_loaded_models_context_are_refused(fx, tmp_path):
-    with pytest.raises(train_lib.TrainConfigError, match=r"data.max_len=128 exceeds .*max_position_embeddings=64"):
-        train_lib.train(_cfg(overrides(fx, str(tmp_path / "run"), "data.max_len=128", "data.max_prompt_len=100")))
+    code, err = _train_cli(overrides(fx, str(tmp_path / "run"), f"data.train_files=[{f}]"), capsys)
+    assert code == 2 and "DataError" in err and "ram.jsonl:3" in err and str(bad_id) in err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_rows_longer_than_the_loaded_models_context_are_refused(fx, tmp_path, capsys):
+    code, err = _train_cli(overrides(fx, str(tmp_path / "run"), "data.max_len=128", "data.max_prompt_len=100"), capsys)
+    assert code == 2 and "TrainConfigError" in err and "data.max_len=128 exceeds" in err
+    assert "max_position_embeddings=64" in err and not os.path.exists(tmp_path / "run")
 
 
 def test_disk_full_while_checkpointing_is_named_and_resume_stays_exact(fx, straight, tmp_path, monkeypatch, capsys):
