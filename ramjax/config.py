@@ -531,10 +531,11 @@ class SampleConfig:
                  its default): mode (``proposal`` — P_M alone, also how the one-time RAM training samples are drawn —
                  ``aligner``, ``par``, ``sparse``, ``product``, ``inra``), n, max_new_tokens, temperatures, top-p/top-k,
                  repetition penalty, KL threshold and fallback, product support, stop strings, greedy, InRa λ,
-                 template, decode dtype. Its defaults are the authors' released settings (proposal T 0.5 / top-p
-                 0.95, aligner T 0.5 / top-p 0.9, penalty 1.05, KL monitor 0.1, up to 1024 new tokens); the authors
-                 drew their one-time training samples with the ``release`` preset (top-k 10), the pipeline with
-                 ``sampled`` (T 1).
+                 template, decode dtype, ``num_speculative_tokens`` (k > 0: exact speculative decoding, the aligner
+                 drafts k tokens per round and P_M verifies them in one forward). Its defaults are the authors'
+                 released settings (proposal T 0.5 / top-p 0.95, aligner T 0.5 / top-p 0.9, penalty 1.05, KL monitor
+                 0.1, up to 1024 new tokens); the authors drew their one-time training samples with the ``release``
+                 preset (top-k 10), the pipeline with ``sampled`` (T 1).
                  ``sample.py`` also accepts the bare field names (``mode=sparse`` = ``sampling.mode=sparse``) and
                  ``lambda=`` for ``sampling.inra_lambda=``.
     lambda_field: mode ``inra``: a prompt record with this field uses its own λ (else ``sampling.inra_lambda``).

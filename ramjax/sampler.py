@@ -305,14 +305,6 @@ def _param_shapes(cfg: model_lib.DecoderSpec):
 _DECODE_WEIGHTS: dict[tuple, tuple[Any, Any]] = {}
 
 
-def _placed(m, plan):
-    """A model's own weights (stacked layout), on the plan's mesh when there is one."""
-    mesh, rules = plan.static_base["mesh"], plan.static_base["rules"]
-    if mesh is None:
-        return m.params
-    return jax.device_put(m.params, model_lib.param_shardings(m.config, mesh, rules))
-
-
 def _decode_weights(m, mesh, rules, decode_dtype: str | None):
     """The config and weights a model decodes with: for a plain model its weights split per layer
     (``model.unstack_layers``), cast to ``decode_dtype`` (compute dtype too) when given, placed on the mesh;
@@ -695,11 +687,11 @@ def _encode_prompts(prompts: Sequence[Any], tokenizer: Any, template: str, vocab
     return out
 
 
-def _resolve_models(proposal, aligner, mode: str):
+def _resolve_models(proposal, aligner, mode: str, draft: bool = False):
     if mode not in MODES:
         raise ModeError(f"unknown mode {mode!r}; expected one of {MODES}")
     need_p = mode != "aligner"
-    need_q = mode not in ("proposal", "inra")
+    need_q = mode not in ("proposal", "inra") or draft
     inra = proposal is not None and proposal.config.takes_lambda
     if mode == "inra" and proposal is not None and not inra:
         raise ModeError("mode='inra' needs the InRa model as the proposal: pass "
@@ -740,9 +732,10 @@ def _resolve_models(proposal, aligner, mode: str):
 
 
 def _plan(proposal, aligner, prompts, params: SamplingParams, *, num_samples, seed, batch_size, eos_ids,
-          example_offset, rules) -> _Plan:
+          example_offset, rules, draft: bool = False) -> _Plan:
+    """``draft``: speculative decoding, where the aligner drafts in every mode (``proposal`` included)."""
     mode, max_new_tokens, stop = params.mode, params.max_new_tokens, params.stop
-    p, q, mesh = _resolve_models(proposal, aligner, mode)
+    p, q, mesh = _resolve_models(proposal, aligner, mode, draft)
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise SamplingParameterError(f"num_samples={num_samples!r} must be an integer >= 1")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
@@ -906,27 +899,25 @@ _COMMON_DOC = """
         compile); default: all ``len(prompts) * num_samples`` rows in one call.
     eos_ids: overrides the tokenizer's stop ids.
     example_offset: added to the prompt index in the PRNG key, so prompt i of a file slice keeps its samples.
-    num_speculative_tokens: ``sample`` only: k > 0 turns on exact speculative decoding (``ramjax.speculative``):
-        the aligner drafts k tokens per round and P_M verifies them in one forward; same distribution as token by
-        token (different tokens for a seed). Modes product, sparse, proposal (aligner: ignored); par is refused.
 """
 
 
 def sample(proposal, aligner, prompts: Sequence[Any], params: SamplingParams | str | None = None, *,
            num_samples: int = 1, seed: int = 0, batch_size: int | None = None, eos_ids: Sequence[int] | None = None,
-           example_offset: int = 0, rules=shd.DEFAULT_RULES, num_speculative_tokens: int = 0,
-           **overrides: Any) -> list[list[SampleResult]]:
+           example_offset: int = 0, rules=shd.DEFAULT_RULES, **overrides: Any) -> list[list[SampleResult]]:
     """Samples ``num_samples`` responses per prompt; returns ``results[prompt][sample]`` (``SampleResult``).
+
+    ``params.num_speculative_tokens = k > 0`` (or the keyword ``num_speculative_tokens=k``) decodes speculatively
+    (``ramjax.speculative``): the aligner drafts k tokens per round and P_M verifies them in one forward; same
+    distribution as token by token (different tokens for a seed); ``SampleResult.acceptance_rate`` and
+    ``tokens_per_call`` report how it went.
     """
     from ramjax import speculative
 
     params = sp_lib.resolve(params, overrides)
-    k = speculative.check_request(params.mode, num_speculative_tokens, proposal, aligner)
-    if k and params.decode_dtype is not None:
-        raise SamplingParameterError("decode_dtype is not supported with num_speculative_tokens > 0 (speculative "
-                                     "decoding runs the models' own weights); leave decode_dtype None")
+    k = speculative.check_request(params.mode, params.num_speculative_tokens, proposal, aligner)
     plan = _plan(proposal, aligner, prompts, params, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                 eos_ids=eos_ids, example_offset=example_offset, rules=rules)
+                 eos_ids=eos_ids, example_offset=example_offset, rules=rules, draft=bool(k))
     all_rows = [(i, j) for i in range(len(plan.prompts)) for j in range(num_samples)]
     seed_key = jax.random.key(seed)
     out: list[list[SampleResult | None]] = [[None] * num_samples for _ in plan.prompts]
@@ -935,11 +926,8 @@ def sample(proposal, aligner, prompts: Sequence[Any], params: SamplingParams | s
         st, batch, rowp = _chunk_inputs(plan, rows)
         t0 = time.perf_counter()
         if k:
-            # speculative decoding runs the models' own (stacked) layout and configs
-            params_p, params_q = _placed(proposal, plan), _placed(aligner, plan)
-            st_spec = dataclasses.replace(st, cfg_p=proposal.config, cfg_q=aligner.config if st.cfg_q else None)
-            final = speculative.generate(st_spec, k, aligner.config, params_p, params_q, batch, plan.tables, rowp,
-                                         seed_key, np.int32(plan.max_new))
+            final = speculative.generate(st, k, plan.params_p, plan.params_q, batch, plan.tables, rowp, seed_key,
+                                         np.int32(plan.max_new))
             host = jax.device_get(dict(tokens=final.tokens, finish=final.finish, length=final.length,
                                        fallback=final.fallback, kl=final.kl, nonfinite=final.nonfinite,
                                        rounds=final.rounds, accepted=final.accepted))
@@ -972,6 +960,13 @@ def stream(proposal, aligner, prompts: Sequence[Any], params: SamplingParams | s
     tokens as ``sample``.
     """
     params = sp_lib.resolve(params, overrides)
+    if params.num_speculative_tokens and params.mode != "aligner":
+        from ramjax.speculative import SpeculativeError
+
+        raise SpeculativeError(
+            f"stream() decodes token by token and does not support num_speculative_tokens="
+            f"{params.num_speculative_tokens}: use sample() for speculative decoding (one call per batch, same "
+            f"distribution), or stream with num_speculative_tokens=0")
     plan = _plan(proposal, aligner, prompts, params, num_samples=num_samples, seed=seed, batch_size=None,
                  eos_ids=eos_ids, example_offset=example_offset, rules=rules)
     rows = [(i, j) for i in range(len(plan.prompts)) for j in range(num_samples)]

@@ -23,9 +23,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 from typing import Any, Literal, Mapping, Sequence
 
-__all__ = ["SamplingParams", "PRESETS", "preset", "SamplerError", "ModeError", "SamplingParameterError", "MODES",
+__all__ = ["SamplingParams", "PRESETS", "preset", "SamplerError", "ModeError", "SamplingParameterError",
+           "SpeculativeError", "MODES",
            "RAM_MODES", "FALLBACKS", "SUPPORTS", "TEMPLATES", "resolve", "FIELDS"]
 
 MODES = ("proposal", "aligner", "par", "sparse", "product", "inra")
@@ -53,6 +55,10 @@ class SamplingParameterError(SamplerError):
     """A sampling parameter is out of range (n, temperature, top-p, top-k, penalty, threshold...)."""
 
 
+class SpeculativeError(SamplingParameterError):
+    """Speculative decoding (``num_speculative_tokens > 0``) cannot run with these settings (mode, models, k)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How tokens are drawn (see ``ramjax.decode_rules`` for the rules).
@@ -75,6 +81,12 @@ class SamplingParams:
     stop:        stop strings, matched on the generated text on device.
     template:    how text prompts are rendered: ``plain`` (the authors' ``"\\n\\nHuman: {p}\\n\\nAssistant: "``) or
                  ``chat`` (the tokenizer's chat template).
+    num_speculative_tokens: k > 0 turns on exact speculative decoding (``ramjax.speculative``, vLLM's name): the
+                 aligner drafts k tokens per round from its own processed distribution and P_M verifies them in one
+                 forward; every token has the token-level distribution of the mode (different tokens for a seed).
+                 Modes ``product``, ``sparse``, ``proposal`` (with or without the KL monitor); ignored in
+                 ``aligner`` (the draft is the target); refused in ``par`` (no closed-form per-token distribution)
+                 and ``inra`` (no draft model). 0 = off (the default). ``sample`` only (``stream`` refuses it).
     decode_dtype: None decodes with the models' own weights and compute dtype; ``bfloat16`` (or ``float32``) casts
                  the weights the sampler decodes with (and the compute dtype) to it: half the bytes each memory-bound
                  decode step reads, for TPUs and GPUs. Logits and the rules stay float32. On XLA's CPU backend bf16
@@ -98,6 +110,7 @@ class SamplingParams:
     inra_lambda: PerPromptFloat = 1.0
     template: Literal["plain", "chat"] = "plain"
     decode_dtype: Literal["float32", "bfloat16"] | None = None
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Lists become tuples (the record stays hashable) and a single stop string a one-element tuple.
@@ -127,6 +140,18 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SamplingParameterError(f"{name}={v!r} must be an integer >= 1")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise SpeculativeError(f"num_speculative_tokens={k!r} must be an integer >= 0 (0 = off)")
+        if k and self.mode == "par":
+            raise SpeculativeError(
+                "num_speculative_tokens > 0 cannot be used with mode='par': par draws from a self-normalised "
+                "importance-sampling approximation (n candidates), which has no closed-form per-token distribution "
+                "to accept drafts against. Use mode='product' (par's n -> infinity limit) or 'sparse', or "
+                "num_speculative_tokens=0")
+        if k and self.mode == "inra":
+            raise SpeculativeError("num_speculative_tokens > 0 cannot be used with mode='inra' (it has no draft "
+                                   "model); set num_speculative_tokens=0")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingParameterError(f"stop={self.stop!r}: stop strings must be non-empty strings")
         for name, check, expect, _ in PER_PROMPT:

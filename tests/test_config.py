@@ -317,9 +317,13 @@ def test_sample_config_validation():
                        ("sampling.kl_threshold=-1", "kl_threshold"),
                        ("sampling.kl_fallback=papr", "did you mean 'paper'"),
                        ("sampling.inra_lambda=.inf", "inra_lambda"),
+                       ("sampling.num_speculative_tokens=-1", "num_speculative_tokens=-1 must be an integer >= 0"),
+                       ("sampling.num_speculative_tokens=2", "mode='par'.*no closed-form"),
                        ("mode=par", "did you mean 'sampling.mode'")]:  # bare keys are sample.py's convenience only
         with pytest.raises(ConfigError, match=match):
             load_config(SampleConfig, None, base + [bad])
+    spec = load_config(SampleConfig, None, base + ["sampling.mode=product", "sampling.num_speculative_tokens=4"])
+    assert spec.sampling.num_speculative_tokens == 4
 
 
 def test_split_cli_args():

@@ -8,7 +8,6 @@ grid of the χ² test is marked slow (the fast suite keeps one case per mode plu
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax
@@ -124,6 +123,7 @@ def spec_counts(p, q, mode, k, kl_threshold, seed=0, **settings) -> tuple[np.nda
 FAST = {("product", 3, True), ("sparse", 5, False)}
 GRID = [pytest.param(m, k, mon, marks=() if (m, k, mon) in FAST else pytest.mark.slow)
         for m in ("product", "sparse") for k in (1, 3, 5) for mon in (False, True)]
+GRID.append(pytest.param("proposal", 3, False, marks=pytest.mark.slow))  # the aligner drafts P_M's own law
 
 
 @pytest.mark.parametrize("mode,k,monitor", GRID)
@@ -239,10 +239,8 @@ def test_caches_after_rollback_equal_a_forward_over_the_committed_tokens(models)
     rows = [(i, 0) for i in range(len(RAGGED))]
     st, batch, rowp = S._chunk_inputs(plan, rows)
     # max_new 7 < the buffer: rows end mid-round, so rollback to a partial prefix is exercised
-    # speculative decoding runs the models' own (stacked) weights, as sample() passes them
-    st = dataclasses.replace(st, cfg_p=p.config, cfg_q=q.config)
-    final = SP.generate(st, 3, q.config, p.params, q.params, batch, plan.tables, rowp, jax.random.key(0), np.int32(7),
-                        keep_caches=True)
+    final = SP.generate(st, 3, plan.params_p, plan.params_q, batch, plan.tables, rowp, jax.random.key(0),
+                        np.int32(7), keep_caches=True)
     final = jax.device_get(final)
     P = st.prompt_len
     committed = []
@@ -258,11 +256,12 @@ def test_caches_after_rollback_equal_a_forward_over_the_committed_tokens(models)
         seg[r, :len(c)] = 1
     for cache, m in ((final.cache_p, p), (final.cache_q, q)):
         _, ref = model_lib.forward(m.config, m.params, toks, None, seg, model_lib.init_cache(m.config, len(RAGGED), 32))
+        k_all, v_all = np.stack(cache.k), np.stack(cache.v)  # the per-layer cache as [layers, B, slots, ...]
         for r, (prompt, c) in enumerate(zip(RAGGED, committed)):
             start, n = P - len(prompt), len(c)
             assert int(cache.index[r]) == start + n
-            np.testing.assert_allclose(cache.k[:, r, start:start + n], np.asarray(ref.k)[:, r, :n], atol=2e-5)
-            np.testing.assert_allclose(cache.v[:, r, start:start + n], np.asarray(ref.v)[:, r, :n], atol=2e-5)
+            np.testing.assert_allclose(k_all[:, r, start:start + n], np.asarray(ref.k)[:, r, :n], atol=2e-5)
+            np.testing.assert_allclose(v_all[:, r, start:start + n], np.asarray(ref.v)[:, r, :n], atol=2e-5)
             assert np.all(cache.segment_ids[r, start:start + n] == 1)
 
 
@@ -270,7 +269,55 @@ def test_refusals(models):
     p, q = models
     with pytest.raises(SP.SpeculativeError, match="par.*no closed-form"):
         S.sample(p, q, [[1, 2]], mode="par", num_speculative_tokens=2)
+    with pytest.raises(SP.SpeculativeError, match="par.*no closed-form"):  # refused by the record itself
+        S.SamplingParams(mode="par", num_speculative_tokens=2).validate()
+    with pytest.raises(S.SamplingParameterError, match="inra.*no draft"):
+        S.SamplingParams(mode="inra", num_speculative_tokens=1).validate()
     with pytest.raises(SP.SpeculativeError, match="integer >= 0"):
         S.sample(p, q, [[1, 2]], mode="product", num_speculative_tokens=-1)
     with pytest.raises(SP.SpeculativeError, match="drafts with the aligner"):
         S.sample(p, None, [[1, 2]], mode="proposal", num_speculative_tokens=2)
+    with pytest.raises(SP.SpeculativeError, match="stream.*use sample"):
+        next(S.stream(p, q, [[1, 2]], mode="product", num_speculative_tokens=2))
+
+
+def test_proposal_mode_speculative_equals_token_level(models):
+    """Mode ``proposal`` with the aligner as the draft: greedy output equals greedy P_M token for token (these
+    models' argmaxes rarely agree, so nearly every token comes from a rejection's residual draw; the χ² case
+    ``proposal-3`` of the joint-law test covers accepted drafts), and k given in a ``SamplingParams`` record works
+    like the keyword."""
+    p, q = models
+    settings = {k: v for k, v in GREEDY.items() if k != "eos_ids"}
+    base = S.sample(p, None, RAGGED, mode="proposal", eos_ids=[], **settings)
+    params = S.SamplingParams(mode="proposal", num_speculative_tokens=3, **settings)
+    spec = S.sample(p, q, RAGGED, params, eos_ids=[])
+    for b, s_ in zip(base, spec):
+        assert s_[0].token_ids == b[0].token_ids and s_[0].finish_reason == b[0].finish_reason
+    assert all(s_[0].acceptance_rate is not None and s_[0].tokens_per_call >= 1 for s_ in spec)
+
+
+def test_sharded_mesh_gives_the_same_tokens(models):
+    """Explicit in/out shardings on a (data 2, fsdp 2, tensor 2) mesh of simulated devices: the same tokens as on
+    one device, and the outputs come back laid out over the mesh's batch axes."""
+    from ramjax import sharding as shd
+
+    p, _ = models
+    mesh = shd.make_mesh(shd.MeshConfig(data=2, fsdp=2, tensor=2))
+    q2 = Q_CFG.replace(num_kv_heads=2)  # kv heads must divide the tensor axis
+    qp = jax.tree_util.tree_map(jnp.asarray, random_params(q2, 2))
+    qp["lm_head"] = qp["lm_head"] * 1.5
+    kw = dict(mode="product", max_new_tokens=10, eos_ids=[], kl_threshold=0.5, num_speculative_tokens=3, seed=1)
+    single = S.sample(p, Model(config=q2, params=qp, vocab_limit=V), RAGGED, **kw)
+    sp = Model(config=P_CFG, params=p.params, vocab_limit=V, mesh=mesh)
+    sq = Model(config=q2, params=qp, vocab_limit=V, mesh=mesh)
+    sharded = S.sample(sp, sq, RAGGED, **kw)
+    assert [r[0].token_ids for r in sharded] == [r[0].token_ids for r in single]
+    assert [r[0].acceptance_rate for r in sharded] == [r[0].acceptance_rate for r in single]
+    # the compiled program's shardings: params as the sampler places them, the per-row state over the batch axes
+    params = S.SamplingParams(**{k: v for k, v in kw.items() if k not in ("eos_ids", "seed")})
+    plan = S._plan(sp, sq, RAGGED, params, num_samples=1, seed=1, batch_size=None, eos_ids=[], example_offset=0,
+                   rules=shd.DEFAULT_RULES, draft=True)
+    st, batch, rowp = S._chunk_inputs(plan, [(i, 0) for i in range(len(RAGGED))])
+    final = SP.generate(st, 3, plan.params_p, plan.params_q, batch, plan.tables, rowp, jax.random.key(1),
+                        np.int32(10))
+    assert final.tokens.sharding.is_equivalent_to(shd.batch_sharding(mesh, 2, shd.DEFAULT_RULES), 2)
