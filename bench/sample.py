@@ -187,35 +187,25 @@ def bench_hf_generate(model, batch: int, reps: int) -> dict:
     return dict(batch=batch, tokens_per_s=batch * NEW / run, run_s=run, tokens_per_cpu_s=batch * NEW / cpu)
 
 
-def bench_torch_par_loop(p_model, q_model, reps: int, n: int = 8) -> dict:
-    """The authors' decoder design: batch 1, a Python loop of transformers forward calls with KV caches, par with
-    n candidates from P_M's top-p nucleus, weights from Q_θ, and the KL monitor."""
+def _torch_decode_loop(p_model, q_model, choose, reps: int) -> dict:
+    """The authors' decoder design: batch 1, a Python loop of transformers forward calls with two KV caches;
+    ``choose(zp, zq, seen)`` draws the next token ``[1]`` from the last logits of P_M and Q_θ (``seen``: the prompt
+    and generated ids so far). Best of ``reps`` runs after a warm-up run; the first token's time is measured too."""
     import torch
 
     ids = torch.tensor(prompts(1))
-    g = torch.Generator().manual_seed(0)
-    t_m, t_q, top_p = SETTINGS["proposal_temperature"], SETTINGS["aligner_temperature"], SETTINGS["proposal_top_p"]
 
     def run_once():
         with torch.no_grad():
+            seen = ids[0].clone()
             out_p = p_model(ids, use_cache=True)
             out_q = q_model(ids, use_cache=True)
             past_p, past_q = out_p.past_key_values, out_q.past_key_values
             zp, zq = out_p.logits[0, -1], out_q.logits[0, -1]
             first = None
-            for step in range(NEW):
-                lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
-                kl = torch.sum(lp.exp() * (lp - lq))
-                probs = torch.softmax(zp / t_m, -1)
-                sp, si = torch.sort(probs, descending=True)
-                keep = (torch.cumsum(sp, -1) - sp) < top_p
-                nucleus = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-                if kl > SETTINGS["kl_threshold"]:
-                    tok = torch.multinomial(nucleus, 1, generator=g)
-                else:
-                    cand = torch.multinomial(nucleus, n, replacement=True, generator=g)
-                    w = torch.softmax(zq[cand] / t_q, -1)
-                    tok = cand[torch.multinomial(w, 1, generator=g)]
+            for _ in range(NEW):
+                tok = choose(zp, zq, seen)
+                seen = torch.cat([seen, tok])
                 if first is None:
                     first = time.perf_counter()
                 out_p = p_model(tok[None], past_key_values=past_p, use_cache=True)
@@ -234,6 +224,30 @@ def bench_torch_par_loop(p_model, q_model, reps: int, n: int = 8) -> dict:
         firsts.append(first - t)
     return dict(batch=1, tokens_per_s=NEW / min(times), run_s=min(times), first_token_s=min(firsts),
                 tokens_per_cpu_s=NEW / min(cpus))
+
+
+def bench_torch_par_loop(p_model, q_model, reps: int, n: int = 8) -> dict:
+    """The authors' decoder design (``_torch_decode_loop``) with par: n candidates from P_M's top-p nucleus,
+    weights from Q_θ, and the KL monitor."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    t_m, t_q, top_p = SETTINGS["proposal_temperature"], SETTINGS["aligner_temperature"], SETTINGS["proposal_top_p"]
+
+    def choose(zp, zq, seen):
+        lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
+        kl = torch.sum(lp.exp() * (lp - lq))
+        probs = torch.softmax(zp / t_m, -1)
+        sp, si = torch.sort(probs, descending=True)
+        keep = (torch.cumsum(sp, -1) - sp) < top_p
+        nucleus = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        if kl > SETTINGS["kl_threshold"]:
+            return torch.multinomial(nucleus, 1, generator=g)
+        cand = torch.multinomial(nucleus, n, replacement=True, generator=g)
+        w = torch.softmax(zq[cand] / t_q, -1)
+        return cand[torch.multinomial(w, 1, generator=g)]
+
+    return _torch_decode_loop(p_model, q_model, choose, reps)
 
 
 def forward_step_s(model, batch: int, reps: int, cache_len: int = PROMPT_LEN + NEW, dtype: str | None = None) -> float:
@@ -295,12 +309,11 @@ def rule_s(mode_kw: dict, batch: int, reps: int) -> float:
 
 
 def bench_torch_sparse_loop(p_model, q_model, reps: int) -> dict:
-    """The authors' decoder design running their released rule: batch 1, a Python loop of transformers forward
-    calls with two KV caches; ``sparse`` = softmax(z_Q / T_Q) restricted to P_M's top-p nucleus, then the
-    aligner-side top-p, repetition penalty on the aligner's logits."""
+    """The authors' decoder design (``_torch_decode_loop``) running their released rule: ``sparse`` =
+    softmax(z_Q / T_Q) restricted to P_M's top-p nucleus, then the aligner-side top-p, repetition penalty on the
+    aligner's logits."""
     import torch
 
-    ids = torch.tensor(prompts(1))
     g = torch.Generator().manual_seed(0)
     t_m, t_q = SETTINGS["proposal_temperature"], SETTINGS["aligner_temperature"]
     top_p_m, top_p_q, pen = SETTINGS["proposal_top_p"], SETTINGS["aligner_top_p"], SETTINGS["repetition_penalty"]
@@ -310,39 +323,16 @@ def bench_torch_sparse_loop(p_model, q_model, reps: int) -> dict:
         keep = (torch.cumsum(sp, -1) - sp) < top_p
         return torch.zeros_like(probs, dtype=torch.bool).scatter(0, si[keep], True)
 
-    def run_once():
-        with torch.no_grad():
-            seen = ids[0].clone()
-            out_p = p_model(ids, use_cache=True)
-            out_q = q_model(ids, use_cache=True)
-            past_p, past_q = out_p.past_key_values, out_q.past_key_values
-            zp, zq = out_p.logits[0, -1], out_q.logits[0, -1]
-            first = None
-            for _ in range(NEW):
-                nucleus = top_p_mask(torch.softmax(zp / t_m, -1), top_p_m)
-                zq = zq.clone()
-                sel = zq[seen]
-                zq[seen] = torch.where(sel < 0, sel * pen, sel / pen)
-                probs = torch.softmax(torch.where(nucleus, zq / t_q, torch.tensor(-float("inf"))), -1)
-                probs = torch.where(top_p_mask(probs, top_p_q), probs, torch.tensor(0.0))
-                tok = torch.multinomial(probs, 1, generator=g)
-                seen = torch.cat([seen, tok])
-                if first is None:
-                    first = time.perf_counter()
-                out_p = p_model(tok[None], past_key_values=past_p, use_cache=True)
-                out_q = q_model(tok[None], past_key_values=past_q, use_cache=True)
-                past_p, past_q = out_p.past_key_values, out_q.past_key_values
-                zp, zq = out_p.logits[0, -1], out_q.logits[0, -1]
-        return first
+    def choose(zp, zq, seen):
+        nucleus = top_p_mask(torch.softmax(zp / t_m, -1), top_p_m)
+        zq = zq.clone()
+        sel = zq[seen]
+        zq[seen] = torch.where(sel < 0, sel * pen, sel / pen)
+        probs = torch.softmax(torch.where(nucleus, zq / t_q, torch.tensor(-float("inf"))), -1)
+        probs = torch.where(top_p_mask(probs, top_p_q), probs, torch.tensor(0.0))
+        return torch.multinomial(probs, 1, generator=g)
 
-    run_once()
-    times, firsts = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        first = run_once()
-        times.append(time.perf_counter() - t)
-        firsts.append(first - t)
-    return dict(batch=1, tokens_per_s=NEW / min(times), run_s=min(times), first_token_s=min(firsts))
+    return _torch_decode_loop(p_model, q_model, choose, reps)
 
 
 def first_token_long_prompt_s(sampler, proposal, length: int, reps: int) -> float:

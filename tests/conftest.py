@@ -9,10 +9,41 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
+import contextlib  # noqa: E402
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test, excluded from the fast suite")
+
+
+@contextlib.contextmanager
+def _persistent_compile_cache(directory):
+    """JAX's persistent compilation cache in ``directory`` (every compile cached), restored afterwards: tests that
+    compile the same step several times (straight, interrupted and resumed runs; rounds) turn repeats into hits."""
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+@pytest.fixture(scope="module")
+def module_compile_cache(tmp_path_factory):
+    """A persistent compilation cache for a whole test module (``pytestmark = usefixtures(...)``)."""
+    with _persistent_compile_cache(tmp_path_factory.mktemp("jax_cache")):
+        yield
+
+
+@pytest.fixture()
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for one test."""
+    with _persistent_compile_cache(tmp_path_factory.mktemp("jax_cache")):
+        yield

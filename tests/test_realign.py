@@ -442,17 +442,6 @@ def train_fx(tmp_path_factory):
     return root
 
 
-@pytest.fixture()
-def compile_cache(tmp_path_factory):
-    """Persistent compilation cache: the rounds of iterated TrRa compile the same step."""
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 def _train_cfg(fx, run_dir, *extra):
     from ramjax import config as config_lib
 

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sampling_fixtures
 from hf_fixtures import random_params
-from scipy import stats
+from sampling_fixtures import chi2_pvalue
 
 from ramjax import decode_rules as R
 from ramjax import model as model_lib
@@ -28,21 +29,6 @@ Q_CFG = model_lib.ModelConfig(vocab_size=56, hidden_size=16, intermediate_size=3
                               num_kv_heads=1, head_dim=8, max_position_embeddings=128)
 OPEN = dict(proposal_temperature=1.0, aligner_temperature=1.0, proposal_top_p=1.0, aligner_top_p=1.0, top_k=0,
             repetition_penalty=1.0, kl_threshold=None)
-
-
-def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
-    """χ² goodness of fit; categories expected fewer than 5 times are pooled; an impossible outcome gives 0."""
-    probs = np.asarray(probs, np.float64) / np.sum(probs)
-    n = counts.sum()
-    exp = n * probs
-    if np.any((probs == 0) & (counts > 0)):
-        return 0.0
-    big = exp >= 5
-    obs, e = list(counts[big]), list(exp[big])
-    if exp[~big].sum() > 0:
-        obs.append(counts[~big].sum())
-        e.append(exp[~big].sum())
-    return float(stats.chisquare(obs, e).pvalue)
 
 
 def tv(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -425,16 +411,7 @@ def test_stream_yields_the_same_tokens(models):
 
 @pytest.fixture(scope="module")
 def text_models(tmp_path_factory):
-    from tokenizer_fixtures import make_hf_tokenizer
-
-    from ramjax.tokenizer import load_tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    make_hf_tokenizer(d, "llama")
-    tok = load_tokenizer(d)
-    cfg = P_CFG.replace(vocab_size=tok.vocab_size)
-    params = jax.tree_util.tree_map(jnp.asarray, random_params(cfg, 3))
-    return Model(config=cfg, params=params, tokenizer=tok), tok
+    return sampling_fixtures.text_model(tmp_path_factory.mktemp("tok"), P_CFG)
 
 
 TEXT = dict(mode="proposal", greedy=True, max_new_tokens=16, seed=0, batch_size=2, repetition_penalty=1.0)

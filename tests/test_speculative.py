@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_fixtures import random_params
-from scipy import stats
+from sampling_fixtures import chi2_pvalue
 
 from ramjax import decode_rules as R
 from ramjax import model as model_lib
@@ -35,20 +35,6 @@ TQ_CFG = model_lib.ModelConfig(vocab_size=TV, hidden_size=8, intermediate_size=1
 TPROMPT = [1, 5, 2, 2]
 SETTINGS = dict(proposal_temperature=1.0, aligner_temperature=0.8, proposal_top_p=0.9, aligner_top_p=0.95, top_k=0,
                 repetition_penalty=1.3)
-
-
-def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
-    """χ² goodness of fit; categories expected fewer than 5 times are pooled; an impossible outcome gives 0."""
-    probs = np.asarray(probs, np.float64) / np.sum(probs)
-    exp = counts.sum() * probs
-    if np.any((probs == 0) & (counts > 0)):
-        return 0.0
-    big = exp >= 5
-    obs, e = list(counts[big]), list(exp[big])
-    if exp[~big].sum() > 0:
-        obs.append(counts[~big].sum())
-        e.append(exp[~big].sum())
-    return float(stats.chisquare(obs, e).pvalue)
 
 
 @pytest.fixture(scope="module")

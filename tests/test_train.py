@@ -190,16 +190,8 @@ def make_fixture(root):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """The loop tests compile the same train step several times (straight, interrupted, resumed runs): a
-    persistent compilation cache for this module turns the repeats into cache hits."""
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+# the loop tests compile the same train step several times (straight, interrupted, resumed runs)
+pytestmark = pytest.mark.usefixtures("module_compile_cache")
 
 
 @pytest.fixture(scope="module")
