@@ -79,6 +79,7 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert set(results["heldout_loss"]) == {"proposal", "warmup", "aligner_base"}
 
 
+@pytest.mark.slow  # ~3-4 min on 2 cores; the fast test above runs every stage (and resume) with tiny budgets
 def test_scaled_down_pipeline_ram_beats_warmed_up_proposal(tmp_path):
     """What the method promises, on a fixed seed: P_M·Q beats the warmed-up P_M under the same decoding, sampled
     at T=1 and greedy, on 200 held-out prompts by a clear margin: at least 15 points of strict judge accuracy under
