@@ -141,7 +141,7 @@ class PipelineConfig:
     concise_correct: float = 0.15
     wrong: float = 0.45
     verbose_correct: float = 0.40
-    tokenizer_vocab: int = 360
+    tokenizer_vocab: int = 0
     max_len: int = 0
     max_prompt_len: int = 0
     heldout_corpus: int = 500
