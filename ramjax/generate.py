@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax
 
-from ramjax import distributed, evaluate, files
+from ramjax import distributed, files, report
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +199,6 @@ def _short(x: Any, n: int = 60) -> str:
     return t if len(t) <= n else t[:n] + "..."
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and x != x:  # NaN is not JSON
-        return None
-    return x
-
-
 def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_file: str | os.PathLike,
                    params: Any = None, *, output: Literal["samples", "training"] = "samples", batch_size: int = 8,
                    num_samples: int = 1, seed: int = 0, alpaca_output: str | os.PathLike | None = None,
@@ -331,7 +325,7 @@ def _sample_lines(proposal, aligner, chunk: Sequence[Mapping[str, Any]], start: 
                 d = {"index": start + k, "sample_index": s.sample_index, "prompt": prompt}
                 if lams is not None:
                     d["lambda"] = lams[k]
-                d.update({key: _jsonable(v) for key, v in s.to_dict().items()})
+                d.update(report.jsonable(s.to_dict()))  # NaN/inf are not JSON: None
                 lines.append(d)
     return lines
 
@@ -359,4 +353,4 @@ def write_alpaca_eval(samples_file: str | os.PathLike, path: str | os.PathLike, 
             prompt = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
         records.append({"instruction": prompt})
         outputs.append(d["text"] or "")
-    return evaluate.write_alpacaeval(path, records, outputs, generator)
+    return report.write_alpacaeval(path, records, outputs, generator)
