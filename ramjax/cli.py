@@ -231,11 +231,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from ramjax import train_lib
 
     # The distributed runtime must start before JAX touches a device (printing the resolved config does not).
-    try:
-        train_lib.initialize_distributed(cfg.distributed)
-    except ValueError as e:  # ramjax.distributed.DistributedError: half-given settings
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+    if (code := _start_distributed(cfg.distributed)) is not None:
+        return code
     import jax
 
     primary = jax.process_index() == 0
@@ -315,14 +312,8 @@ def sample_main(argv: list[str] | None = None) -> int:
         return 2
     output = "training" if training else "samples"  # SampleConfig has no output key: the flag decides
 
-    from ramjax import distributed
-
-    try:  # before anything touches a device
-        # auto by default: a TPU slice, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS...; or distributed.*
-        distributed.initialize(cfg.distributed)
-    except distributed.DistributedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if (code := _start_distributed(cfg.distributed)) is not None:  # before anything touches a device
+        return code
     import jax
 
     from ramjax import api, generate
@@ -413,6 +404,19 @@ def sweep_main(argv: list[str] | None = None) -> int:
         print(f"{usage}\n\n{realign_sweep.__doc__}")
         return 0
     return guarded(realign_sweep.main, argv)
+
+
+def _start_distributed(dist) -> int | None:
+    """Starts the multi-process runtime for a ``DistributedConfig`` (auto by default: a TPU slice, SLURM, Open MPI,
+    ``JAX_COORDINATOR_ADDRESS``...; or ``distributed.*``); None when it started or is not needed, else the exit
+    status after a one-line error (half-given settings are a ``DistributedError``)."""
+    from ramjax import distributed
+
+    try:
+        distributed.initialize(dist)
+    except ValueError as e:  # DistributedError, or a bad address/port from jax.distributed
+        return error_exit(e)
+    return None
 
 
 def error_exit(e: BaseException) -> int:
