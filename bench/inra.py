@@ -36,11 +36,13 @@ PROPOSAL = model_lib.ModelConfig(vocab_size=8192, hidden_size=512, intermediate_
                                  num_heads=8, num_kv_heads=2, head_dim=64)
 
 
-def _plain_generate(cfg, new):
-    def gen(params, prompt):
+def _greedy(forward, init_cache, new: int):
+    """Greedy decoding of ``new`` tokens in one ``fori_loop``: ``forward(tokens, positions, segment_ids, cache)
+    -> (logits, cache)`` (positions None for the prompt), ``init_cache(batch, max_len)``."""
+
+    def gen(prompt):
         B, P = prompt.shape
-        cache = model_lib.init_cache(cfg, B, P + new)
-        logits, cache = model_lib.forward(cfg, params, prompt, cache=cache, last_only=True)
+        logits, cache = forward(prompt, None, None, init_cache(B, P + new))
         out = jnp.zeros((B, new), jnp.int32)
 
         def body(t, carry):
@@ -48,32 +50,30 @@ def _plain_generate(cfg, new):
             tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
             out = out.at[:, t].set(tok)
             pos = jnp.full((B, 1), P + t, jnp.int32)
-            logits, cache = model_lib.forward(cfg, params, tok[:, None], pos, jnp.ones((B, 1), jnp.int32), cache,
-                                              last_only=True)
+            logits, cache = forward(tok[:, None], pos, jnp.ones((B, 1), jnp.int32), cache)
             return logits, cache, out
 
         return jax.lax.fori_loop(0, new, body, (logits, cache, out))[2]
+
+    return gen
+
+
+def _plain_generate(cfg, new):
+    def gen(params, prompt):
+        def fwd(tokens, pos, seg, cache):
+            return model_lib.forward(cfg, params, tokens, pos, seg, cache, last_only=True)
+
+        return _greedy(fwd, lambda b, n: model_lib.init_cache(cfg, b, n), new)(prompt)
 
     return jax.jit(gen)
 
 
 def _inra_generate(cfg, new):
     def gen(params, adapter, prompt, lam):
-        B, P = prompt.shape
-        cache = inra_lib.init_inra_cache(cfg, B, P + new)
-        logits, cache = inra_lib.inra_forward(cfg, params, adapter, prompt, caches=cache, lam=lam, last_only=True)
-        out = jnp.zeros((B, new), jnp.int32)
+        def fwd(tokens, pos, seg, cache):
+            return inra_lib.inra_forward(cfg, params, adapter, tokens, pos, seg, cache, lam, last_only=True)
 
-        def body(t, carry):
-            logits, cache, out = carry
-            tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-            out = out.at[:, t].set(tok)
-            pos = jnp.full((B, 1), P + t, jnp.int32)
-            logits, cache = inra_lib.inra_forward(cfg, params, adapter, tok[:, None], pos,
-                                                 jnp.ones((B, 1), jnp.int32), cache, lam, last_only=True)
-            return logits, cache, out
-
-        return jax.lax.fori_loop(0, new, body, (logits, cache, out))[2]
+        return _greedy(fwd, lambda b, n: inra_lib.init_inra_cache(cfg, b, n), new)(prompt)
 
     return jax.jit(gen)
 
