@@ -275,16 +275,28 @@ def _convert(value: Any, tp: Any, key: str, root: type | None) -> Any:
 def _with_section_defaults(cls: type, data: Mapping[str, Any]) -> Mapping[str, Any]:
     """A section given as a mapping starts from its field's default (``default_factory``), not from its class's
     defaults: ``model.arch`` defaults to ``vocab_size: 0`` (the tokenizer's), a pipeline's ``aligner_arch`` to its
-    own shape, and a partial mapping changes only the keys it names."""
+    own shape, and a partial mapping changes only the keys it names. A mapping of sections (``dict[str, Section]``)
+    likewise keeps its default entries: a mapping given for it adds entries or changes the keys it names in one
+    (``pipeline.sampling.release.top_k=5`` leaves the other presets and release's other settings as they were)."""
     out = None
     for f in dataclasses.fields(cls):
         if (f.name in data and isinstance(data[f.name], Mapping) and f.default_factory is not dataclasses.MISSING):
             default = f.default_factory()
             if dataclasses.is_dataclass(default):
                 out = dict(data) if out is None else out
-                base = {g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init}
-                out[f.name] = {**base, **data[f.name]}
+                out[f.name] = {**_fields_of(default), **data[f.name]}
+            elif isinstance(default, Mapping) and default and all(dataclasses.is_dataclass(v)
+                                                                  for v in default.values()):
+                out = dict(data) if out is None else out
+                merged = {k: _fields_of(v) for k, v in default.items()}
+                for k, v in data[f.name].items():
+                    merged[k] = {**merged[k], **v} if k in merged and isinstance(v, Mapping) else v
+                out[f.name] = merged
     return data if out is None else out
+
+
+def _fields_of(section: Any) -> dict[str, Any]:
+    return {g.name: getattr(section, g.name) for g in dataclasses.fields(section) if g.init}
 
 
 def _build(cls: type[T], data: Mapping[str, Any], path: str, root: type | None) -> T:

@@ -368,3 +368,21 @@ def test_sample_cli_maps_bare_sampling_keys():
     args = ["proposal=p", "prompts_file=x", "mode=proposal", "lambda=0.25", "top_k=10"]
     cfg = load_config(SampleConfig, None, [_sampling_key(a) for a in args])
     assert cfg.sampling == SamplingParams(mode="proposal", inra_lambda=0.25, top_k=10, max_new_tokens=1024)
+
+
+def test_pipeline_presets_are_the_library_presets():
+    """One definition of the sampling presets (ramjax.sampling_params.PRESETS): the pipeline's named presets are
+    its proposal-side settings, and an override or a mapping changes only what it names."""
+    from ramjax.experiments.pipeline import DefaultRunConfig
+
+    default = os.path.join(REPO, "configs", "default.yaml")
+    got = {k: dataclasses.astuple(v) for k, v in load_config(DefaultRunConfig, default).pipeline.sampling.items()}
+    # (temperature, top_p, top_k, repetition_penalty), by hand from the paper's release settings and plain sampling
+    assert got == {"sampled": (1.0, 1.0, 0, 1.0), "greedy": (0.0, 1.0, 0, 1.0), "release": (0.5, 0.95, 10, 1.05)}
+    run = load_config(DefaultRunConfig, default, ["pipeline.sampling.release.top_k=5"])
+    assert dataclasses.astuple(run.pipeline.sampling["release"]) == (0.5, 0.95, 5, 1.05)
+    assert set(run.pipeline.sampling) == {"sampled", "greedy", "release"}
+    run = C.config_from_dict(DefaultRunConfig, {"pipeline": {"sampling": {"mine": {"temperature": 0.3}},
+                                                             "samples_preset": "mine"}})
+    assert set(run.pipeline.sampling) == {"sampled", "greedy", "release", "mine"}
+    assert run.pipeline.sampling["mine"].temperature == 0.3

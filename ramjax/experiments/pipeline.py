@@ -106,6 +106,17 @@ class SamplingPreset:
             raise ConfigError(f"bad sampling preset {self}: temperature >= 0, top_p in (0, 1], top_k >= 0, "
                               f"repetition_penalty > 0")
 
+    @classmethod
+    def of(cls, params: Any) -> "SamplingPreset":
+        """The proposal-side settings of a ``SamplingParams`` (the one-time samples are drawn from P_M alone)."""
+        return cls(temperature=params.proposal_temperature, top_p=params.proposal_top_p, top_k=params.top_k,
+                   repetition_penalty=params.repetition_penalty)
+
+
+def _default_presets() -> dict[str, SamplingPreset]:
+    """``ramjax.sampling_params.PRESETS`` (sampled, greedy, release), the one definition of the presets."""
+    return {name: SamplingPreset.of(p) for name, p in PRESETS.items()}
+
 
 @dataclasses.dataclass
 class PipelineConfig:
@@ -123,7 +134,8 @@ class PipelineConfig:
     heldout_corpus: rows of D held out (never trained on) for P_M's held-out loss per stage.
     warmup_fraction: share of S in the warm-up SFT.
     samples_preset: the sampling preset (``sampling``) of the one-time proposal samples.
-    sampling:   named presets (``sampled``, ``greedy``, ``release``).
+    sampling:   named presets: ``ramjax.sampling_params.PRESETS`` (``sampled``, ``greedy``, ``release``); a mapping
+                given here adds presets or changes the keys it names (``pipeline.sampling.release.top_k=5``).
     verifier:   ``auto`` (the suite's judge for the generated suite; exact/regex on eval.jsonl's answer/regex
                 fields otherwise; none when there are none), or ``exact``, ``regex``, ``task``, ``none``,
                 ``module:function``.
@@ -149,7 +161,7 @@ class PipelineConfig:
     aligner_arch: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(vocab_size=0))
     warmup_fraction: float = 0.1
     samples_preset: str = "sampled"
-    sampling: dict[str, SamplingPreset] = dataclasses.field(default_factory=dict)
+    sampling: dict[str, SamplingPreset] = dataclasses.field(default_factory=_default_presets)
     verifier: str = "auto"
     max_new_tokens: int = 24
     eval_modes: tuple[str, ...] = ("par", "sparse", "product")
