@@ -41,29 +41,50 @@ string, so strings spanning any number of tokens are found without a host round 
 output and write padding. Finish reasons: ``"eos"``, ``"stop"``, ``"length"``. The returned ``text`` is cut
 before the first stop string; ``token_ids`` exclude the EOS token but include the tokens of a stop string.
 
+Layout. This module is the host half and the public API (validation, prompt encoding and batching, per-row
+settings, results and streaming); the jitted program (stop-string tables, decode weights, ``DecodeState``, prefill,
+step, shardings, the compiled-program cache) is ``ramjax.decode_loop``.
+
 Vocabulary. Both models' logits are sliced to the usable vocabulary (``Model.vocab_limit``), so padded embedding
 rows (Qwen) can never be drawn; the two models must share it (``VocabMismatchError`` otherwise).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
-import weakref
 from typing import Any, Iterator, Mapping, Sequence
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ramjax import decode_rules as rules_lib
 from ramjax import model as model_lib
 from ramjax import sampling_params as sp_lib
 from ramjax import sharding as shd
+from ramjax.decode_loop import (  # noqa: F401 -- re-exported: speculative.py and the tests use the device names
+    _DECODE_WEIGHTS,
+    _EMPTY,
+    DecodeState,
+    NonFiniteLogitsError,
+    _abstract_inputs,
+    _Batch,
+    _compiled,
+    _decode_weights,
+    _param_shardings,
+    _placing,
+    _replicated,
+    _roll_window,
+    _shardings,
+    _Static,
+    _stop_hit,
+    _stop_tables,
+    _Tables,
+    bucket_length,
+    check_nonfinite,
+    nonfinite_flags,
+    prompt_seen_set,
+)
 from ramjax.decode_rules import RowParams
 from ramjax.sampling_params import (
     MODES,
@@ -81,14 +102,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "sample", "stream", "SamplingParams", "PRESETS", "SampleResult", "StreamEvent", "DecodeState", "SamplerError",
     "ModeError", "SamplingParameterError", "PromptError", "ContextLengthError", "NonFiniteLogitsError", "MODES",
-    "FINISH_REASONS",
-    "token_bytes", "bucket_length",
+    "FINISH_REASONS", "token_bytes", "bucket_length",
 ]
 
 FINISH_REASONS = ("length", "eos", "stop")  # code 0, 1, 2 on device
-_WILDCARD = -2  # stop-string padding: matches any byte (stop strings are right-aligned in their row)
-_EMPTY = -1  # no byte (window before any output, beyond a token's bytes); never equals a stop byte
-_MIN_PROMPT_BUCKET = 16
 _MIN_NEW_BUCKET = 16
 
 
@@ -96,463 +113,8 @@ class PromptError(SamplerError):
     """A prompt is empty, of an unsupported type, or holds token ids outside the vocabulary."""
 
 
-class NonFiniteLogitsError(FloatingPointError):
-    """A model produced NaN/inf logits while sampling (its weights, or its inputs, are broken)."""
-
-
 class ContextLengthError(SamplerError):
     """A prompt plus ``max_new_tokens`` does not fit in a model's context (``max_position_embeddings``)."""
-
-
-def bucket_length(n: int, minimum: int = _MIN_PROMPT_BUCKET, *, fine: bool = False) -> int:
-    """The power of two ``>= max(n, minimum)``: padded lengths come from a few buckets, so compiles stay few.
-
-    ``fine``: also the midpoints 1.5 · 2^k (16, 24, 32, 48, 64, 96, ...), for prompts: every padded slot is
-    prefilled by both models and attended over (masked) by every decode step, so a 17-token prompt pays for 24
-    positions instead of 32 (at most 1.5× the real length instead of 2×), for one more compile per octave.
-    """
-    m = max(int(n), int(minimum), 1)
-    p = 1 << (m - 1).bit_length()
-    if fine and p >= 4 and m <= 3 * p // 4:
-        return max(int(minimum), 3 * p // 4)
-    return p
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stop strings: device tables over each token's bytes (``ramjax.tokenizer.token_bytes``)
-
-
-@flax.struct.dataclass
-class _Tables:
-    """Per-vocabulary constants, passed as jit arguments (never baked into the program).
-
-    is_eos:     bool  ``[V]``
-    head:       int16 ``[V, L]`` first L bytes of each token (``_EMPTY`` padded)
-    tail:       int16 ``[V, L]`` last L bytes, right-aligned (``_EMPTY`` padded on the left)
-    nbytes:     int32 ``[V]`` byte length of each token
-    inside:     bool  ``[V]`` some stop string lies entirely inside the token's bytes
-    stops:      int16 ``[S, L]`` stop strings right-aligned, ``_WILDCARD`` on the left
-    """
-
-    is_eos: jax.Array
-    head: jax.Array
-    tail: jax.Array
-    nbytes: jax.Array
-    inside: jax.Array
-    stops: jax.Array
-
-
-def _stop_tables(tb: Sequence[bytes] | None, stops: Sequence[str], vocab: int) -> tuple[dict[str, np.ndarray], int]:
-    """Host tables for the stop strings (see ``_Tables``) and the window length L (0 when there are none)."""
-    enc = [s.encode("utf-8") for s in stops]
-    if not enc:
-        z = np.zeros((1, 1), np.int16)
-        return dict(head=z, tail=z, nbytes=np.zeros(1, np.int32), inside=np.zeros(1, bool), stops=z), 0
-    L = bucket_length(max(map(len, enc)), minimum=4)
-    head = np.full((vocab, L), _EMPTY, np.int16)
-    tail = np.full((vocab, L), _EMPTY, np.int16)
-    nbytes = np.zeros(vocab, np.int32)
-    inside = np.zeros(vocab, bool)
-    for i, b in enumerate(tb[:vocab]):
-        if not b:
-            continue
-        arr = np.frombuffer(b, np.uint8)
-        nbytes[i] = len(b)
-        head[i, : min(L, len(b))] = arr[:L]
-        t = arr[-L:]
-        tail[i, L - len(t):] = t
-        inside[i] = any(s in b for s in enc)
-    stop_arr = np.full((len(enc), L), _WILDCARD, np.int16)
-    for k, s in enumerate(enc):
-        stop_arr[k, L - len(s):] = np.frombuffer(s, np.uint8)
-    return dict(head=head, tail=tail, nbytes=nbytes, inside=inside, stops=stop_arr), L
-
-
-def _stop_hit(window_bl: jax.Array, tok_b: jax.Array, t: _Tables) -> jax.Array:
-    """Whether a stop string ends inside the bytes of the new token ``[B]`` (given the previous window)."""
-    L = window_bl.shape[1]
-    c = jnp.concatenate([window_bl, t.head[tok_b]], axis=1)  # [B, 2L]
-    j = jnp.arange(L)
-    idx = j[:, None] + 1 + j[None, :]  # idx[j, i]: the L bytes ending at the token's byte j
-    win = c[:, idx]  # [B, L(end), L]
-    stops = t.stops
-    eq = (win[:, None] == stops[None, :, None, :]) | (stops == _WILDCARD)[None, :, None, :]
-    ends = jnp.all(eq, axis=-1) & (j[None, None, :] < t.nbytes[tok_b][:, None, None])  # [B, S, L]
-    return jnp.any(ends, axis=(1, 2)) | t.inside[tok_b]
-
-
-def _roll_window(window_bl: jax.Array, tok_b: jax.Array, t: _Tables) -> jax.Array:
-    """The last L bytes of (window ++ the new token's bytes)."""
-    L = window_bl.shape[1]
-    src = jnp.arange(L)[None, :] + t.nbytes[tok_b][:, None]
-    from_window = jnp.take_along_axis(window_bl, jnp.clip(src, 0, L - 1), axis=1)
-    return jnp.where(src < L, from_window, t.tail[tok_b])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Device state and the jitted functions
-
-
-@flax.struct.dataclass
-class DecodeState:
-    """The while-loop carry. ``B`` rows, ``N`` the output buffer (bucketed ``max_new_tokens``), ``V`` the vocabulary,
-    ``L`` the stop-string window.
-
-    step:      int32 ``[]`` tokens generated so far (all rows in lockstep)
-    done:      bool ``[B]`` row finished (or an inactive padding row)
-    finish:    int32 ``[B]`` 0 still running / length, 1 eos, 2 stop string
-    length:    int32 ``[B]`` tokens generated by the row (EOS included)
-    prompt_len: int32 ``[B]`` real prompt tokens (token ``s`` sits at position ``prompt_len + s``)
-    tokens:    int32 ``[B, N]`` output buffer (pad after the end)
-    fallback:  bool ``[B, N]`` the KL monitor fired for this token
-    ess:       float32 ``[B, N]`` effective sample size of the par weights (NaN elsewhere)
-    kl:        float32 ``[B, N]`` KL(P_M‖Q_θ) at this token (NaN when not computed)
-    seen:      bool ``[B, V]`` tokens in the row so far (repetition penalty)
-    window:    int16 ``[B, L]`` last generated bytes (stop strings)
-    keys:      PRNG keys ``[B]`` per row (example, sample); folded with the step each step
-    nonfinite: int32 ``[B]`` bit 1: P_M's logits held a NaN/inf at some step of the row, bit 2: Q_θ's (a model
-               with non-finite weights would otherwise give token 0 forever with healthy-looking diagnostics)
-    logits_p, logits_q: float32 ``[B, V]`` each model's logits for the next token (None when unused)
-    cache_p, cache_q: the two models' ``KVCache`` (None when unused)
-    """
-
-    step: jax.Array
-    done: jax.Array
-    finish: jax.Array
-    length: jax.Array
-    prompt_len: jax.Array
-    tokens: jax.Array
-    fallback: jax.Array
-    ess: jax.Array
-    kl: jax.Array
-    seen: jax.Array
-    window: jax.Array
-    keys: jax.Array
-    nonfinite: jax.Array
-    logits_p: jax.Array | None
-    logits_q: jax.Array | None
-    cache_p: model_lib.KVCache | None
-    cache_q: model_lib.KVCache | None
-
-
-@flax.struct.dataclass
-class _Batch:
-    """Host inputs of one batch: left-padded prompts and row identities."""
-
-    tokens: jax.Array  # int32 [B, P]
-    segment_ids: jax.Array  # int32 [B, P], 0 on padding
-    example_index: jax.Array  # int32 [B]
-    sample_index: jax.Array  # int32 [B]
-    active: jax.Array  # bool [B], False on padding rows
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything that fixes the compiled program (hashable)."""
-
-    mode: str
-    n: int
-    kl_monitor: bool
-    kl_fallback: str
-    product_support: str
-    cfg_p: model_lib.DecoderSpec | None
-    cfg_q: model_lib.DecoderSpec | None
-    vocab: int
-    batch: int
-    prompt_len: int
-    max_new: int
-    stop_len: int
-    n_stops: int
-    pad_id: int
-    mesh: Mesh | None
-    rules: tuple
-
-
-def _forward(cfg: model_lib.DecoderSpec, params, tokens, positions, segment_ids, cache, vocab, static: _Static,
-             lam=None):
-    if isinstance(cfg, model_lib.ModelConfig):  # the decode layout: per-layer weights and cache (decode_forward)
-        logits, cache = model_lib.decode_forward(cfg, params, tokens, positions, segment_ids, cache, last_only=True,
-                                                 mesh=static.mesh, rules=static.rules)
-    else:  # an inra.InraSpec runs two streams and mixes their logits per row by λ
-        logits, cache = cfg.forward(params, tokens, positions, segment_ids, cache, lam, last_only=True,
-                                    mesh=static.mesh, rules=static.rules)
-    return logits[:, 0, :vocab], cache
-
-
-def _init_cache(cfg: model_lib.DecoderSpec, batch: int, max_len: int):
-    if isinstance(cfg, model_lib.ModelConfig):
-        return model_lib.init_layer_cache(cfg, batch, max_len)
-    return cfg.init_cache(batch, max_len)
-
-
-def _cache_shardings(mesh, cfg: model_lib.DecoderSpec, batch: int, max_len: int, rules):
-    if isinstance(cfg, model_lib.ModelConfig):
-        return model_lib.layer_cache_shardings(mesh, cfg, batch, max_len, rules)
-    return cfg.cache_shardings(mesh, batch, max_len, rules)
-
-
-def _param_shardings(cfg: model_lib.DecoderSpec, mesh, rules):
-    if isinstance(cfg, model_lib.ModelConfig):
-        return model_lib.unstacked_param_shardings(cfg, mesh, rules)
-    return cfg.param_shardings(mesh, rules)
-
-
-def _param_shapes(cfg: model_lib.DecoderSpec):
-    return model_lib.unstacked_param_shapes(cfg) if isinstance(cfg, model_lib.ModelConfig) else cfg.param_shapes()
-
-
-# Decode weights per (source weights, dtype, mesh): built once and reused while the model's weights live.
-_DECODE_WEIGHTS: dict[tuple, tuple[Any, Any]] = {}
-
-
-def _decode_weights(m, mesh, rules, decode_dtype: str | None):
-    """The config and weights a model decodes with: for a plain model its weights split per layer
-    (``model.unstack_layers``), cast to ``decode_dtype`` (compute dtype too) when given, placed on the mesh;
-    an InRa model keeps its own layout. Cached while the source weights are alive."""
-    cfg = m.config
-    if not isinstance(cfg, model_lib.ModelConfig):
-        if decode_dtype is not None and decode_dtype != cfg.base.dtype:
-            raise SamplingParameterError(f"decode_dtype={decode_dtype!r} is not supported in mode 'inra'; leave it "
-                                         f"None (the models' own dtype)")
-        params = m.params
-        return cfg, (jax.device_put(params, _param_shardings(cfg, mesh, rules)) if mesh is not None else params)
-    if decode_dtype is not None:
-        cfg = cfg.replace(dtype=decode_dtype, param_dtype=decode_dtype)
-    for k in [k for k, (ref, _) in _DECODE_WEIGHTS.items() if ref() is None]:
-        del _DECODE_WEIGHTS[k]
-    leaf = jax.tree_util.tree_leaves(m.params)[0]
-    key = (id(leaf), cfg, id(mesh), tuple(rules))
-    hit = _DECODE_WEIGHTS.get(key)
-    if hit is not None and hit[0]() is leaf:
-        return cfg, hit[1]
-    dtype = cfg.weight_dtype
-
-    def build(params):
-        params = model_lib.unstack_layers(params)
-        if decode_dtype is None:
-            return params
-        return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                      params)
-
-    out_sh = _param_shardings(cfg, mesh, rules) if mesh is not None else None
-    params = jax.jit(build, out_shardings=out_sh)(m.params)
-    _DECODE_WEIGHTS[key] = (weakref.ref(leaf), params)
-    return cfg, params
-
-
-def prompt_seen_set(tokens_bp: jax.Array, segment_ids_bp: jax.Array, vocab: int) -> jax.Array:
-    """The repetition-penalty set ``[B, V]`` of the prompt tokens: True for every id at a real (segment > 0) slot.
-
-    Padding slots scatter to the out-of-range id ``vocab`` and are dropped, so every write that lands is True and
-    duplicate indices cannot conflict (a ``set`` of False for padding and True for a real token at the same id has
-    no defined winner on accelerators: a pad id that also occurs in the prompt could lose its penalty).
-    """
-    B = tokens_bp.shape[0]
-    ids = jnp.where(segment_ids_bp > 0, tokens_bp, vocab)
-    return jnp.zeros((B, vocab), bool).at[jnp.arange(B)[:, None], ids].set(True, mode="drop")
-
-
-def nonfinite_flags(zp: jax.Array | None, zq: jax.Array | None, live_b: jax.Array) -> jax.Array:
-    """int32 ``[B]``: bit 1 where P_M's logits ``zp`` (``[B, ..., V]``) hold a NaN or inf in a live row, bit 2 for
-    Q_θ's ``zq``. One fused elementwise pass and reduction per model, negligible next to the forward."""
-    flags = jnp.zeros(live_b.shape, jnp.int32)
-    for bit, z in ((1, zp), (2, zq)):
-        if z is not None:
-            bad = jnp.any(~jnp.isfinite(z.reshape(z.shape[0], -1)), axis=-1)
-            flags = flags | jnp.where(bad & live_b, bit, 0)
-    return flags
-
-
-def check_nonfinite(flags_b: np.ndarray, proposal: Any, aligner: Any, what: str = "sampling") -> None:
-    """Raises ``NonFiniteLogitsError`` naming the model(s) whose logits went non-finite (``flags_b`` from
-    ``nonfinite_flags``, fetched to the host)."""
-    flags = int(np.bitwise_or.reduce(np.asarray(flags_b, np.int64).ravel(), initial=0))
-    if not flags:
-        return
-    bad = []
-    for bit, name, m in ((1, "proposal", proposal), (2, "aligner", aligner)):
-        if flags & bit:
-            src = getattr(m, "source", "") if m is not None else ""
-            bad.append(f"the {name} model" + (f" ({src})" if src else ""))
-    rows = [int(i) for i in np.flatnonzero(np.asarray(flags_b))][:8]
-    raise NonFiniteLogitsError(
-        f"{' and '.join(bad)} produced NaN/inf logits while {what} (rows {rows}); its weights are likely corrupt or "
-        f"diverged: reload it from a good checkpoint (ramjax.load_model checks weights for NaN/inf), or check the "
-        f"training run that produced it")
-
-
-def _prefill(st: _Static, params_p, params_q, batch: _Batch, seed_key, rowp: RowParams) -> DecodeState:
-    """Runs both models over the left-padded prompts, filling their caches and the logits of the first token."""
-    B, P, N, V = st.batch, st.prompt_len, st.max_new, st.vocab
-    seg = batch.segment_ids
-    positions = model_lib.positions_from_segments(seg)
-    zp = zq = cache_p = cache_q = None
-    if st.cfg_p is not None:
-        zp, cache_p = _forward(st.cfg_p, params_p, batch.tokens, positions, seg, _init_cache(st.cfg_p, B, P + N),
-                               V, st, rowp.inra_lambda)
-    if st.cfg_q is not None:
-        zq, cache_q = _forward(st.cfg_q, params_q, batch.tokens, positions, seg, _init_cache(st.cfg_q, B, P + N),
-                               V, st)
-    seen = prompt_seen_set(batch.tokens, seg, V)
-    keys = jax.vmap(lambda e, s: jax.random.fold_in(jax.random.fold_in(seed_key, e), s))(
-        batch.example_index, batch.sample_index)
-    return DecodeState(
-        step=jnp.zeros((), jnp.int32), done=~batch.active, finish=jnp.zeros((B,), jnp.int32),
-        length=jnp.zeros((B,), jnp.int32), prompt_len=jnp.sum(seg > 0, axis=1).astype(jnp.int32),
-        tokens=jnp.full((B, N), st.pad_id, jnp.int32), fallback=jnp.zeros((B, N), bool),
-        ess=jnp.full((B, N), jnp.nan, jnp.float32), kl=jnp.full((B, N), jnp.nan, jnp.float32), seen=seen,
-        window=jnp.full((B, max(st.stop_len, 1)), _EMPTY, jnp.int16), keys=keys,
-        nonfinite=nonfinite_flags(zp, zq, batch.active), logits_p=zp, logits_q=zq, cache_p=cache_p, cache_q=cache_q)
-
-
-def _step(st: _Static, params_p, params_q, state: DecodeState, tables: _Tables, rowp: RowParams, max_new
-          ) -> DecodeState:
-    """Draws token ``state.step`` of every running row from the carried logits, updates the bookkeeping, then feeds
-    the token to both models (one position each) for the next step's logits."""
-    B = st.batch
-    # One PRNG call site per step (threefry is costly to compile): every uniform the rule needs, per row.
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, state.step)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (rules_lib.num_uniforms(st.mode, st.n),)))(step_keys)
-    ch = rules_lib.choose(st.mode, state.logits_p, state.logits_q, state.seen, u, rowp, kl_fallback=st.kl_fallback,
-                          product_support=st.product_support, kl_monitor=st.kl_monitor)
-    running = ~state.done
-    tok = jnp.where(running, ch.token, st.pad_id).astype(jnp.int32)
-
-    def put(buf, col):
-        return jax.lax.dynamic_update_slice_in_dim(buf, col[:, None].astype(buf.dtype), state.step, axis=1)
-
-    rows = jnp.arange(B)
-    seen = state.seen.at[rows, tok].set(state.seen[rows, tok] | running)
-    is_eos = tables.is_eos[tok] & running
-    if st.stop_len:
-        stop = _stop_hit(state.window, tok, tables) & running & ~is_eos
-        window = jnp.where(running[:, None], _roll_window(state.window, tok, tables), state.window)
-    else:
-        stop, window = jnp.zeros((B,), bool), state.window
-    nan = jnp.float32(jnp.nan)
-
-    # Feed the token (finished rows feed padding; their outputs are ignored) at position prompt_len + step.
-    pos = (state.prompt_len + state.step)[:, None]
-    seg = jnp.ones((B, 1), jnp.int32)
-    zp, cache_p, zq, cache_q = state.logits_p, state.cache_p, state.logits_q, state.cache_q
-    if st.cfg_p is not None:
-        zp, cache_p = _forward(st.cfg_p, params_p, tok[:, None], pos, seg, cache_p, st.vocab, st, rowp.inra_lambda)
-    if st.cfg_q is not None:
-        zq, cache_q = _forward(st.cfg_q, params_q, tok[:, None], pos, seg, cache_q, st.vocab, st)
-    step = state.step + 1
-    return state.replace(
-        step=step, done=state.done | is_eos | stop | (step >= max_new),
-        finish=jnp.where(is_eos, 1, jnp.where(stop, 2, state.finish)),
-        length=state.length + running.astype(jnp.int32), tokens=put(state.tokens, tok),
-        fallback=put(state.fallback, ch.fallback & running), ess=put(state.ess, jnp.where(running, ch.ess, nan)),
-        kl=put(state.kl, jnp.where(running, ch.kl, nan)), seen=seen, window=window,
-        nonfinite=state.nonfinite | nonfinite_flags(zp, zq, running), logits_p=zp, logits_q=zq, cache_p=cache_p,
-        cache_q=cache_q)
-
-
-def _generate(st: _Static, params_p, params_q, batch: _Batch, tables: _Tables, rowp: RowParams, seed_key, max_new):
-    """Prefill, then the decode loop until every row is done; returns the state without caches and logits."""
-    state = _prefill(st, params_p, params_q, batch, seed_key, rowp)
-
-    def cond(s):
-        return jnp.logical_and(s.step < max_new, ~jnp.all(s.done))
-
-    state = jax.lax.while_loop(cond, lambda s: _step(st, params_p, params_q, s, tables, rowp, max_new), state)
-    return state.replace(cache_p=None, cache_q=None, logits_p=None, logits_q=None, seen=jnp.zeros((0,), bool),
-                         keys=jnp.zeros((0,), jnp.int32))
-
-
-def _replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def _shardings(st: _Static, tree: Any, cache_fields: bool = True) -> Any:
-    """Shardings for a pytree of abstract arrays: caches by their logical axes, ``[B, ...]`` arrays over the
-    batch axes, scalars and tables replicated."""
-    mesh, rules = st.mesh, st.rules
-
-    def leaf(x):
-        if x.ndim == 0 or x.shape[0] != st.batch:
-            return _replicated(mesh)
-        return shd.batch_sharding(mesh, x.ndim, rules)
-
-    if isinstance(tree, DecodeState):
-        out = jax.tree_util.tree_map(leaf, tree.replace(cache_p=None, cache_q=None))
-        cp = cq = None
-        if tree.cache_p is not None:
-            cp = _cache_shardings(mesh, st.cfg_p, st.batch, st.prompt_len + st.max_new, rules)
-        if tree.cache_q is not None:
-            cq = _cache_shardings(mesh, st.cfg_q, st.batch, st.prompt_len + st.max_new, rules)
-        return out.replace(cache_p=cp, cache_q=cq)
-    return jax.tree_util.tree_map(leaf, tree)
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled(st: _Static):
-    """The jitted ``generate``, ``prefill`` and ``step`` functions for one static configuration.
-
-    ``step`` donates the state (the caches are updated in place) and also returns the new token column, so the
-    streaming loop fetches ``B`` ints per token.
-    """
-    gen = functools.partial(_generate, st)
-    pre = functools.partial(_prefill, st)
-
-    def step(params_p, params_q, state, tables, rowp, max_new):
-        state = _step(st, params_p, params_q, state, tables, rowp, max_new)
-        return state, state.tokens[:, state.step - 1]
-
-    if st.mesh is None:
-        return jax.jit(gen), jax.jit(pre), jax.jit(step, donate_argnums=(2,))
-
-    mesh, rules = st.mesh, st.rules
-    a = _abstract_inputs(st)
-    psh = _param_shardings(st.cfg_p, mesh, rules) if st.cfg_p is not None else None
-    qsh = _param_shardings(st.cfg_q, mesh, rules) if st.cfg_q is not None else None
-    batch_sh = _shardings(st, a["batch"])
-    tables_sh = jax.tree_util.tree_map(lambda _: _replicated(mesh), a["tables"])
-    rowp_sh = _shardings(st, a["rowp"])
-    rep = _replicated(mesh)
-    state_sh = _shardings(st, jax.eval_shape(pre, a["params_p"], a["params_q"], a["batch"], a["seed_key"],
-                                             a["rowp"]))
-    out_sh = _shardings(st, jax.eval_shape(gen, *a.values()))
-    col_sh = shd.batch_sharding(mesh, 1, rules)
-    gen_j = jax.jit(gen, in_shardings=(psh, qsh, batch_sh, tables_sh, rowp_sh, rep, rep), out_shardings=out_sh)
-    pre_j = jax.jit(pre, in_shardings=(psh, qsh, batch_sh, rep, rowp_sh), out_shardings=state_sh)
-    step_j = jax.jit(step, in_shardings=(psh, qsh, state_sh, tables_sh, rowp_sh, rep),
-                     out_shardings=(state_sh, col_sh), donate_argnums=(2,))
-    if jax.process_count() > 1:  # jit takes no host arrays then: place them first (each process, its local mesh)
-        gen_j = _placing(gen_j, (psh, qsh, batch_sh, tables_sh, rowp_sh, rep, rep))
-        pre_j = _placing(pre_j, (psh, qsh, batch_sh, rep, rowp_sh))
-        step_j = _placing(step_j, (psh, qsh, state_sh, tables_sh, rowp_sh, rep))
-    return gen_j, pre_j, step_j
-
-
-def _placing(fn, shardings):
-    """``fn`` with its arguments ``device_put`` onto ``shardings`` first (a no-op for arrays already there)."""
-    def call(*args):
-        return fn(*jax.device_put(args, shardings))
-    return call
-
-
-def _abstract_inputs(st: _Static) -> dict[str, Any]:
-    B, P, V = st.batch, st.prompt_len, st.vocab
-    L = max(st.stop_len, 1)
-    Vt = V if st.stop_len else 1
-    sds = jax.ShapeDtypeStruct
-    i32 = jnp.int32
-    f32 = jnp.float32
-    return dict(
-        params_p=_param_shapes(st.cfg_p) if st.cfg_p is not None else None,
-        params_q=_param_shapes(st.cfg_q) if st.cfg_q is not None else None,
-        batch=_Batch(tokens=sds((B, P), i32), segment_ids=sds((B, P), i32), example_index=sds((B,), i32),
-                     sample_index=sds((B,), i32), active=sds((B,), bool)),
-        tables=_Tables(is_eos=sds((V,), bool), head=sds((Vt, L), jnp.int16), tail=sds((Vt, L), jnp.int16),
-                       nbytes=sds((Vt,), i32), inside=sds((Vt,), bool), stops=sds((max(st.n_stops, 1), L), jnp.int16)),
-        rowp=RowParams(*(sds((B,), f32),) * 4, top_k=sds((B,), i32), repetition_penalty=sds((B,), f32),
-                       kl_threshold=sds((B,), f32), greedy=sds((B,), bool), inra_lambda=sds((B,), f32)),
-        seed_key=jax.eval_shape(lambda: jax.random.key(0)),
-        max_new=sds((), i32),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
