@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from ramjax import config as config_lib
 from ramjax.config import ConfigError, load_config
 from ramjax.experiments import ablate
 
@@ -135,8 +136,11 @@ def test_shipped_config_and_cell_train_config(tmp_path):
     assert tcfg.stage == "ram" and tcfg.ram.alpha == cell.alpha == 1e-4 and tcfg.seed == cell.seed
     assert tcfg.run_dir == str(tmp_path / "c" / "train")
     assert tcfg.data.train_files == (cfg.samples_file,) and tcfg.proposal == cfg.proposal
-    steps = int(next(o for o in cfg.base_overrides if o.startswith("steps=")).split("=")[1])
-    assert tcfg.model.init == "/bases/h32/model" and tcfg.steps == steps
+    # the cells train with the recipe's RAM stage (configs/ram.yaml includes configs/recipe/ram.yaml), not a copy
+    ram = load_config(config_lib.TrainConfig, "configs/ram.yaml")
+    assert tcfg.model.init == "/bases/h32/model"
+    assert (tcfg.steps, tcfg.optimizer, tcfg.schedule, tcfg.data.batch_size, tcfg.data.max_len) == (
+        ram.steps, ram.optimizer, ram.schedule, ram.data.batch_size, ram.data.max_len)
     # every size's cell config and (where pretrained) its base config validate; sizes really differ
     hidden = set()
     for size in cfg.sizes:
@@ -144,6 +148,8 @@ def test_shipped_config_and_cell_train_config(tmp_path):
         if size.pretrain:
             b = ablate.base_train_config(cfg, size)
             assert b.stage == "pretrain" and b.data.train_files == (cfg.pretrain_file,)
+            base = load_config(config_lib.TrainConfig, "configs/recipe/aligner_base.yaml", ["tokenizer=/tok"])
+            assert (b.epochs, b.optimizer.lr) == (base.epochs, base.optimizer.lr)  # the recipe's aligner base
             hidden.add(b.model.arch.hidden_size)
     assert len(hidden) >= 2
 

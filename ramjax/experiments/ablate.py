@@ -146,7 +146,7 @@ class AblateConfig:
     eval_seed: int = 0
     stop: tuple[str, ...] = ()
     baseline: bool = True
-    pretrain_config: str = "configs/pretrain.yaml"
+    pretrain_config: str = "configs/recipe/aligner_base.yaml"
     pretrain_overrides: tuple[str, ...] = ()
     pretrain_file: str = "runs/default/data/pretrain.jsonl"
     metric: str = "accuracy"
