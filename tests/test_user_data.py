@@ -99,7 +99,9 @@ def test_existing_proposal_truncated_aligner_no_corpus_no_references(user_run, t
     d, first = user_run
     d2 = tmp_path / "data"
     d2.mkdir()
-    (d2 / "align.jsonl").write_text((d / "align.jsonl").read_text())
+    # S as chat "messages" this time (the first run read it as TRL conversational prompt/completion)
+    atomic_write_jsonl(d2 / "align.jsonl", [{"messages": r["prompt"] + r["completion"]}
+                                            for r in read_jsonl(d / "align.jsonl")])
     atomic_write_jsonl(d2 / "eval.jsonl", [{"prompt": r["prompt"]} for r in read_jsonl(d / "eval.jsonl")])
     run = tmp_path / "run"
     events = []
