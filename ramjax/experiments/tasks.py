@@ -210,19 +210,21 @@ class _Kind:
 
 
 class _ListKind(_Kind):
-    """A kind whose argument is a list of symbols written space-separated after ``"<label>: "``: the sampling,
-    rendering and parsing are the same for all of them (reverse, sort, upper, max, copy); each subclass names its
-    alphabet, list lengths and symbol pattern and says how to solve and what mistakes to make."""
+    """A kind whose argument is a list of symbols written space-separated after ``"<Name>: "``: the sampling,
+    rendering and parsing are the same for all of them (reverse, sort, upper, max, copy); a subclass names its
+    alphabet, list lengths and symbol pattern (or inherits them from ``_Letters`` / ``_Digits``) and says how to
+    solve and what mistakes to make."""
 
-    label: str
     alphabet: Sequence[str]
-    lengths: tuple[int, int]  # [low, high) symbols
+    lengths: tuple[int, int] = (3, 6)  # [low, high) symbols
     symbol: str  # the regex of one symbol
     numeric = False  # symbols are digits, kept as ints in ``args``
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        cls.pattern = re.compile(rf"{cls.label}: ({cls.symbol}(?: {cls.symbol})*)\.?")
+        if "name" in cls.__dict__:  # a kind, not one of the shared bases below
+            cls.label = cls.name.capitalize()
+            cls.pattern = re.compile(rf"{cls.label}: ({cls.symbol}(?: {cls.symbol})*)\.?")
 
     def _value(self, text: str) -> Any:
         return int(text) if self.numeric else text
@@ -236,6 +238,17 @@ class _ListKind(_Kind):
 
     def parse(self, m):
         return tuple(self._value(t) for t in m.group(1).split())
+
+
+class _Letters(_ListKind):
+    alphabet = _LETTERS
+    symbol = "[a-z]"
+
+
+class _Digits(_ListKind):
+    alphabet = "0123456789"
+    symbol = r"\d"
+    numeric = True
 
 
 class _Add(_Kind):
@@ -263,12 +276,8 @@ class _Add(_Kind):
         return str(args[0] + args[1] + 1)
 
 
-class _Reverse(_ListKind):
+class _Reverse(_Letters):
     name = "reverse"
-    label = "Reverse"
-    alphabet = _LETTERS
-    lengths = (3, 6)
-    symbol = "[a-z]"
 
     def solve(self, args):
         return _spaced(reversed(args))
@@ -291,13 +300,8 @@ class _Reverse(_ListKind):
         return _spaced(_perturb_symbol(list(reversed(args)), rng, _LETTERS))
 
 
-class _Sort(_ListKind):
+class _Sort(_Digits):
     name = "sort"
-    label = "Sort"
-    alphabet = "0123456789"
-    lengths = (3, 6)
-    symbol = r"\d"
-    numeric = True
 
     def solve(self, args):
         return _spaced(sorted(args))
@@ -351,12 +355,8 @@ class _Count(_Kind):
         return str(args[1].count(args[0]) + 1)
 
 
-class _Upper(_ListKind):
+class _Upper(_Letters):
     name = "upper"
-    label = "Upper"
-    alphabet = _LETTERS
-    lengths = (3, 6)
-    symbol = "[a-z]"
 
     def solve(self, args):
         return _spaced(c.upper() for c in args)
@@ -376,13 +376,8 @@ class _Upper(_ListKind):
         return _spaced(_perturb_symbol([c.upper() for c in args], rng, _LETTERS.upper()))
 
 
-class _Max(_ListKind):
+class _Max(_Digits):
     name = "max"
-    label = "Max"
-    alphabet = "0123456789"
-    lengths = (3, 6)
-    symbol = r"\d"
-    numeric = True
 
     def solve(self, args):
         return str(max(args))
@@ -398,7 +393,6 @@ class _Max(_ListKind):
 
 class _Copy(_ListKind):
     name = "copy"
-    label = "Copy"
     alphabet = _WORDS
     lengths = (2, 5)
     symbol = "[a-z]+"
