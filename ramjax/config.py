@@ -54,6 +54,9 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """The model being trained.
@@ -79,12 +82,13 @@ class ModelSection:
 
     init: str = "scratch"
     arch: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(vocab_size=0))
-    dtype: DType = "float32"
-    param_dtype: DType = "float32"
-    remat: bool = False
-    attention_impl: AttentionImpl = "xla"
-    attention_chunk: int = 512
-    loss_chunk_size: int = 0
+    # set here rather than in ``arch`` (see _ARCH_SET_ELSEWHERE); their defaults are ModelConfig's own
+    dtype: DType = _MODEL_DEFAULTS["dtype"]
+    param_dtype: DType = _MODEL_DEFAULTS["param_dtype"]
+    remat: bool = _MODEL_DEFAULTS["remat"]
+    attention_impl: AttentionImpl = _MODEL_DEFAULTS["attention_impl"]
+    attention_chunk: int = _MODEL_DEFAULTS["attention_chunk"]
+    loss_chunk_size: int = _MODEL_DEFAULTS["loss_chunk_size"]
 
     def validate(self) -> None:
         _check(bool(self.init.strip()), "model.init is empty; give 'scratch' or a model directory")
