@@ -16,7 +16,7 @@ from ramjax import metrics as metrics_lib
 from ramjax import train_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import make_fixture, ram_overrides  # noqa: E402
+from test_train import fx, ram_overrides  # noqa: E402,F401 -- fx: the tiny run's fixture, module-scoped here too
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,11 +41,6 @@ def snapshot(d):
 
 # the loop tests compile the same train step several times (straight, interrupted, resumed runs)
 pytestmark = pytest.mark.usefixtures("module_compile_cache")
-
-
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory):
-    return make_fixture(str(tmp_path_factory.mktemp("fx")))
 
 
 def overrides(fx, run_dir, *extra):
