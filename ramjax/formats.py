@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -324,14 +324,22 @@ def read_jsonl(path: str, format: str = "auto", field_map: Mapping[str, str] | N
     line must then fit it. Blank lines are skipped. Raises ``DataError`` naming ``path:line`` and the field."""
     if not os.path.exists(path):
         raise DataError(f"data file {path!r} not found")
+    rows = ((f"{path}:{lineno}", obj) for lineno, obj in files.iter_jsonl(path, error=DataError))
+    return _parse_all(rows, format, field_map, f"data file {path!r} has no records")
+
+
+def _parse_all(rows: Iterable[tuple[str, Any]], format: str, field_map: Mapping[str, str] | None,
+               empty: str) -> list[Record]:
+    """``parse_record`` over ``(where, object)`` rows in order: with ``format="auto"`` the first record's detected
+    format is the one every other must fit. ``DataError(empty)`` when there are none."""
     records: list[Record] = []
     fmt = format
-    for lineno, obj in files.iter_jsonl(path, error=DataError):
-        rec = parse_record(obj, f"{path}:{lineno}", fmt, field_map)
+    for where, obj in rows:
+        rec = parse_record(obj, where, fmt, field_map)
         fmt = rec.format
         records.append(rec)
     if not records:
-        raise DataError(f"data file {path!r} has no records")
+        raise DataError(empty)
     return records
 
 
@@ -360,15 +368,8 @@ def read_tfds(name: str, split: str = "train", data_dir: str | None = None, form
                           "(pip install tensorflow-datasets tensorflow); or convert the data to JSONL and use "
                           "data.source=jsonl") from e
     ds = tfds.load(name, split=split, data_dir=data_dir, download=False)
-    records: list[Record] = []
-    fmt = format
-    for i, ex in enumerate(tfds.as_numpy(ds)):
-        rec = parse_record(_decode_bytes(ex), f"tfds:{name}/{split}:{i}", fmt, field_map)
-        fmt = rec.format
-        records.append(rec)
-    if not records:
-        raise DataError(f"tfds dataset {name}/{split} is empty")
-    return records
+    rows = ((f"tfds:{name}/{split}:{i}", _decode_bytes(ex)) for i, ex in enumerate(tfds.as_numpy(ds)))
+    return _parse_all(rows, format, field_map, f"tfds dataset {name}/{split} is empty")
 
 
 def read_grain(paths: Sequence[str], format: str = "auto", field_map: Mapping[str, str] | None = None) -> list[Record]:
@@ -385,21 +386,17 @@ def read_grain(paths: Sequence[str], format: str = "auto", field_map: Mapping[st
             raise ImportError("data.source=grain needs the optional package grain with array_record "
                               "(pip install grain array_record); or use data.source=jsonl") from e
     source = source_cls(list(paths))
-    records: list[Record] = []
-    fmt = format
-    for i in range(len(source)):
-        where = f"grain:{','.join(paths)}[{i}]"
-        raw = source[i]
-        try:
-            obj = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: record is not UTF-8 JSON ({e})") from None
-        rec = parse_record(obj, where, fmt, field_map)
-        fmt = rec.format
-        records.append(rec)
-    if not records:
-        raise DataError(f"grain source {list(paths)} is empty")
-    return records
+
+    def rows():
+        for i in range(len(source)):
+            where = f"grain:{','.join(paths)}[{i}]"
+            raw = source[i]
+            try:
+                yield where, json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{where}: record is not UTF-8 JSON ({e})") from None
+
+    return _parse_all(rows(), format, field_map, f"grain source {list(paths)} is empty")
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -441,16 +438,8 @@ def read_hf(files: Sequence[str] = (), *, path: str | None = None, name: str | N
             raise DataError(f"data.hf_path={path!r} (split {split!r}) cannot be loaded: {e}. It must be a local "
                             f"dataset directory or a Hub dataset already in the cache (nothing is downloaded "
                             f"offline)") from e
-    records: list[Record] = []
-    fmt = format
-    for i, row in enumerate(ds):
-        row = {k: v for k, v in row.items() if v is not None}
-        rec = parse_record(row, f"hf:{label}/{split}:{i}", fmt, field_map)
-        fmt = rec.format
-        records.append(rec)
-    if not records:
-        raise DataError(f"dataset {label} ({split}) has no records")
-    return records
+    rows = ((f"hf:{label}/{split}:{i}", {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(ds))
+    return _parse_all(rows, format, field_map, f"dataset {label} ({split}) has no records")
 
 
 def read_records(files: Sequence[str], format: str = "auto", field_map: Mapping[str, str] | None = None,
