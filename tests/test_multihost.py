@@ -36,6 +36,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_all(procs, timeout: float) -> list[str]:
+    """The output of every process, after each exited 0 (the others are killed if one fails or hangs)."""
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+    return outs
+
+
 def _train_two(fx, multi_dir, kill_at):
     port = _free_port()
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"]
@@ -49,17 +64,7 @@ def _train_two(fx, multi_dir, kill_at):
         procs.append(subprocess.Popen([sys.executable, "-c", _WORKER.format(root=ROOT, overrides=over,
                                                                            kill_at=kill_at)],
                                       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
-    return outs
+    return _wait_all(procs, 600)
 
 
 def test_two_processes_match_one_through_a_sigterm_on_one_host(fx, tmp_path):
@@ -104,17 +109,7 @@ def _run_workers(argvs, env, timeout=600, envs=None):
     procs = [subprocess.Popen([sys.executable, "-c", _SAMPLE_WORKER.format(root=ROOT, args=a)],
                               env=dict(env, **(envs[i] if envs else {})), cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i, a in enumerate(argvs)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
-    return outs
+    return _wait_all(procs, timeout)
 
 
 def test_sample_py_two_processes_write_the_one_process_file(tmp_path):
