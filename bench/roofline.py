@@ -2,7 +2,8 @@
 
     python bench/roofline.py [--shape smollm2-135m] [--batches 1,8]
 
-* bandwidth: the best of several jitted full reductions over a 256 MiB float32 array (bytes read / time);
+* bandwidth: the best of several jitted kernels that read a 512 MiB float32 array once (a full reduction, a row
+  reduction, a matrix-vector product like a decode step's), best of ``--reps`` each (bytes read / time);
 * matmul rate: the best of several jitted float32 matmuls, one large square (2048³) and one decode-shaped
   (``[batch, 576] × [576, 1536]``-like: the model's MLP at the given batch), FLOPs / time.
 
@@ -33,15 +34,35 @@ def _best(fn, reps: int) -> float:
     return best
 
 
-def bandwidth(mib: int = 256, reps: int = 7) -> float:
-    """Bytes per second read by a jitted float32 reduction over ``mib`` MiB."""
+def bandwidth_methods(mib: int = 512, reps: int = 7) -> dict:
+    """Bytes per second read from a float32 array of ``mib`` MiB (far larger than any cache), by several jitted
+    kernels, best of ``reps`` each: a full reduction (``sum``), a row reduction (``sum(axis=1)``, contiguous rows),
+    and a matrix-vector product (``[n/1024, 1024] @ [1024]``: a decode step's access pattern, weights times one
+    activation, run by XLA's multi-threaded matmul). The column reduction (``sum(axis=0)``) that this bench used
+    before is reported as ``col_sum`` for comparison but not counted: it under-read (12.5 GB/s on an idle machine
+    that issue 13 measured at ~29)."""
     import jax
     import jax.numpy as jnp
 
     n = mib * (1 << 20) // 4
-    x = jnp.ones((n // 1024, 1024), jnp.float32)
-    f = jax.jit(lambda x: jnp.sum(x, axis=0))
-    return x.size * 4 / _best(lambda: f(x).block_until_ready(), reps)
+    x = jax.block_until_ready(jnp.ones((n // 1024, 1024), jnp.float32))
+    v = jnp.ones((1024,), jnp.float32)
+    kernels = {
+        "sum": jax.jit(lambda x: jnp.sum(x)),
+        "row_sum": jax.jit(lambda x: jnp.sum(x, axis=1)),
+        "matvec": jax.jit(lambda x, v: x @ v),
+        "col_sum": jax.jit(lambda x: jnp.sum(x, axis=0)),  # the earlier measurement, for comparison only
+    }
+    out = {}
+    for name, f in kernels.items():
+        args = (x, v) if name == "matvec" else (x,)
+        out[name] = x.size * 4 / _best(lambda: jax.block_until_ready(f(*args)), reps)
+    return out
+
+
+def bandwidth(mib: int = 512, reps: int = 7) -> float:
+    """This machine's read bandwidth in bytes/s: the best of ``bandwidth_methods``."""
+    return max(v for k, v in bandwidth_methods(mib, reps).items() if k != "col_sum")
 
 
 def matmul_rate(m: int, k: int, n: int, reps: int = 7, dtype: str = "float32") -> float:
@@ -58,7 +79,9 @@ def matmul_rate(m: int, k: int, n: int, reps: int = 7, dtype: str = "float32") -
 def measure(hidden: int = 576, mlp: int = 1536, batches=(1, 8), reps: int = 7) -> dict:
     """Bandwidth and matmul rates: ``{"bandwidth": B/s, "matmul_square": FLOP/s, "matmul_decode": {batch: FLOP/s}}``
     (the decode-shaped rate is that of ``[batch, hidden] × [hidden, 16 · mlp]``, a layer's worth of weights)."""
-    return {"bandwidth": bandwidth(reps=reps), "matmul_square": matmul_rate(2048, 2048, 2048, reps=reps),
+    bw = bandwidth_methods(reps=reps)
+    return {"bandwidth": max(v for k, v in bw.items() if k != "col_sum"), "bandwidth_by_kernel": bw,
+            "matmul_square": matmul_rate(2048, 2048, 2048, reps=reps),
             "matmul_decode": {b: matmul_rate(b, hidden, 16 * mlp, reps=reps) for b in batches}}
 
 
@@ -84,6 +107,8 @@ def main(argv=None) -> int:
     roof = measure(batches=batches, reps=args.reps)
     load = os.getloadavg()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores, load {load}")
+    by = roof["bandwidth_by_kernel"]
+    print("bandwidth by kernel: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in by.items()))
     print(f"bandwidth {roof['bandwidth'] / 1e9:.1f} GB/s; float32 matmul 2048³ {roof['matmul_square'] / 1e9:.1f} "
           f"GFLOP/s; decode-shaped " + ", ".join(f"batch {b}: {r / 1e9:.1f} GFLOP/s"
                                                  for b, r in roof["matmul_decode"].items()))

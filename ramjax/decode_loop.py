@@ -239,10 +239,42 @@ def _param_shapes(cfg: model_lib.DecoderSpec):
 _DECODE_WEIGHTS: dict[tuple, tuple[Any, Any]] = {}
 
 
+def _layer_views(params: dict) -> dict | None:
+    """``model.unstack_layers(params)`` without copying, on XLA's CPU backend: every per-layer array is a zero-copy
+    view of its slice of the stacked buffer (``np.asarray`` of a CPU array shares its memory, and ``device_put`` of
+    an aligned host array does too), and the other weights are the same arrays. So decoding in the per-layer layout
+    costs no second copy of the weights next to the model's own. Returns None where that cannot hold (not a single
+    CPU device, a slice not 64-byte aligned, or a runtime that copied after all: checked by buffer address); the
+    caller then builds a copy."""
+    leaves, treedef = jax.tree_util.tree_flatten(params["layers"])
+    if not leaves:
+        return None
+    try:
+        devices = [list(x.devices()) for x in leaves]
+        if any(len(d) != 1 or d[0].platform != "cpu" for d in devices):
+            return None
+        hosts = [np.asarray(x) for x in leaves]
+        if any(h.ctypes.data != x.unsafe_buffer_pointer() for h, x in zip(hosts, leaves)):
+            return None
+        per = []
+        for i in range(hosts[0].shape[0]):
+            views = [h[i] for h in hosts]
+            if any(v.ctypes.data % 64 or not v.flags.c_contiguous for v in views):
+                return None
+            arrs = [jax.device_put(v, d[0]) for v, d in zip(views, devices)]
+            if any(a.unsafe_buffer_pointer() != v.ctypes.data for a, v in zip(arrs, views)):
+                return None
+            per.append(jax.tree_util.tree_unflatten(treedef, arrs))
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # arrays without host buffers (non-CPU runtimes)
+        return None
+    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": tuple(per)}
+
+
 def _decode_weights(m, mesh, rules, decode_dtype: str | None):
     """The config and weights a model decodes with: for a plain model its weights split per layer
-    (``model.unstack_layers``), cast to ``decode_dtype`` (compute dtype too) when given, placed on the mesh;
-    an InRa model keeps its own layout. Cached while the source weights are alive."""
+    (``model.unstack_layers``; on one CPU device zero-copy views of the model's own weights, ``_layer_views``;
+    otherwise a copy), cast to ``decode_dtype`` (compute dtype too) when given, placed on the mesh; an InRa model
+    keeps its own layout. Cached while the source weights are alive."""
     cfg = m.config
     if not isinstance(cfg, model_lib.ModelConfig):
         if decode_dtype is not None and decode_dtype != cfg.base.dtype:
@@ -268,8 +300,13 @@ def _decode_weights(m, mesh, rules, decode_dtype: str | None):
         return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                       params)
 
-    out_sh = _param_shardings(cfg, mesh, rules) if mesh is not None else None
-    params = jax.jit(build, out_shardings=out_sh)(m.params)
+    params = None
+    floats = [x for x in jax.tree_util.tree_leaves(m.params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if mesh is None and all(x.dtype == jnp.dtype(dtype) for x in floats):
+        params = _layer_views(m.params)  # CPU: no second copy of the weights
+    if params is None:  # a mesh, a cast, an accelerator: a per-layer copy (built once, cached)
+        out_sh = _param_shardings(cfg, mesh, rules) if mesh is not None else None
+        params = jax.jit(build, out_shardings=out_sh)(m.params)
     _DECODE_WEIGHTS[key] = (weakref.ref(leaf), params)
     return cfg, params
 

@@ -398,6 +398,22 @@ def test_bf16_decode_weights(models):
     assert same >= 0.5, same
 
 
+def test_decode_layout_shares_the_models_weights_on_cpu(models):
+    """On one CPU device the per-layer decode weights are views of the model's stacked buffers, not a second copy
+    (each layer's slice at its offset in the stack; the embedding is the same array), and hold the values of a
+    copied per-layer layout."""
+    p, _ = models
+    _, dw = S._decode_weights(p, None, (), None)
+    for name in ("wq", "w_down"):
+        stacked = p.params["layers"][name]
+        base, step = stacked.unsafe_buffer_pointer(), stacked[0].nbytes
+        assert [layer[name].unsafe_buffer_pointer() for layer in dw["layers"]] == \
+            [base + i * step for i in range(stacked.shape[0])]
+    assert dw["embed"] is p.params["embed"]
+    copied = jax.jit(model_lib.unstack_layers)(p.params)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), dw, copied))
+
+
 def test_stream_yields_the_same_tokens(models):
     p, q = models
     expected = [r[0].token_ids for r in S.sample(p, q, BATCH, seed=5, **PAR)]
