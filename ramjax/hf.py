@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from ramjax import files
 from ramjax import model as model_lib
 from ramjax import sharding as shd
 from ramjax.model import ModelConfig, RopeScaling
@@ -581,7 +582,8 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping, *,
     if writer:
         os.makedirs(path, exist_ok=True)
         for f in os.listdir(path):
-            if f in (SAFETENSORS_FILE, SAFETENSORS_INDEX) or (f.startswith("model-") and f.endswith(".safetensors")):
+            if f in (SAFETENSORS_FILE, SAFETENSORS_INDEX) or f.startswith(".tmp.") or (
+                    f.startswith("model-") and f.endswith(".safetensors")):
                 log.info("replacing %s", os.path.join(path, f))
                 os.remove(os.path.join(path, f))
     n = len(shards)
@@ -595,15 +597,16 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping, *,
             chunk[name] = produce()
             weight_map[name] = fname
             total += chunk[name].nbytes
-        if writer:
-            save_file(chunk, os.path.join(path, fname), metadata={"format": "pt"})
+        if writer:  # to a temporary name first: a killed export never leaves a torn shard under the real name
+            tmp = os.path.join(path, f".tmp.{fname}")
+            save_file(chunk, tmp, metadata={"format": "pt"})
+            os.replace(tmp, os.path.join(path, fname))
         del chunk
     if writer:
         if n > 1:
-            with open(os.path.join(path, SAFETENSORS_INDEX), "w", encoding="utf-8") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as fh:
-            json.dump(hf_config, fh, indent=2, sort_keys=True)
+            files.atomic_write_json(os.path.join(path, SAFETENSORS_INDEX),
+                                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        files.atomic_write_json(os.path.join(path, "config.json"), hf_config, sort_keys=True)
         if tokenizer_dir is not None:
             copied = []
             for f in TOKENIZER_FILES:

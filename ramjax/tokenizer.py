@@ -374,8 +374,7 @@ class Tokenizer:
             if self.chat_template is None:
                 os.remove(jinja_path)
             else:
-                with open(jinja_path, "w", encoding="utf-8") as f:
-                    f.write(self.chat_template)
+                files.atomic_write(jinja_path, self.chat_template)
         map_path = os.path.join(directory, SPECIAL_TOKENS_MAP)
         if os.path.isfile(map_path):
             _write_json(map_path, self.special_tokens)
