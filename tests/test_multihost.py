@@ -51,11 +51,15 @@ def _wait_all(procs, timeout: float) -> list[str]:
     return outs
 
 
-def _train_two(fx, multi_dir, kill_at):
+def _train_two(fx, multi_dir, kill_at, cache_dir=None):
+    """Trains in two processes; ``cache_dir``: a persistent compilation cache they share (process 0 writes it),
+    so a second launch (the resume) loads the programs the first compiled instead of compiling them again."""
     port = _free_port()
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    if cache_dir is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     procs = []
     for i in range(2):
         over = ram_overrides(fx, multi_dir, *mesh, "checkpoint.every=100",  # distributed.enabled: null = auto
@@ -73,11 +77,12 @@ def test_two_processes_match_one_through_a_sigterm_on_one_host(fx, tmp_path):
     uninterrupted process. (Without the agreement, process 0 would run step 4 while process 1 waits in its save:
     the test would hang until its timeout.)"""
     multi_dir = str(tmp_path / "multi")
-    outs = _train_two(fx, multi_dir, kill_at=3)
+    cache = tmp_path / "jax_cache"
+    outs = _train_two(fx, multi_dir, kill_at=3, cache_dir=cache)
     for i, out in enumerate(outs):
         assert f"DONE {i} 2 4 3 True" in out, out[-2000:]
     assert ckpt_lib.CheckpointManager(os.path.join(multi_dir, "checkpoints")).all_steps() == [3]
-    outs = _train_two(fx, multi_dir, kill_at=None)
+    outs = _train_two(fx, multi_dir, kill_at=None, cache_dir=cache)
     for i, out in enumerate(outs):
         assert f"DONE {i} 2 4 6 False" in out, out[-2000:]
 
