@@ -224,7 +224,10 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
     # Everything that can be checked is checked before the output (or its directory) is created or touched: the
     # sampling parameters, the models (mode, vocabularies, tokenizer files), the paths and the prompts file.
     params = resolve(params, overrides)
-    sampler._resolve_models(proposal, aligner, params.mode, draft=bool(params.num_speculative_tokens))
+    from ramjax import speculative
+
+    k = speculative.check_request(params.mode, params.num_speculative_tokens, proposal, aligner)
+    sampler._resolve_models(proposal, aligner, params.mode, draft=bool(k))  # what sample() checks, up front
     rules = shd.DEFAULT_RULES if rules is None else rules
     if output not in ("samples", "training"):
         raise GenerateError(f"output={output!r}; expected 'samples' or 'training'")
