@@ -14,18 +14,17 @@
   sandboxed environment as transformers.
 
 The two file formats' backends are in ``ramjax.tokenizer_formats``, the chat-template sandbox in
-``ramjax.chat_template``; this module holds the ``Tokenizer`` over them, loading, token bytes, training and the
-proposal/aligner check.
+``ramjax.chat_template``; this module holds the ``Tokenizer`` over them, loading, token bytes and the
+proposal/aligner check; training is ``ramjax.tokenizer_training``.
 
 ``check_vocab_compatible`` guards a proposal/aligner pair: the residual aligner only makes sense over the
-proposal's vocabulary, id for id. ``train_sentencepiece`` trains the small tokenizer of the embedded default
-pipeline. transformers is never imported here.
+proposal's vocabulary, id for id. ``train_sentencepiece`` (``ramjax.tokenizer_training``, re-exported) trains the
+small tokenizer of the embedded default pipeline. transformers is never imported here.
 """
 from __future__ import annotations
 
 import copy
 import glob
-import io
 import json
 import logging
 import os
@@ -50,11 +49,11 @@ from ramjax.tokenizer_formats import (
 
 # the errors, file names and template limits of the two modules below the tokenizer are part of its interface
 __all__ = [
-    "Tokenizer", "load_tokenizer", "has_tokenizer", "token_bytes", "check_vocab_compatible", "train_sentencepiece",
-    "auto_vocab_size", "train_tokenizer_on_files", "PLAIN_TEMPLATE", "SPECIAL_TOKEN_ATTRIBUTES", "AddedTokenSpec",
-    "TokenizerError", "ChatTemplateError", "VocabMismatchError", "TOKENIZER_JSON", "SENTENCEPIECE_MODEL",
-    "TOKENIZER_CONFIG", "SPECIAL_TOKENS_MAP", "GENERATION_CONFIG", "CHAT_TEMPLATE_FILE", "CHAT_TEMPLATE_DIR",
-    "TEMPLATE_MAX_OUTPUT", "TEMPLATE_MAX_RANGE_ITEMS", "TEMPLATE_MAX_SECONDS",
+    "Tokenizer", "load_tokenizer", "has_tokenizer", "token_bytes", "check_vocab_compatible", "PLAIN_TEMPLATE",
+    "SPECIAL_TOKEN_ATTRIBUTES", "AddedTokenSpec", "TokenizerError", "ChatTemplateError", "VocabMismatchError",
+    "TOKENIZER_JSON", "SENTENCEPIECE_MODEL", "TOKENIZER_CONFIG", "SPECIAL_TOKENS_MAP", "GENERATION_CONFIG",
+    "CHAT_TEMPLATE_FILE", "CHAT_TEMPLATE_DIR", "TEMPLATE_MAX_OUTPUT", "TEMPLATE_MAX_RANGE_ITEMS",
+    "TEMPLATE_MAX_SECONDS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -609,88 +608,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training.
-
-
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *, seed: int = 0,
-                        user_defined_symbols: Sequence[str] = ()) -> Tokenizer:
-    """Trains a small sentencepiece BPE tokenizer on ``texts`` and writes it to ``out_dir``.
-
-    Deterministic for the same texts, size and seed (single-threaded training). Choices for short arithmetic and
-    string tasks: digits are always single tokens (``split_digits``), every byte is representable
-    (``byte_fallback``, so nothing is ever ``<unk>``), text is not normalised, runs of spaces are kept
-    (identity normalisation, whitespace-only pieces allowed) and no dummy ``▁`` is prepended, so
-    ``decode(encode(s)) == s`` for every string and a text encodes the same at the start of a prompt as after it
-    (``encode(a + b) == encode(a) + encode(b)`` whenever ``b`` starts with a space or digit). Ids: ``<unk>`` 0, ``<s>``
-    1, ``</s>`` 2, ``<pad>`` 3, then ``user_defined_symbols`` (always single tokens), the 256 byte pieces and the
-    merges. ``vocab_size`` must leave room for those plus the distinct characters of ``texts``; with little text
-    the vocabulary may come out smaller than asked (logged). Writes ``tokenizer.model`` + ``tokenizer_config.json``
-    (``LlamaTokenizer`` with BOS added, also loadable by transformers) and returns the loaded tokenizer.
-    """
-    import sentencepiece as spm
-
-    lines = []
-    for t in texts:
-        if not isinstance(t, str):
-            raise TokenizerError(f"train_sentencepiece expects strings, got {type(t).__name__}")
-        if t:
-            lines.append(t)
-    if not lines:
-        raise TokenizerError("train_sentencepiece got no non-empty text to train on")
-    symbols = [str(s) for s in user_defined_symbols]
-    minimum = 4 + 256 + len(symbols)
-    if vocab_size <= minimum:
-        raise TokenizerError(f"vocab_size={vocab_size} is too small: 4 special ids, 256 byte pieces and "
-                             f"{len(symbols)} user symbols already take {minimum}; ask for more")
-    max_len = max(len(t.encode("utf-8")) for t in lines)
-    buf = io.BytesIO()
-    spm.set_random_generator_seed(int(seed))
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
-            vocab_size=int(vocab_size), hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
-            split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, allow_whitespace_only_pieces=True, user_defined_symbols=symbols,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-            pad_piece="<pad>", num_threads=1, shuffle_input_sentence=False,
-            max_sentence_length=max(4192, max_len + 1), minloglevel=2)
-    except RuntimeError as e:
-        raise TokenizerError(f"sentencepiece training failed (vocab_size={vocab_size}, {len(lines)} texts): {e}") from e
-    backend = formats.SentencePieceBackend(buf.getvalue(), "never")
-    if backend.size() < vocab_size:
-        logger.info("sentencepiece vocabulary has %d pieces (asked for %d): the training text supports no more",
-                    backend.size(), vocab_size)
-    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
-              "add_prefix_space": False, "clean_up_tokenization_spaces": False}
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
-    out_dir = os.fspath(out_dir)
-    tok = Tokenizer(backend, special_tokens=special, config=config, source=os.path.join(out_dir, SENTENCEPIECE_MODEL))
-    tok.save(out_dir)
-    return tok
-
-
-def auto_vocab_size(texts: Sequence[str]) -> int:
-    """A sentencepiece size that follows the corpus: 4 special ids + 256 bytes + its distinct characters + about
-    ``sqrt(characters) / 4`` merges (≈ 350 merges for 2M characters, ≈ 800 for 10M), clamped to [64, 32000]."""
-    n_chars = sum(len(t) for t in texts)
-    distinct = len(set().union(*map(set, texts))) if texts else 0
-    return 260 + distinct + int(min(32000, max(64, round(n_chars ** 0.5 / 4))))
-
-
-def train_tokenizer_on_files(paths: Sequence[str], out_dir: str | os.PathLike, *, vocab_size: int = 0, seed: int = 0,
-                             format: str = "auto") -> Tokenizer:
-    """Trains :func:`train_sentencepiece` on the records of JSONL files in any ``ramjax.data`` format (each record
-    as ``ramjax.data.record_text``: text as is, prompts in the plain dialogue template + the response).
-    vocab_size 0 = :func:`auto_vocab_size` of the texts."""
-    from ramjax import data as data_lib
-
-    texts = [data_lib.record_text(r) for p in paths for r in data_lib.read_jsonl(p, format)]
-    size = vocab_size or auto_vocab_size(texts)
-    logger.info("training a %d-piece sentencepiece tokenizer on %d records of %s", size, len(texts), list(paths))
-    return train_sentencepiece(texts, size, out_dir, seed=seed)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Proposal/aligner compatibility.
 
 _PROBES = ("Hello world!", "  two  spaces", "12345 + 678 = 13023", "line\nbreak\ttab", "Café 日本語 😀")
@@ -731,3 +648,16 @@ def check_vocab_compatible(proposal: Tokenizer, aligner: Tokenizer, *, proposal_
             logger.warning("proposal and aligner share a vocabulary but tokenise %r differently (%s vs %s); "
                            "prompts are encoded with the proposal's tokenizer", text, a, b)
             break
+
+
+_TRAINING = ("train_sentencepiece", "auto_vocab_size", "train_tokenizer_on_files")
+
+
+def __getattr__(name: str):
+    # The training functions live in ramjax.tokenizer_training, which builds a Tokenizer from this module; they are
+    # re-exported lazily (PEP 562) so that ``ramjax.tokenizer.train_sentencepiece`` works without an import cycle.
+    if name in _TRAINING:
+        from ramjax import tokenizer_training
+
+        return getattr(tokenizer_training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
