@@ -785,6 +785,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return files.read_jsonl(path, error=TaskError)
 
 
+def _suite(n_corpus: int, n_align: int, n_pref: int, n_eval: int, seed: int,
+           proportions: Mapping[str, float] | None, kinds: Sequence[str] | None) -> dict[str, list[dict[str, Any]]]:
+    """The suite's record lists (corpus D, alignment set S, preference pairs, held-out eval prompts) from one seed;
+    each generator draws from its own seeded stream, so the lists do not depend on one another."""
+    kinds = _check_kinds(kinds)
+    return {"corpus": general_corpus(n_corpus, seed, proportions, kinds), "align": alignment_set(n_align, seed, kinds),
+            "pref": preference_pairs(n_pref, seed, kinds), "eval": eval_prompts(n_eval, seed, kinds)}
+
+
 def generate_task_data(
     out_dir: str | os.PathLike,
     *,
@@ -801,15 +810,10 @@ def generate_task_data(
     Returns the paths {"corpus", "pretrain", "align", "pref", "eval"}: corpus.jsonl (D with quality labels),
     pretrain.jsonl (D as {"text"}), align.jsonl (S), pref.jsonl (chosen/rejected), eval.jsonl (held out).
     """
-    kinds = _check_kinds(kinds)
-    corpus = general_corpus(n_corpus, seed, proportions, kinds)
-    paths = {
-        "corpus": write_jsonl(os.path.join(out_dir, "corpus.jsonl"), corpus),
-        "pretrain": write_jsonl(os.path.join(out_dir, "pretrain.jsonl"), pretrain_text(corpus)),
-        "align": write_jsonl(os.path.join(out_dir, "align.jsonl"), alignment_set(n_align, seed, kinds)),
-        "pref": write_jsonl(os.path.join(out_dir, "pref.jsonl"), preference_pairs(n_pref, seed, kinds)),
-        "eval": write_jsonl(os.path.join(out_dir, "eval.jsonl"), eval_prompts(n_eval, seed, kinds)),
-    }
+    suite = _suite(n_corpus, n_align, n_pref, n_eval, seed, proportions, kinds)
+    suite["pretrain"] = pretrain_text(suite["corpus"])
+    paths = {name: write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), suite[name])
+             for name in ("corpus", "pretrain", "align", "pref", "eval")}
     logger.info("wrote task data to %s: %s", os.fspath(out_dir), {k: os.path.basename(v) for k, v in paths.items()})
     return paths
 
@@ -828,16 +832,11 @@ def write_user_layout(
     """The suite in the layout ``pipeline.data_dir`` reads: corpus.jsonl (D: prompt, response, quality),
     align.jsonl (S), prefs.jsonl (prompt, chosen, rejected) and eval.jsonl (prompt, kind, answer). Returns the
     paths by name (corpus, align, prefs, eval)."""
-    kinds = _check_kinds(kinds)
-    evals = [{"prompt": r["prompt"], "kind": r["kind"], "answer": r["reference"]}
-             for r in eval_prompts(n_eval, seed, kinds)]
-    paths = {
-        "corpus": write_jsonl(os.path.join(out_dir, "corpus.jsonl"),
-                              general_corpus(n_corpus, seed, proportions, kinds)),
-        "align": write_jsonl(os.path.join(out_dir, "align.jsonl"), alignment_set(n_align, seed, kinds)),
-        "prefs": write_jsonl(os.path.join(out_dir, "prefs.jsonl"), preference_pairs(n_pref, seed, kinds)),
-        "eval": write_jsonl(os.path.join(out_dir, "eval.jsonl"), evals),
-    }
+    suite = _suite(n_corpus, n_align, n_pref, n_eval, seed, proportions, kinds)
+    suite["prefs"] = suite.pop("pref")
+    suite["eval"] = [{"prompt": r["prompt"], "kind": r["kind"], "answer": r["reference"]} for r in suite["eval"]]
+    paths = {name: write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), suite[name])
+             for name in ("corpus", "align", "prefs", "eval")}
     logger.info("wrote the task suite to %s", os.fspath(out_dir))
     return paths
 
