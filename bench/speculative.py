@@ -2,7 +2,7 @@
 same mode and against proposal-only decoding, with the measured acceptance.
 
     python bench/speculative.py [--configs default,smol] [--run-dir runs/default] [--batches 1,8] [--ks 2,4,8]
-                                [--modes product] [--new 64] [--reps 2]
+                                [--modes product] [--new 64] [--reps 2] [--no-eos] [--no-kl]
 
 Configurations:
 
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=8, help="prompts decoded per case (batch 1: one call each)")
     ap.add_argument("--no-eos", action="store_true",
                     help="default config: ignore EOS, so every row decodes --new tokens (steady-state decode speed)")
+    ap.add_argument("--no-kl", action="store_true", help="KL monitor off (kl_threshold None) in every case")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
@@ -140,13 +141,14 @@ def main(argv=None) -> int:
             print(f"unknown config {config!r}; expected default or smol", file=sys.stderr)
             return 2
         cases = []
+        extra = dict(kl_threshold=None) if args.no_kl else {}
         for b in batches:
-            cases.append(Case("proposal", p, None, prompts, eos, b, new, args.prompts, mode="proposal"))
+            cases.append(Case("proposal", p, None, prompts, eos, b, new, args.prompts, mode="proposal", **extra))
             for mode in modes:
-                cases.append(Case(mode, p, q, prompts, eos, b, new, args.prompts, mode=mode))
+                cases.append(Case(mode, p, q, prompts, eos, b, new, args.prompts, mode=mode, **extra))
                 for k in ks:
                     cases.append(Case(f"{mode} k={k}", p, q, prompts, eos, b, new, args.prompts, mode=mode,
-                                      num_speculative_tokens=k))
+                                      num_speculative_tokens=k, **extra))
         t0 = time.perf_counter()
         for c in cases:  # compile + warm up
             c.run(record=False)
