@@ -35,6 +35,16 @@ def _persistent_compile_cache(directory):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_compile_caches():
+    """Every test module starts and ends with JAX's in-memory compile caches cleared: one full-suite process
+    otherwise holds every executable of every module (thousands), and a full run died in an XLA compile late in
+    the suite while the same module passed alone."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="module")
 def module_compile_cache(tmp_path_factory):
     """A persistent compilation cache for a whole test module (``pytestmark = usefixtures(...)``)."""
