@@ -7,7 +7,14 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# The test models are tiny, so compiling (LLVM's optimisation passes) costs far more than running: unoptimised
+# machine code cut the CPU time of test_sampler.py by 30% and of test_train.py by 21%, no test slower. Results
+# differ from the default build in the last float bits only; bit-identical comparisons (resume) run both sides in
+# this process, under the same flags.
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags
 
 import contextlib  # noqa: E402
 
