@@ -53,14 +53,57 @@ class GenerateSummary:
 
 def read_prompt_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file (blank lines skipped); errors name ``file:line``."""
+    return _read_prompt_records(path)[0]
+
+
+def _read_prompt_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]]:
+    """``read_prompt_records`` and each record's line number in the file (from 1), for errors found later."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GenerateError(f"prompts file {path!r} does not exist")
-    out = []
+    out, lines = [], []
     for i, obj in files.iter_jsonl(path, error=GenerateError, objects=True):
         prompt_of(obj, f"{path}:{i}")  # validate now, not after hours of sampling
         out.append(obj)
-    return out
+        lines.append(i)
+    return out, lines
+
+
+def _check_prompt_lengths(proposal, aligner, records: Sequence[Mapping[str, Any]], linenos: Sequence[int],
+                          params: Any, prompts_file: str, draft: bool) -> None:
+    """Raises ``sampler.ContextLengthError`` naming ``prompts_file:line`` when any prompt plus
+    ``params.max_new_tokens`` does not fit in the sampled models' context: the rule ``sampler.sample`` applies to
+    each batch, applied to every prompt before the first batch, so a too-long prompt in a later batch cannot fail
+    the run after earlier batches were written. Prompts that cannot be encoded are ``GenerateError`` s, likewise
+    naming the line."""
+    from ramjax import sampler
+
+    p, q, _ = sampler._resolve_models(proposal, aligner, params.mode, draft=draft)
+    models = [m for m in (p, q) if m is not None]
+    context = min(sampler._context_length(m.config) for m in models)
+    smallest = min(models, key=lambda m: sampler._context_length(m.config))
+    main = p if p is not None else q
+    max_new = params.max_new_tokens
+    too_long = []
+    for rec, line in zip(records, linenos):
+        try:
+            (ids,) = sampler._encode_prompts([prompt_of(rec)], main.tokenizer, params.template, main.vocab_limit)
+        except sampler.PromptError as e:
+            what = str(e).replace("prompt 0", "the prompt", 1)
+            raise GenerateError(f"{prompts_file}:{line}: {what}; fix or remove the line (nothing sampled)") from None
+        if len(ids) + max_new > context:
+            too_long.append((line, len(ids)))
+    if too_long:
+        line, n = too_long[0]
+        more = ""
+        if len(too_long) > 1:
+            rest = [str(ln) for ln, _ in too_long[1:]]
+            more = (f" ({len(rest)} more prompts are too long, at lines {', '.join(rest[:10])}"
+                    + (", ..." if len(rest) > 10 else "") + ")")
+        raise sampler.ContextLengthError(
+            f"{prompts_file}:{line}: the prompt has {n} tokens; with max_new_tokens={max_new} it needs {n + max_new} "
+            f"positions but the context is {context} (max_position_embeddings of {smallest.source or 'the model'})"
+            f"{more}. Shorten or remove the prompt, or lower max_new_tokens; nothing was sampled or written")
 
 
 def prompt_of(record: Mapping[str, Any], where: str = "record") -> str | list[dict[str, str]]:
@@ -238,7 +281,10 @@ def generate_jsonl(proposal, aligner, prompts_file: str | os.PathLike, output_fi
         if path is not None and os.path.isdir(path):
             raise GenerateError(f"{key} {os.fspath(path)!r} is a directory; give a file path, e.g. "
                                 f"{os.path.join(path, 'samples.jsonl' if key == 'output_file' else 'alpaca.json')!r}")
-    records = read_prompt_records(prompts_file)
+    records, linenos = _read_prompt_records(prompts_file)
+    # every prompt against the context now: a too-long prompt in a later batch must not stop the run after earlier
+    # batches were written
+    _check_prompt_lengths(proposal, aligner, records, linenos, params, prompts_file, draft=bool(k))
     per_record = num_samples if output == "samples" else 1
     primary = jax.process_index() == 0
     # Several processes: each samples its batch of every round of process_count batches on its own devices

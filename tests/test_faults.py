@@ -458,6 +458,34 @@ def test_sampling_error_in_the_first_batch_creates_no_output(fx, tmp_path, capsy
     assert code == 2 and "ContextLengthError" in err and out.read_bytes() == before
 
 
+def test_too_long_prompt_in_a_later_batch_is_refused_before_any_batch_is_sampled(fx, tmp_path, capsys):
+    """Every prompt is checked against the context before the first batch: a too-long prompt in the third batch
+    (line 6, after a blank line) stops sample.py with exit 2 and a one-line error naming the file, the line and the
+    fix, and nothing is written (the first batches were written before the fix); an output being resumed keeps its
+    bytes. A run without the long prompt samples every prompt (the check refuses only what does not fit)."""
+    prompts = tmp_path / "long.jsonl"
+    rows = [json.dumps({"prompt": f"the quick fox {i}"}) for i in range(4)]
+    rows.insert(2, "")  # a blank line: the error names the file's line, not the record's index
+    rows.append(json.dumps({"prompt": "the quick fox " * 200}))
+    prompts.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = _sample_args(fx, tmp_path, f"prompts_file={prompts}", "batch_size=2")
+    code, err = _sample_cli(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error: ContextLengthError: ") and f"{prompts}:6:" in lines[-1]
+    assert "max_new_tokens=2" in lines[-1] and "context is 64" in lines[-1] and "lower max_new_tokens" in lines[-1]
+    assert not out.exists()
+    line = {"index": 0, "sample_index": 0, "prompt": "the quick fox 0", "text": "x"}
+    out.write_text(json.dumps(line) + "\n")
+    before = snapshot(str(tmp_path))
+    code, err = _sample_cli(args, capsys)
+    assert code == 2 and f"{prompts}:6:" in err and snapshot(str(tmp_path)) == before
+    # the same file without its long prompt is sampled in full (resumed after the first line)
+    prompts.write_text("\n".join(rows[:-1]) + "\n")
+    code, _ = _sample_cli(args, capsys)
+    assert code == 0 and [json.loads(x)["index"] for x in out.read_text().splitlines()] == [0, 1, 2, 3]
+
+
 def test_non_utf8_jsonl_names_file_and_line(fx, tmp_path, capsys):
     from ramjax import data as data_lib
 
