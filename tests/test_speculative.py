@@ -8,6 +8,7 @@ grid of the χ² test is marked slow (the fast suite keeps one case per mode plu
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -15,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_fixtures import random_params
-from sampling_fixtures import chi2_pvalue
+from sampling_fixtures import chi2_pvalue, text_model
 
 from ramjax import decode_rules as R
 from ramjax import model as model_lib
 from ramjax import sampler as S
 from ramjax import speculative as SP
 from ramjax.api import Model
+from ramjax.tokenizer import token_bytes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Exactness on a tiny vocabulary: the joint distribution of the first three tokens
@@ -307,3 +309,145 @@ def test_sharded_mesh_gives_the_same_tokens(models):
     final = SP.generate(st, 3, plan.params_p, plan.params_q, batch, plan.tables, rowp, jax.random.key(1),
                         np.int32(10))
     assert final.tokens.sharding.is_equivalent_to(shd.batch_sharding(mesh, 2, shd.DEFAULT_RULES), 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stop strings, EOS and max_new_tokens reached inside an accepted draft block
+
+STOP_PROMPTS = ["the quick brown fox", "hello world", "a b c d"]
+STOP_KW = dict(mode="product", greedy=True, max_new_tokens=24, repetition_penalty=1.2, proposal_top_p=0.9,
+               aligner_top_p=0.9, kl_threshold=None, batch_size=3)
+NEVER = ["\x01\x02"]  # a stop string that never occurs, with the table shapes of the 2-character ones: one compile
+
+
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    """A P_M / Q_θ pair over a real (trained-on-a-few-KB) byte-level tokenizer, so stop strings match bytes that
+    span tokens; P_M flatter than Q_θ as in ``models``: greedy drafts are often, not always, accepted."""
+    p, tok = text_model(tmp_path_factory.mktemp("spec_tok"), P_CFG)
+    pp = dict(p.params, lm_head=p.params["lm_head"] * 0.35)
+    qcfg = Q_CFG.replace(vocab_size=tok.vocab_size)
+    qp = jax.tree_util.tree_map(jnp.asarray, random_params(qcfg, 5))
+    qp["lm_head"] = qp["lm_head"] * 1.5
+    return Model(config=p.config, params=pp, tokenizer=tok), Model(config=qcfg, params=qp, tokenizer=tok), tok
+
+
+def _round_ends(p, q, prompts, k, **kw) -> list[list[int]]:
+    """Per row, its generated length after each speculative round of a greedy run (rounds replayed one jitted call
+    at a time from ``speculative._prefill`` / ``_round``): token ``t`` was committed by the round that ended at the
+    first length ``> t``, and it lies *inside* an accepted block when that round committed tokens after it too."""
+    eos_ids = kw.pop("eos_ids", None)
+    params = S.SamplingParams(**{k_: v for k_, v in kw.items() if k_ != "batch_size"})
+    plan = S._plan(p, q, prompts, params, num_samples=1, seed=0, batch_size=None, eos_ids=eos_ids, example_offset=0,
+                   rules=(), draft=True)
+    st, batch, rowp = S._chunk_inputs(plan, [(i, 0) for i in range(len(prompts))])
+    sp = SP._Spec(base=st, k=k)
+    s = jax.jit(functools.partial(SP._prefill, sp))(plan.params_p, plan.params_q, batch, jax.random.key(0), rowp)
+    step = jax.jit(functools.partial(SP._round, sp))
+    ends: list[list[int]] = [[] for _ in prompts]
+    while not bool(np.all(s.done)):
+        running = ~np.asarray(s.done)
+        s = step(plan.params_p, plan.params_q, s, plan.tables, rowp, np.int32(plan.max_new))
+        for r in np.flatnonzero(running[:len(prompts)]):
+            ends[r].append(int(s.length[r]))
+    return ends
+
+
+def _inside_block(ends: list[int], t: int) -> bool:
+    """Whether token ``t`` was committed by a round that also committed the token after it."""
+    end = next(e for e in ends if e > t)
+    return t < end - 1
+
+
+def _assert_same_rows(ref, spec):
+    for a, b in zip(ref, spec):
+        a, b = a[0], b[0]
+        assert (b.token_ids, b.length, b.finish_reason, b.text) == (a.token_ids, a.length, a.finish_reason, a.text)
+
+
+def test_stop_strings_spanning_tokens_inside_an_accepted_block_cut_as_token_by_token(text_pair):
+    """Greedy: a stop string made of the end of token t-1 and the start of token t, where token t sits inside an
+    accepted draft block (the round went on to commit token t+1), ends the row at token t with the text cut
+    before the stop string, exactly as token-level decoding does; the same for a stop string completed by the
+    last token of a block; every row of the batch (which hit the stop string elsewhere or never) agrees."""
+    p, q, tok = text_pair
+    K = 4
+    ref0 = S.sample(p, q, STOP_PROMPTS, stop=NEVER, **STOP_KW)
+    ends = _round_ends(p, q, STOP_PROMPTS, K, stop=NEVER, **STOP_KW)
+    assert [e[-1] for e in ends] == [r[0].length for r in ref0] == [24] * 3
+    assert any(b - a >= 2 for e in ends for a, b in zip([0] + e, e))  # some rounds accepted drafts
+    tb = token_bytes(tok, p.vocab_limit)
+    found = {True: None, False: None}  # inside a block / at a block's end -> (row, t, stop)
+    for r, res in enumerate(ref0):
+        ids = res[0].token_ids
+        for t in range(2, len(ids) - 1):
+            a, b = tb[ids[t - 1]], tb[ids[t]]
+            stop = (a[-1:] + b[:1]).decode("latin-1")
+            before = b"".join(tb[i] for i in ids[:t - 1]) + a
+            if (len(a) and len(b) and stop.isprintable() and stop.isascii() and stop.encode() not in before
+                    and stop.encode() not in b and found[_inside_block(ends[r], t)] is None):
+                found[_inside_block(ends[r], t)] = (r, t, stop)
+    assert found[True] is not None, ends  # a stop string completed strictly inside an accepted block
+    for hit in found.values():
+        if hit is None:
+            continue
+        r, t, stop = hit
+        ref = S.sample(p, q, STOP_PROMPTS, stop=[stop], **STOP_KW)
+        spec = S.sample(p, q, STOP_PROMPTS, stop=[stop], num_speculative_tokens=K, **STOP_KW)
+        assert ref[r][0].finish_reason == "stop" and ref[r][0].length == t + 1
+        assert ref[r][0].token_ids == ref0[r][0].token_ids[:t + 1]
+        assert stop not in ref[r][0].text
+        _assert_same_rows(ref, spec)
+
+
+@pytest.mark.parametrize("stops", [[], NEVER], ids=["vectorised-commit", "stop-window-commit"])
+def test_eos_and_max_new_tokens_inside_an_accepted_block(text_pair, stops):
+    """Greedy: an EOS id first generated strictly inside an accepted block, and a ``max_new_tokens`` that ends a
+    row strictly inside one, stop every row exactly where token-level decoding stops it (both commit paths: the
+    vectorised one without stop strings and the per-token one that carries the stop-string byte window)."""
+    p, q, _ = text_pair
+    K = 4
+    kw = {**STOP_KW, "stop": stops, "eos_ids": []}
+    ref0 = S.sample(p, q, STOP_PROMPTS, **kw)
+    ends = _round_ends(p, q, STOP_PROMPTS, K, **kw)
+    # EOS: the first token of some row that first occurs there strictly inside a block
+    eos = next((ids[t], r) for r, ids in enumerate(r_[0].token_ids for r_ in ref0)
+               for t in range(1, len(ids) - 1) if ids.index(ids[t]) == t and _inside_block(ends[r], t))
+    ref = S.sample(p, q, STOP_PROMPTS, **{**kw, "eos_ids": [eos[0]]})
+    spec = S.sample(p, q, STOP_PROMPTS, num_speculative_tokens=K, **{**kw, "eos_ids": [eos[0]]})
+    assert ref[eos[1]][0].finish_reason == "eos"
+    _assert_same_rows(ref, spec)
+    # max_new_tokens: a length at which some row's round would have gone on
+    m = next(t + 1 for t in range(2, 23) if any(_inside_block(e, t) for e in ends))
+    ref = S.sample(p, q, STOP_PROMPTS, **{**kw, "max_new_tokens": m})
+    spec = S.sample(p, q, STOP_PROMPTS, num_speculative_tokens=K, **{**kw, "max_new_tokens": m})
+    assert all(r[0].finish_reason == "length" and r[0].length == m for r in ref)
+    _assert_same_rows(ref, spec)
+
+
+def test_sampled_rows_are_cut_at_the_first_stop_string_as_token_by_token(text_pair):
+    """Sampled (T 1): speculative rows differ from token-level ones, but each is cut by the token-level rule: a row
+    ends with ``stop`` exactly at the first token whose bytes complete a stop string (none completed before it),
+    its text is the decoded text up to the stop string, and a row that ends by length never contains one."""
+    p, q, tok = text_pair
+    tb = token_bytes(tok, p.vocab_limit)
+    stops = ["e ", "n"]
+    kw = dict(mode="product", max_new_tokens=16, eos_ids=[], kl_threshold=None, stop=stops, seed=3)
+    out = S.sample(p, q, ["the quick brown fox"], num_samples=24, num_speculative_tokens=3, **kw)[0]
+    assert 0.05 < np.mean([r.acceptance_rate for r in out]) < 0.95
+    reasons = [r.finish_reason for r in out]
+    assert reasons.count("stop") >= 4 and reasons.count("length") >= 1, reasons
+    spanning = 0
+    for r in out:
+        ids = r.token_ids
+        full = b"".join(tb[i] for i in ids)
+        prev = b"".join(tb[i] for i in ids[:-1])
+        hits = [s.encode() for s in stops]
+        if r.finish_reason == "stop":
+            assert any(h in full for h in hits) and not any(h in prev for h in hits)
+            text = tok.decode(ids, skip_special_tokens=True)
+            assert r.text == text[:min(text.find(s) for s in stops if s in text)]
+            spanning += any(h in full and h not in tb[ids[-1]] for h in hits)
+        else:
+            assert r.length == 16 and not any(h in full for h in hits)
+    assert spanning >= 1  # some rows were cut by a stop string that spans two tokens
