@@ -354,6 +354,81 @@ def _check_settings(run: DefaultRunConfig) -> None:
             + (f"; +{len(diff) - 8} more" if len(diff) > 8 else "")
             + "); resuming it would mix two experiments. Use a new run_dir=..., or pass --force-restart to move "
               "the old run aside and start over")
+    _check_data(run)
+
+
+# the user's data files of pipeline.data_dir (the files the data stage reads)
+DATA_FILES = ("corpus.jsonl", "align.jsonl", "prefs.jsonl", "eval.jsonl")
+DATA_FINGERPRINT = "data_fingerprint.json"
+# files up to this size are hashed whole; a larger one by its size, mtime and first and last MiB (hashing many GiB
+# at every start would cost minutes; an edit that keeps the size, the mtime and both ends is not detected)
+_HASH_WHOLE_BYTES = 1 << 30
+_HASH_PART_BYTES = 1 << 20
+
+
+def _file_fingerprint(path: str) -> dict[str, Any] | None:
+    """``{"size", "blake2b"}`` of a file (``blake2b``: the hex digest of its bytes, streamed), or for a file over
+    ``_HASH_WHOLE_BYTES`` ``{"size", "mtime_ns", "blake2b_ends"}`` (the digest of its first and last MiB); None when
+    the file does not exist."""
+    import hashlib
+
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        if st.st_size <= _HASH_WHOLE_BYTES:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+            return {"size": st.st_size, "blake2b": h.hexdigest()}
+        h.update(f.read(_HASH_PART_BYTES))
+        f.seek(st.st_size - _HASH_PART_BYTES)
+        h.update(f.read(_HASH_PART_BYTES))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake2b_ends": h.hexdigest()}
+
+
+def _data_fingerprint(data_dir: str) -> dict[str, Any]:
+    """``{file name: _file_fingerprint}`` of every ``DATA_FILES`` entry of ``data_dir`` (None for an absent one:
+    a file added later changes which stages run)."""
+    return {name: _file_fingerprint(os.path.join(data_dir, name)) for name in DATA_FILES}
+
+
+def _check_data(run: DefaultRunConfig) -> None:
+    """Raises ``PipelineSettingsError`` when a file of ``pipeline.data_dir`` differs (size, content hash, added or
+    removed) from the one the run in ``run_dir`` started on, as recorded in ``run_dir/data_fingerprint.json``:
+    stages already done were trained on the old data, so resuming would mix two experiments."""
+    saved = os.path.join(run.run_dir, DATA_FINGERPRINT)
+    if not run.pipeline.data_dir or not os.path.exists(saved):
+        return
+    try:
+        old = _read_json(saved)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as e:
+        raise PipelineSettingsError(f"{saved} cannot be read ({e}); pass --force-restart to move the old run aside "
+                                    f"and start over, or use a new run_dir=...") from None
+    src = os.path.abspath(run.pipeline.data_dir)
+    new = _data_fingerprint(src)
+    changed = []
+    for name in DATA_FILES:
+        a, b = old.get(name), new[name]
+        if a == b:
+            continue
+        path = os.path.join(src, name)
+        if a is None:
+            changed.append(f"{path} was added")
+        elif b is None:
+            changed.append(f"{path} was removed")
+        elif a.get("size") != b.get("size"):
+            changed.append(f"{path} changed ({a.get('size')} -> {b.get('size')} bytes)")
+        else:
+            changed.append(f"{path} changed (same size, other content"
+                           + (")" if "blake2b" in b else " or modification time)"))
+    if changed:
+        raise PipelineSettingsError(
+            f"run_dir={run.run_dir!r} holds a pipeline run made from other data: {'; '.join(changed)} since it "
+            f"started; resuming it would mix two experiments. Use a new run_dir=..., pass --force-restart to move "
+            f"the old run aside and start over, or restore the original file")
 
 
 def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float | None], None] | None = None,
@@ -462,6 +537,8 @@ def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float 
                                     f"checkpoints: pipeline.proposal=PATH and pipeline.aligner_init=truncate (or a "
                                     f"model dir)")
         os.makedirs(data_dir, exist_ok=True)
+        if p.data_dir and "://" not in rd:  # the data the run is made from: _check_data compares every rerun's
+            files.atomic_write_json(os.path.join(rd, DATA_FINGERPRINT), _data_fingerprint(src))
         info: dict[str, Any] = {"source": src}
         if os.path.exists(f["corpus"]):
             corpus = files.read_jsonl(f["corpus"], error=PipelineDataError)
