@@ -188,7 +188,7 @@ class OptimizerConfig:
     nonfinite: what a step whose loss or gradient norm is NaN/inf does. Either way its update is dropped on the
     device (the parameters and optimizer state stay those of the previous step, so no NaN is ever checkpointed or
     exported); ``stop`` then ends the run with ``NonFiniteTrainingError`` naming the step, ``skip`` carries on and
-    stops only after more than ``max_skipped_steps`` such steps.
+    stops only after more than ``max_skipped_steps`` such steps in the whole run (resumes included).
     """
 
     name: Literal["adamw", "rmsprop", "sgd"] = "adamw"

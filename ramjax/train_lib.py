@@ -582,7 +582,10 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
     pending_steps: list[int] = []
     last: dict[str, Any] = {}
     interrupted = False
-    skipped = 0
+    # non-finite steps skipped so far, those of earlier invocations included (optimizer.max_skipped_steps bounds the
+    # run, not each resume): a skipped step advances TrainState.step but keeps the old optimizer state, whose update
+    # count therefore stays behind by one; so the checkpointed state itself holds the count, as step - count
+    skipped = step - int(jax.device_get(schedule_count(state.opt_state, state.step)))
 
     def check_finite(steps: list[int], host: list[dict]) -> None:
         """Counts the steps the device flagged non-finite (their updates were dropped there); raises
