@@ -328,6 +328,61 @@ def test_pipeline_with_other_settings_is_refused_and_force_restart_moves_it_asid
     assert code == 2 and "--force-restart applies to" in err
 
 
+def test_pipeline_on_changed_data_files_is_refused_naming_the_file(tmp_path, capsys):
+    """A pipeline run on ``pipeline.data_dir``, then the same command after ``DIR/align.jsonl`` changed (same path,
+    same settings, other content; then other content of the same size; then a ``prefs.jsonl`` added): exit 2 naming
+    the file and the ways out, nothing under the run touched. The original bytes back: the rerun passes the check.
+    (The pipeline is stopped after its data stage, which records the data fingerprint: the stages themselves are
+    test_user_data's.)"""
+    from ramjax.experiments import pipeline
+
+    data = tmp_path / "DIR"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"text": f"a line of text {i}"}) + "\n" for i in range(40)))
+    align = data / "align.jsonl"
+    align.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(10)))
+    original = align.read_bytes()
+    run_dir = tmp_path / "run"
+    args = [os.path.join(ROOT, "configs", "default.yaml"), f"run_dir={run_dir}", f"pipeline.data_dir={data}"]
+    cfg = config_lib.load_config(pipeline.DefaultRunConfig, args[0], args[1:])
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_data(name, event, _seconds):
+        if name != "data" and event == "start":
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipeline.run_pipeline(cfg, on_stage=stop_after_data)
+    assert os.path.exists(run_dir / "data" / "prepared.json")
+    before = snapshot(str(run_dir))
+    edits = [(original.replace(b"a9", b"a99"), ["changed (", " -> ", "bytes)"]),   # one byte longer
+             (original.replace(b"a9", b"b9"), ["changed (same size, other content)"])]
+    for content, words in edits:
+        align.write_bytes(content)
+        code, err = _train_cli(args, capsys)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert f"{align} " in err and "other data" in err and all(w in err for w in words), err
+        assert "new run_dir" in err and "--force-restart" in err
+        assert snapshot(str(run_dir)) == before
+    align.write_bytes(original)
+    (data / "prefs.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    code, err = _train_cli(args, capsys)
+    assert code == 2 and f"{data / 'prefs.jsonl'} was added" in err and snapshot(str(run_dir)) == before
+    (data / "prefs.jsonl").unlink()
+    with pytest.raises(Stop):  # the data the run started on: the check passes and the run resumes
+        pipeline.run_pipeline(cfg, on_stage=stop_after_data)
+    # --force-restart on changed data: the old run is kept aside byte for byte and the new one records the new data
+    align.write_bytes(original.replace(b"a9", b"b9"))
+    with pytest.raises(Stop):
+        pipeline.run_pipeline(cfg, on_stage=stop_after_data, force_restart=True)
+    aside = [d for d in os.listdir(tmp_path) if d.startswith("run.replaced-")]
+    assert len(aside) == 1 and snapshot(str(tmp_path / aside[0])) == before
+    with pytest.raises(Stop):
+        pipeline.run_pipeline(cfg, on_stage=stop_after_data)
+
+
 def test_kill_before_the_first_checkpoint_then_rerun_logs_each_step_once(fx, straight, tmp_path):
     run_dir = str(tmp_path / "run")
     over = overrides(fx, run_dir, "checkpoint.every=0")
@@ -627,6 +682,31 @@ def test_skip_mode_drops_non_finite_updates_up_to_the_limit(fx, tmp_path):
     with pytest.raises(train_lib.NonFiniteTrainingError, match="more than optimizer.max_skipped_steps=4"):
         train_lib.train(_cfg(overrides(fx, str(tmp_path / "run2"), "optimizer.lr=1e30", "optimizer.clip_norm=0",
                                        "optimizer.nonfinite=skip", "optimizer.max_skipped_steps=4")))
+
+
+def test_skipped_step_limit_counts_across_resumes(fx, tmp_path):
+    """optimizer.max_skipped_steps bounds the whole run, not each invocation: a diverging run (steps 2.. are
+    non-finite) interrupted by SIGTERM after step 3 has skipped 2; resumed, its third skip is allowed and the fourth
+    (step 5) stops it with the run's total, where a counter restarting at 0 would let it finish with 5 skipped."""
+    import signal
+
+    run_dir = str(tmp_path / "run")
+    over = overrides(fx, run_dir, "optimizer.lr=1e30", "optimizer.clip_norm=0", "optimizer.nonfinite=skip",
+                     "optimizer.max_skipped_steps=3")
+
+    def term_at_3(event):
+        if event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    r = train_lib.train(_cfg(over), progress=term_at_3)
+    assert r.interrupted and r.step == 3 and r.metrics["train/skipped_steps"] == 2
+    with pytest.raises(train_lib.NonFiniteTrainingError, match=r"step 5 .*4 non-finite steps skipped, more than "
+                                                              r"optimizer.max_skipped_steps=3"):
+        train_lib.train(_cfg(over))
+    logged = {r["step"]: r["train/skipped_steps"] for r in metrics_lib.read_metrics(run_dir)}
+    assert logged == {1: 0, 2: 1, 3: 2, 4: 3, 5: 4}  # one count across the two invocations
+    assert not os.path.exists(os.path.join(run_dir, "model"))
+    assert ckpt_lib.CheckpointManager(os.path.join(run_dir, "checkpoints")).latest_step() == 4
 
 
 @pytest.mark.parametrize("bad_id", [99999, -5])
