@@ -474,7 +474,7 @@ def test_sample_refuses_a_model_with_non_finite_weights(fx, tmp_path, capsys):
     params = jax.tree_util.tree_map(np.array, params)
     params["layers"]["w_up"][0, 1, 2] = np.nan
     ckpt_lib.save_model_dir(tmp_path / "bad", cfg, params, tokenizer=f"{fx}/tok")
-    for mode in ("proposal", "product"):
+    for mode in ("proposal", "product", "par"):  # par: the review saw normal-looking text from a NaN aligner
         err = _refused_sample(fx, tmp_path, capsys, f"mode={mode}", f"proposal={tmp_path}/bad" if mode == "proposal"
                               else f"aligner={tmp_path}/bad", "kl_threshold=null")
         assert "NonFiniteWeightsError" in err and "bad" in err and "w_up" in err
