@@ -14,7 +14,7 @@ import pytest
 
 from ramjax import cli
 from ramjax import data as D
-from ramjax.experiments import pipeline, quiz
+from ramjax.experiments import pipeline, quiz, wordlist
 from ramjax.files import atomic_write_jsonl, read_jsonl
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -238,3 +238,46 @@ def test_quiz_family_default_kinds_exclude_arithmetic(tmp_path):
     assert {r["family"] for r in read_jsonl(both["corpus"])} == set(quiz.ALL_KINDS)
     with pytest.raises(ValueError, match="unknown quiz kinds"):
         quiz.eval_prompts(4, kinds=("divide",))
+
+
+@pytest.mark.parametrize("kind", wordlist.KINDS)
+def test_wordlist_kinds_answer_correctly_with_four_mistakes_each(kind):
+    """Each word-list kind's answer checked by an independent rule on every ordered list of 6 words of each length
+    the family draws; every list has >= 4 distinct mistakes, none of them the answer."""
+    import itertools
+
+    lengths = {"swap": (2, 3), "middle": (3, 5), "join": (2, 3, 4), "second": (3, 4, 5), "capital": (1, 2, 3)}[kind]
+    for n in lengths:
+        for a in itertools.permutations(wordlist._WORDS[:6], n):
+            want = {"swap": lambda: " ".join(reversed(a)), "middle": lambda: a[(n - 1) // 2],
+                    "join": lambda: "-".join(a), "second": lambda: a[1],
+                    "capital": lambda: " ".join(w[0].upper() + w[1:] for w in a)}[kind]()
+            assert wordlist.solve(kind, a) == want
+            m = wordlist.mistakes(kind, a)
+            assert len(m) >= 4 and want not in m and len(set(m)) == len(m), (a, m)
+
+
+def test_wordlist_family_files_split_and_mix(tmp_path):
+    """The written family: D's quality mix (15% concise correct / 45% a mistake / 40% chatter), kinds balanced, no
+    held-out question in S, the pairs or D, and the same bytes for the same seed."""
+    paths = wordlist.write_wordlist_data(tmp_path / "a", n_corpus=400, n_align=50, n_pref=30, n_eval=40)
+    again = wordlist.write_wordlist_data(tmp_path / "b", n_corpus=400, n_align=50, n_pref=30, n_eval=40)
+    for k in paths:
+        assert open(paths[k], "rb").read() == open(again[k], "rb").read(), k
+    corpus = read_jsonl(paths["corpus"])
+    assert {r["family"] for r in corpus} == set(wordlist.KINDS)
+    evals = read_jsonl(paths["eval"])
+    held = {r["prompt"] for r in evals}
+    for name in ("corpus", "align", "prefs"):
+        assert not held & {r["prompt"] for r in read_jsonl(paths[name])}, name
+    concise = sum(r["response"] == _answer_of(r["prompt"], r["family"]) for r in corpus)
+    assert concise == 60  # exactly 15% of 400
+    for r in evals:
+        assert r["answer"] == _answer_of(r["prompt"], r["family"])
+
+
+def _answer_of(prompt: str, kind: str) -> str:
+    """The answer to a rendered word-list prompt, parsed back from its text (the words are the prompt's known words)."""
+    words = tuple(w for w in prompt.replace("'", " ").replace("?", " ").replace(":", " ").split()
+                  if w in wordlist._WORDS)
+    return wordlist.solve(kind, words)
