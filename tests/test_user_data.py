@@ -162,6 +162,18 @@ def test_the_pipeline_reads_every_supported_shape():
     assert D.record_text(D.parse_record({"text": "plain words"}, "t", "auto", None)) == "plain words"
 
 
+def _run_family(tmp_path, write) -> dict[str, dict[str, float]]:
+    """Writes a family's data directory, runs the one command with the default recipe, returns strict accuracy
+    {decoding: {system: mean}} for the warmed-up P_M, Q alone and the product."""
+    d = tmp_path / "data"
+    write(d)
+    run = tmp_path / "run"
+    assert cli.train_main([DEFAULT, f"pipeline.data_dir={d}", f"run_dir={run}"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    return {dec: {n: res["systems"][n]["decodings"][dec]["accuracy"]["mean"]
+                  for n in ("P_M (warmed up)", "Q alone", "P_M + RAM (product)")} for dec in ("sampled", "greedy")}
+
+
 @pytest.mark.slow
 def test_heldout_quiz_family_with_the_default_recipe(tmp_path):
     """Acceptance: the default recipe, unchanged, on a task family it was not tuned on (ramjax.experiments.quiz: 20k
@@ -171,22 +183,29 @@ def test_heldout_quiz_family_with_the_default_recipe(tmp_path):
     Greedy: the warmed-up P_M already scores ~0.71 greedy (it learned D's content, so its modal answer is mostly
     right), which leaves less than 30 points of headroom; the test asserts the product beats it and reports the
     margin as an expected failure when it is under 30 points (see the README's table)."""
-    d = tmp_path / "quiz"
-    quiz.write_quiz_data(d)
-    run = tmp_path / "run"
-    assert cli.train_main([DEFAULT, f"pipeline.data_dir={d}", f"run_dir={run}"]) == 0
-    res = json.loads((run / "results.json").read_text())
-    margins = {}
-    for dec in ("sampled", "greedy"):
-        acc = {n: res["systems"][n]["decodings"][dec]["accuracy"]["mean"]
-               for n in ("P_M (warmed up)", "Q alone", "P_M + RAM (product)")}
-        assert acc["P_M + RAM (product)"] >= acc["Q alone"], (dec, acc)
-        assert acc["P_M + RAM (product)"] > acc["P_M (warmed up)"], (dec, acc)
-        margins[dec] = acc["P_M + RAM (product)"] - acc["P_M (warmed up)"]
+    acc = _run_family(tmp_path, quiz.write_quiz_data)
+    for dec, a in acc.items():
+        assert a["P_M + RAM (product)"] >= a["Q alone"], (dec, a)
+        assert a["P_M + RAM (product)"] > a["P_M (warmed up)"], (dec, a)
+    margins = {dec: a["P_M + RAM (product)"] - a["P_M (warmed up)"] for dec, a in acc.items()}
     assert margins["sampled"] >= 0.30, margins
     if margins["greedy"] < 0.30:
         pytest.xfail(f"greedy: RAM product - warmed-up P_M = {margins['greedy']:.3f} < 0.30 (the headroom above "
-                     f"the warmed-up P_M is {1 - acc['P_M (warmed up)']:.3f})")
+                     f"the warmed-up P_M is {1 - acc['greedy']['P_M (warmed up)']:.3f})")
+
+
+@pytest.mark.slow
+def test_heldout_wordlist_family_with_the_default_recipe(tmp_path):
+    """Acceptance on the second held-out family (ramjax.experiments.wordlist), the recipe unchanged: the product
+    beats the warmed-up P_M by at least 30 points under both decodings and Q alone sampled. Greedy, the product
+    measured 0.75 points (3 questions) under Q alone (README): reported as an expected failure when it is below, never hidden."""
+    acc = _run_family(tmp_path, wordlist.write_wordlist_data)
+    for dec, a in acc.items():
+        assert a["P_M + RAM (product)"] - a["P_M (warmed up)"] >= 0.30, (dec, a)
+    assert acc["sampled"]["P_M + RAM (product)"] >= acc["sampled"]["Q alone"], acc
+    g = acc["greedy"]
+    if g["P_M + RAM (product)"] < g["Q alone"]:
+        pytest.xfail(f"greedy: product {g['P_M + RAM (product)']:.3f} < Q alone {g['Q alone']:.3f}")
 
 
 def test_tokenizer_command_sizes_the_vocabulary_from_the_corpus(tmp_path):

@@ -11,7 +11,8 @@ phrasings per kind, other words, other answer formats, other chatter::
 
 It is built like the suite: a general corpus D of mixed quality (by default 15% the concise correct answer, 45% a
 plausible mistake, 40% the correct answer wrapped in chatter) in which the concise correct answer is still the
-single most likely response (the mistakes and the chatter are spread over several variants each), a concise
+most likely response (the mistakes and the chatter are spread over several variants each; on three-word "last" and
+"twice" questions there are only three distinct mistakes, each as frequent as the concise answer), a concise
 alignment set S, preference pairs (chosen = concise correct, rejected = a mistake or chatter) and held-out prompts
 with an exact ``answer`` and their ``family``. Held-out questions are split off by a stable hash of the question's
 content (kind and arguments, whatever the phrasing), so no evaluation question is seen in training in any
