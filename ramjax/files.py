@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
 __all__ = ["JSONLError", "is_remote", "epath_of", "local_staging", "atomic_writer", "atomic_write", "atomic_write_json",
-           "atomic_write_jsonl", "iter_jsonl", "read_jsonl"]
+           "atomic_write_jsonl", "iter_jsonl", "read_jsonl", "file_digest"]
 
 
 class JSONLError(ValueError):
@@ -175,3 +175,30 @@ def read_jsonl(path: str | os.PathLike, *, error: type[Exception] = JSONLError, 
                skip_invalid: bool = False) -> list[Any]:
     """The JSON values of the non-blank lines of ``path`` (see ``iter_jsonl`` for the options and errors)."""
     return [v for _, v in iter_jsonl(path, error=error, objects=objects, skip_invalid=skip_invalid)]
+
+
+# files up to this size are hashed whole; a larger one by its size, mtime and first and last MiB (hashing many GiB
+# at every start would cost minutes; an edit that keeps the size, the mtime and both ends is not detected)
+DIGEST_WHOLE_BYTES = 1 << 30
+_DIGEST_PART_BYTES = 1 << 20
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``{"size", "blake2b"}`` of a file (``blake2b``: the hex digest of its bytes, streamed), or for a file over
+    ``DIGEST_WHOLE_BYTES`` ``{"size", "mtime_ns", "blake2b_ends"}`` (the digest of its first and last MiB); None when
+    the file does not exist."""
+    import hashlib
+
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        if st.st_size <= DIGEST_WHOLE_BYTES:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+            return {"size": st.st_size, "blake2b": h.hexdigest()}
+        h.update(f.read(_DIGEST_PART_BYTES))
+        f.seek(st.st_size - _DIGEST_PART_BYTES)
+        h.update(f.read(_DIGEST_PART_BYTES))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake2b_ends": h.hexdigest()}

@@ -6,8 +6,8 @@
   directory fails at once with ``RunDirBusyError`` naming the holder's pid, host and command. The lock belongs to
   the open file, so a killed run (even ``kill -9``) releases it.
 * ``check_fingerprint``: ``<run_dir>/fingerprint.json`` records the settings that define the result (the config
-  without its bookkeeping keys, plus the sizes of the data files). Resuming with other settings is refused with
-  ``RunDirMismatchError`` naming each differing key and the two ways out: a new ``run_dir``, or
+  without its bookkeeping keys, plus the sizes and content hashes of the data files). Resuming with other settings
+  is refused with ``RunDirMismatchError`` naming each differing key and the two ways out: a new ``run_dir``, or
   ``--force-restart``, which moves the old run aside to ``<run_dir>.replaced-<UTC time>`` (nothing is deleted)
   and starts over.
 """
@@ -142,7 +142,7 @@ def _read_holder(fd: int) -> str:
 
 def train_fingerprint(cfg: Any) -> dict[str, Any]:
     """The settings of a ``TrainConfig`` that define its result: every key but ``TRAIN_BOOKKEEPING``, plus the
-    byte size of each local training file (so the same path holding other data is noticed)."""
+    byte size and content hash of each local training file (so the same path holding other data is noticed)."""
     from ramjax import config as config_lib
 
     d = config_lib.config_to_dict(cfg)
@@ -154,8 +154,20 @@ def train_fingerprint(cfg: Any) -> dict[str, Any]:
         if isinstance(node, dict):
             node.pop(last, None)
     d = json.loads(json.dumps(d, default=str))  # tuples -> lists, as stored
-    d["data_file_sizes"] = {f: os.path.getsize(f) for f in getattr(cfg.data, "train_files", ()) if os.path.isfile(f)}
+    local = [f for f in getattr(cfg.data, "train_files", ()) if os.path.isfile(f)]
+    d["data_file_sizes"] = {f: os.path.getsize(f) for f in local}
+    # and their content (an edit of the same size): a blake2b of the bytes, or for a file over
+    # files.DIGEST_WHOLE_BYTES its mtime and the hash of its first and last MiB (see files.file_digest)
+    d["data_file_hashes"] = {f: _digest_str(files.file_digest(f)) for f in local}
     return d
+
+
+def _digest_str(digest: Mapping[str, Any] | None) -> str | None:
+    if digest is None:
+        return None
+    if "blake2b" in digest:
+        return f"blake2b:{digest['blake2b']}"
+    return f"mtime_ns:{digest['mtime_ns']},blake2b_first_last_MiB:{digest['blake2b_ends']}"
 
 
 def diff(old: Any, new: Any, prefix: str = "", *, shared_only: bool = False) -> list[str]:

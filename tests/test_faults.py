@@ -287,6 +287,31 @@ def test_other_settings_on_a_run_dir_are_refused_and_force_restart_moves_the_old
     assert [r["step"] for r in metrics_lib.read_metrics(run_dir)] == [1, 2]
 
 
+def test_same_size_edit_of_a_training_file_is_refused_naming_the_file(fx, tmp_path, capsys):
+    """The run directory's fingerprint holds each training file's content hash, not only its size: a file edited
+    in place to other content of the same size is refused (exit 2, the file named, nothing touched); the original
+    bytes pass the check again."""
+    from ramjax import rundir
+
+    data = tmp_path / "ram.jsonl"
+    shutil.copyfile(f"{fx}/ram.jsonl", data)
+    original = data.read_bytes()
+    run_dir = str(tmp_path / "run")
+    args = overrides(fx, run_dir, f"data.train_files=[{data}]")
+    os.makedirs(run_dir)
+    rundir.check_fingerprint(run_dir, rundir.train_fingerprint(_cfg(args)))  # as the first run recorded it
+    i = original.index(b'"prompt": "') + len(b'"prompt": "')
+    edited = original[:i] + bytes([original[i] ^ 1]) + original[i + 1:]  # one character of the first prompt
+    assert len(edited) == len(original) and edited != original
+    data.write_bytes(edited)
+    before = snapshot(str(tmp_path))
+    code, err = _train_cli(args, capsys)
+    assert code == 2 and "RunDirMismatchError" in err and f"data_file_hashes.{data}" in err
+    assert "--force-restart" in err and "new run_dir" in err and snapshot(str(tmp_path)) == before
+    data.write_bytes(original)
+    rundir.check_fingerprint(run_dir, rundir.train_fingerprint(_cfg(args)), write=False)  # no error
+
+
 def test_pipeline_with_other_settings_is_refused_and_force_restart_moves_it_aside(tmp_path, capsys, monkeypatch):
     """The one-command pipeline (``python train.py`` with program: pipeline) on a run directory of a pipeline made
     with other settings: exit 2 naming the keys and the ways out, nothing touched; ``--force-restart`` moves the old

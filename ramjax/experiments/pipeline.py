@@ -360,37 +360,10 @@ def _check_settings(run: DefaultRunConfig) -> None:
 # the user's data files of pipeline.data_dir (the files the data stage reads)
 DATA_FILES = ("corpus.jsonl", "align.jsonl", "prefs.jsonl", "eval.jsonl")
 DATA_FINGERPRINT = "data_fingerprint.json"
-# files up to this size are hashed whole; a larger one by its size, mtime and first and last MiB (hashing many GiB
-# at every start would cost minutes; an edit that keeps the size, the mtime and both ends is not detected)
-_HASH_WHOLE_BYTES = 1 << 30
-_HASH_PART_BYTES = 1 << 20
-
-
-def _file_fingerprint(path: str) -> dict[str, Any] | None:
-    """``{"size", "blake2b"}`` of a file (``blake2b``: the hex digest of its bytes, streamed), or for a file over
-    ``_HASH_WHOLE_BYTES`` ``{"size", "mtime_ns", "blake2b_ends"}`` (the digest of its first and last MiB); None when
-    the file does not exist."""
-    import hashlib
-
-    if not os.path.isfile(path):
-        return None
-    st = os.stat(path)
-    h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        if st.st_size <= _HASH_WHOLE_BYTES:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-            return {"size": st.st_size, "blake2b": h.hexdigest()}
-        h.update(f.read(_HASH_PART_BYTES))
-        f.seek(st.st_size - _HASH_PART_BYTES)
-        h.update(f.read(_HASH_PART_BYTES))
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake2b_ends": h.hexdigest()}
-
-
 def _data_fingerprint(data_dir: str) -> dict[str, Any]:
-    """``{file name: _file_fingerprint}`` of every ``DATA_FILES`` entry of ``data_dir`` (None for an absent one:
+    """``{file name: files.file_digest}`` of every ``DATA_FILES`` entry of ``data_dir`` (None for an absent one:
     a file added later changes which stages run)."""
-    return {name: _file_fingerprint(os.path.join(data_dir, name)) for name in DATA_FILES}
+    return {name: files.file_digest(os.path.join(data_dir, name)) for name in DATA_FILES}
 
 
 def _check_data(run: DefaultRunConfig) -> None:
