@@ -239,6 +239,21 @@ def test_greedy_rows_take_the_argmax_of_each_target(logits):
 # Stop strings on device vs a Python reference
 
 
+def test_fast_argmax_equals_jnp_argmax_with_ties_infinities_and_nans():
+    """decode_rules.argmax (two fused passes; jnp.argmax is a slow variadic reduction on XLA's CPU backend) returns
+    jnp.argmax's index in every row: the first of tied maxima, 0 for an all -inf row, the first NaN of a row with
+    NaNs."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 300)).astype(np.float32)
+    x[1, [5, 17, 290]] = 9.0  # ties: the first wins
+    x[2] = -np.inf
+    x[3, [40, 80]] = np.nan
+    x[4, :] = np.where(np.arange(300) % 2, -np.inf, x[4])
+    x[5, 299] = np.inf
+    x[6] = 0.0
+    np.testing.assert_array_equal(np.asarray(R.argmax(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+
+
 def test_stop_window_finds_strings_across_any_number_of_tokens():
     rng = np.random.default_rng(3)
     vocab = 40
