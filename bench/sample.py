@@ -250,9 +250,11 @@ def bench_torch_par_loop(p_model, q_model, reps: int, n: int = 8) -> dict:
     return _torch_decode_loop(p_model, q_model, choose, reps)
 
 
-def forward_step_s(model, batch: int, reps: int, cache_len: int = PROMPT_LEN + NEW, dtype: str | None = None) -> float:
+def forward_step_s(model, batch: int, reps: int, cache_len: int = PROMPT_LEN + NEW, dtype: str | None = None,
+                   cpu: bool = False) -> float | tuple[float, float]:
     """Best time of the model's jitted single-token decode step with a KV cache (``cache_len`` slots, donated),
-    the way the sampler runs it in this checkout (per-layer ``decode_forward`` when it exists, else ``forward``)."""
+    the way the sampler runs it in this checkout (per-layer ``decode_forward`` when it exists, else ``forward``);
+    with ``cpu``, ``(wall, process CPU)``."""
     import jax
     import jax.numpy as jnp
 
@@ -279,10 +281,10 @@ def forward_step_s(model, batch: int, reps: int, cache_len: int = PROMPT_LEN + N
         state["c"] = c.replace(index=jnp.int32(PROMPT_LEN))
         logits.block_until_ready()
 
-    return best_time(step, reps)
+    return best_time(step, reps, cpu=cpu)
 
 
-def rule_s(mode_kw: dict, batch: int, reps: int) -> float:
+def rule_s(mode_kw: dict, batch: int, reps: int, cpu: bool = False) -> float | tuple[float, float]:
     """Best time of the per-token rule alone (``decode_rules.choose``, jitted, every input a traced argument) on
     random ``[batch, VOCAB]`` logits with SETTINGS, KL monitor as the mode sets it."""
     import jax
@@ -305,7 +307,7 @@ def rule_s(mode_kw: dict, batch: int, reps: int) -> float:
                      greedy=jnp.zeros((B,), bool))
     u = jax.random.uniform(jax.random.key(3), (B, R.num_uniforms(mode, n)))
     fn = jax.jit(lambda zp, zq, seen, u, rp: R.choose(mode, zp, zq, seen, u, rp, kl_monitor=kl is not None).token)
-    return best_time(lambda: fn(zp, zq, seen, u, rp).block_until_ready(), reps)
+    return best_time(lambda: fn(zp, zq, seen, u, rp).block_until_ready(), reps, cpu=cpu)
 
 
 def bench_torch_sparse_loop(p_model, q_model, reps: int) -> dict:
@@ -377,7 +379,10 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=None, help="default: every mode of the shape")
     ap.add_argument("--aligners", default=None, help="default 1/4,1/8 (mission) / 1/4 (smollm2-135m)")
     ap.add_argument("--decode-dtype", default=None, choices=["bfloat16"],
-                    help="also run every mode with this decode dtype (SamplingParams.decode_dtype)")
+                    help="also time the forward step, and the --dtype-modes whole calls, with this decode dtype "
+                         "(SamplingParams.decode_dtype)")
+    ap.add_argument("--dtype-modes", default="proposal,sparse",
+                    help="modes whose whole call also runs with --decode-dtype ('' = the forward step only)")
     ap.add_argument("--tree", default=None, help="import ramjax from this checkout instead (before/after runs)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="batch 8 only, 2 reps, no 256-token corrector run")
@@ -395,7 +400,7 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     aligner_names = args.aligners.split(",")
     if args.decode_dtype:
-        for m in [m for m in modes if m in ("proposal", "sparse")]:
+        for m in [m for m in modes if m in args.dtype_modes.split(",")]:
             MODES[f"{m}@bf16"] = dict(MODES[m], decode_dtype=args.decode_dtype)
             modes.append(f"{m}@bf16")
 
@@ -428,6 +433,9 @@ def main(argv=None) -> int:
                          modes=[], hf_generate=[], torch_par_loop=None, corrector=[])
     results["meta"].update(shape=args.shape, tree=args.tree or ".", ramjax_file=ramjax.__file__)
     fwd: dict = {}
+    fwd_cpu: dict = {}
+    rule_wall: dict = {}
+    rule_cpu: dict = {}
     if smol:  # roofline, the forward step alone, the rule alone
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import roofline
@@ -442,18 +450,21 @@ def main(argv=None) -> int:
             for dt in dts:
                 for name, m in [("P", proposal)] + [(f"Q{k}", a) for k, a in aligners.items()]:
                     try:
-                        fwd[(name, b, dt)] = forward_step_s(m, b, args.reps * 3, dtype=dt)
+                        fwd[(name, b, dt)], fwd_cpu[(name, b, dt)] = forward_step_s(m, b, args.reps * 3, dtype=dt,
+                                                                                    cpu=True)
                     except Exception as e:  # noqa: BLE001 - an older tree has no decode dtype
                         print(f"  forward {name} B={b} {dt}: {e}")
                 print(f"  forward step B={b} {dt or 'f32'}: " + ", ".join(
                     f"{k[0]} {v * 1e3:.1f} ms" for k, v in fwd.items() if k[1] == b and k[2] == dt), flush=True)
         results["forward_step_s"] = {f"{k[0]}|{k[1]}|{k[2] or 'model'}": v for k, v in fwd.items()}
-        results["rule_s"] = {}
+        results["forward_step_cpu_s"] = {f"{k[0]}|{k[1]}|{k[2] or 'model'}": v for k, v in fwd_cpu.items()}
+        results["rule_s"], results["rule_cpu_s"] = {}, {}
         for b in batches:
             for mode in [m for m in MODES if "@" not in m]:  # every mode: the rule alone compiles fast
-                r = rule_s(MODES[mode], b, args.reps * 3)
-                results["rule_s"][f"{mode}|{b}"] = r
-                print(f"  rule alone {mode:9s} B={b}: {r * 1e3:.2f} ms", flush=True)
+                r, c = rule_s(MODES[mode], b, args.reps * 3, cpu=True)
+                results["rule_s"][f"{mode}|{b}"], results["rule_cpu_s"][f"{mode}|{b}"] = r, c
+                rule_wall[(mode, b)], rule_cpu[(mode, b)] = r, c
+                print(f"  rule alone {mode:9s} B={b}: {r * 1e3:.2f} ms wall, {c * 1e3:.2f} ms CPU", flush=True)
     rows = []
     for batch in batches:
         # Compile every configuration of this batch size, then time them round-robin (best of --reps), so that
@@ -515,23 +526,44 @@ def main(argv=None) -> int:
                 (n_p - emb_p if use_p else 0) + (n_q - emb_q if use_q else 0))
             fl = roofline.step_floor(wbytes, mparams, r["batch"], results["roofline"])
             step = r["run_s"] / NEW
+            qname = f"Q{aligner_names[0]}"
             f = (fwd.get(("P", r["batch"], dt), 0.0) if use_p else 0.0) + (
-                fwd.get((f"Q{aligner_names[0]}", r["batch"], dt), 0.0) if use_q else 0.0)
+                fwd.get((qname, r["batch"], dt), 0.0) if use_q else 0.0)
+            fc = (fwd_cpu.get(("P", r["batch"], dt), 0.0) if use_p else 0.0) + (
+                fwd_cpu.get((qname, r["batch"], dt), 0.0) if use_q else 0.0)
+            rw, rc = rule_wall.get((base_mode, r["batch"])), rule_cpu.get((base_mode, r["batch"]))
+            step_cpu = r["cpu_s"] / NEW
+            # The rule's share of the models' forward (P_M + Q_θ; Q_θ alone in aligner mode, P_M alone in proposal
+            # mode), and the whole call (prefill included) against forward + rule per token, in wall time and in
+            # process CPU time (the latter much less sensitive to other processes on a shared machine).
             r.update(step_s=step, floor_s=fl["floor_s"], bound=fl["bound"], floor_share=fl["floor_s"] / step,
-                     forward_s=f or None, overhead_vs_forward=(step - f) / f if f else None)
+                     forward_s=f or None, overhead_vs_forward=(step - f) / f if f else None,
+                     step_cpu_s=step_cpu, forward_cpu_s=fc or None, rule_s=rw, rule_cpu_s=rc,
+                     rule_share=rw / f if f and rw else None, rule_share_cpu=rc / fc if fc and rc else None,
+                     whole_vs_forward_rule=step / (f + rw) if f and rw else None,
+                     whole_vs_forward_rule_cpu=step_cpu / (fc + rc) if fc and rc else None)
         results["torch_sparse_loop"] = bench_torch_sparse_loop(hf_p, hf_q[aligner_names[0]], args.reps)
         print(f"  torch sparse loop (authors' design) B=1: {results['torch_sparse_loop']['tokens_per_s']:.1f} tok/s, "
               f"first token {results['torch_sparse_loop']['first_token_s'] * 1e3:.1f} ms", flush=True)
         results["first_token_512_s"] = first_token_long_prompt_s(sampler, proposal, 512, args.reps)
         results["first_token_17_s"] = first_token_long_prompt_s(sampler, proposal, 17, args.reps)
+        from ramjax.decode_loop import bucket_length
+
+        # a prompt is padded to its bucket, prefilled by both models and attended over by every step
+        results["prompt_bucket"] = {n: bucket_length(n, fine=True) for n in (16, 17, 24, 25, 512)}
+        print(f"  prompt buckets (positions paid per prompt length): {results['prompt_bucket']}", flush=True)
         print(f"  first token, 512-token prompt: {results['first_token_512_s'] * 1e3:.1f} ms; 17-token: "
               f"{results['first_token_17_s'] * 1e3:.1f} ms", flush=True)
+        results["forward_floor_share"] = {}
         for b in batches:
-            fp = fwd.get(("P", b, None))
-            if fp:
-                fl = roofline.step_floor(4 * n_p, n_p if TIED else n_p - emb_p, b, results["roofline"])
-                print(f"  P forward step alone B={b}: {fp * 1e3:.1f} ms = {fl['floor_s'] / fp:.0%} of the floor "
-                      f"({fl['bound']}-bound, {fl['floor_s'] * 1e3:.1f} ms)")
+            for dt in [None] + ([args.decode_dtype] if args.decode_dtype else []):
+                fp = fwd.get(("P", b, dt))
+                if fp:
+                    nb = 2 if dt == "bfloat16" else 4
+                    fl = roofline.step_floor(nb * n_p, n_p if TIED else n_p - emb_p, b, results["roofline"])
+                    results["forward_floor_share"][f"P|{b}|{dt or 'float32'}"] = fl["floor_s"] / fp
+                    print(f"  P forward step alone B={b} {dt or 'float32'}: {fp * 1e3:.1f} ms = "
+                          f"{fl['floor_s'] / fp:.0%} of its floor ({fl['bound']}-bound, {fl['floor_s'] * 1e3:.1f} ms)")
     hf = {r["batch"]: r for r in results["hf_generate"]}
     loop = results["torch_par_loop"]
     par8_b8 = next((r for r in rows if r["mode"] == "par8" and r["batch"] == 8), None)
@@ -551,15 +583,20 @@ def main(argv=None) -> int:
         else None,
         load_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
     print("\n| mode | Q | batch | tok/s (wall) | × proposal | tok per CPU-s | × proposal (CPU) | first token (ms) "
-          "| compile (s) |" + (" ms/step | floor share | rule+loop over forward |" if smol else ""))
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if smol else ""))
+          "| compile (s) |" + (" ms/step | floor share | rule+loop over forward | rule / forward (wall, CPU) | "
+                              "whole / (forward + rule) (wall, CPU) |" if smol else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|---|" if smol else ""))
     for r in rows:
         ratio = f"{r['vs_proposal']:.2f}" if r["vs_proposal"] is not None else "-"
         ratio_cpu = f"{r['vs_proposal_cpu']:.2f}" if r["vs_proposal_cpu"] is not None else "-"
         extra = ""
         if smol:
             ov = f"{r['overhead_vs_forward']:+.0%}" if r.get("overhead_vs_forward") is not None else "-"
-            extra = f" {r['step_s'] * 1e3:.1f} | {r['floor_share']:.0%} ({r['bound'][:3]}) | {ov} |"
+            pct = lambda x: f"{x:.0%}" if x is not None else "-"  # noqa: E731
+            rat = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
+            extra = (f" {r['step_s'] * 1e3:.1f} | {r['floor_share']:.0%} ({r['bound'][:3]}) | {ov} | "
+                     f"{pct(r.get('rule_share'))}, {pct(r.get('rule_share_cpu'))} | "
+                     f"{rat(r.get('whole_vs_forward_rule'))}, {rat(r.get('whole_vs_forward_rule_cpu'))} |")
         print(f"| {r['mode']} | {r['aligner'] or '-'} | {r['batch']} | {r['tokens_per_s']:.1f} | {ratio} | "
               f"{r['tokens_per_cpu_s']:.1f} | {ratio_cpu} | {r['first_token_s'] * 1e3:.1f} | {r['compile_s']:.1f} |"
               + extra)
