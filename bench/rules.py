@@ -1,0 +1,101 @@
+"""The per-token rule alone, every mode, this tree against another checkout's, interleaved in one process.
+
+    python bench/rules.py --before OLD_CHECKOUT [--batch 8] [--vocab 49152] [--reps 5]
+
+Each mode's ``decode_rules.choose`` is jitted with every input a traced argument, on random ``[batch, vocab]``
+logits (scale 0.5: flat rows like a random-weight model's, so top-p takes its bisection path) with SmolLM2-135M's
+bench settings (T 1, top-p 0.95 / 0.9, penalty 1.05; KL threshold 0.1 for ``sparse+kl``, where every row fires on
+these logits). Both trees must draw the same tokens (checked). The trees are timed round-robin, best of ``--reps``
+rounds of 20 calls, in wall and process CPU time (on a shared machine the CPU time is the steadier of the two).
+
+Prints a table and writes ``bench/results/rules-<time>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CASES = [("proposal", 1, False), ("aligner", 1, False), ("par", 8, False), ("sparse", 1, False),
+         ("product", 1, False), ("sparse", 1, True)]
+
+
+def load_rules(tree: str):
+    spec = importlib.util.spec_from_file_location("before_rules", os.path.join(tree, "ramjax", "decode_rules.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", required=True, help="a checkout (or export) of the older tree")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ramjax import decode_rules as after
+
+    before = load_rules(args.before)
+    B, V, calls = args.batch, args.vocab, 20
+    zp = jax.random.normal(jax.random.key(1), (B, V)) * 0.5
+    zq = jax.random.normal(jax.random.key(2), (B, V)) * 0.5
+    seen = jnp.zeros((B, V), bool).at[:, :16].set(True)
+
+    def row_params(R, kl: bool):
+        f = lambda v: jnp.full((B,), v, jnp.float32)  # noqa: E731
+        return R.RowParams(f(1.0), f(1.0), f(0.95), f(0.9), jnp.zeros((B,), jnp.int32), f(1.05),
+                           f(0.1 if kl else jnp.inf), jnp.zeros((B,), bool))
+
+    fns = {}
+    for mode, n, kl in CASES:
+        name = mode + ("8" if mode == "par" else "") + ("+kl" if kl else "")
+        toks = []
+        for tag, R in (("before", before), ("after", after)):
+            u = jax.random.uniform(jax.random.key(3), (B, R.num_uniforms(mode, n)))
+            fn = jax.jit(lambda a, b, s, u, r, R=R, mode=mode, kl=kl: R.choose(mode, a, b, s, u, r,
+                                                                             kl_monitor=kl).token)
+            fargs = (zp, zq, seen, u, row_params(R, kl))
+            toks.append(np.asarray(fn(*fargs)))
+            fns[(name, tag)] = (fn, fargs)
+        if not (toks[0] == toks[1]).all():
+            raise SystemExit(f"{name}: the trees draw different tokens ({toks[0]} vs {toks[1]})")
+    times = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, (fn, fargs) in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(calls):
+                out = fn(*fargs)
+            out.block_until_ready()
+            times[k].append(((time.perf_counter() - t) / calls, (time.process_time() - c) / calls))
+    load = os.getloadavg()
+    rows = []
+    print(f"rule alone, B={B}, V={V}, best of {args.reps} x {calls} calls; same tokens in both trees; load {load}")
+    print("| rule | before wall (ms) | after wall (ms) | before CPU (ms) | after CPU (ms) | CPU speed-up |")
+    print("|---|---|---|---|---|---|")
+    for name in dict.fromkeys(k[0] for k in fns):
+        bw, bc = (min(x[i] for x in times[(name, "before")]) for i in (0, 1))
+        aw, ac = (min(x[i] for x in times[(name, "after")]) for i in (0, 1))
+        rows.append(dict(rule=name, before_s=bw, after_s=aw, before_cpu_s=bc, after_cpu_s=ac))
+        print(f"| {name} | {bw * 1e3:.2f} | {aw * 1e3:.2f} | {bc * 1e3:.2f} | {ac * 1e3:.2f} | {bc / ac:.1f}x |")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"rules-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(dict(batch=B, vocab=V, load=load, before=os.path.abspath(args.before), rows=rows), f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
