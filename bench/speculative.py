@@ -2,7 +2,7 @@
 same mode and against proposal-only decoding, with the measured acceptance.
 
     python bench/speculative.py [--configs default,smol] [--run-dir runs/default] [--batches 1,8] [--ks 2,4,8]
-                                [--modes product] [--new 64] [--reps 2] [--no-eos] [--no-kl]
+                                [--modes product] [--new 64] [--reps 2] [--no-eos] [--no-kl] [--preset sampled]
 
 Configurations:
 
@@ -14,12 +14,14 @@ Configurations:
   measures the cost side (a 3.75x deeper verifier) at a given acceptance.
 
 Sampling settings: the sampler's defaults, i.e. the released settings (T 0.5 / 0.5, top-p 0.95 / 0.9, penalty
-1.05, KL monitor at 0.1). Every configuration is compiled and warmed up first, then timed ``--reps`` times
-round-robin; the best wall time counts, and the best process CPU time (on a shared machine much less affected by
-other jobs than the wall time; the jitted loop runs on this process's threads). Every case decodes the same
-``--prompts`` prompts (or ``batch`` when larger): batch 1 as one call per prompt, batch 8 as calls of 8 rows.
-tokens/s = generated tokens (EOS included) / time; since the methods sample the same distribution, their expected
-lengths agree. Prints a table, the load (``uptime``), and writes ``bench/results/speculative-<time>.json``.
+1.05, KL monitor at 0.1), or a named preset (``--preset sampled``: T 1, no nucleus, no penalty, no KL monitor, as
+the evaluation samples; ``--preset greedy``). Every configuration is compiled and warmed up first, then timed
+``--reps`` times round-robin; the best wall time counts, and the best process CPU time (on a shared machine much
+less affected by other jobs than the wall time; the jitted loop runs on this process's threads). Every case
+decodes the same ``--prompts`` prompts (or ``batch`` when larger): batch 1 as one call per prompt, batch 8 as
+calls of 8 rows. tokens/s = generated tokens (EOS included) / time; since the methods sample the same
+distribution, their expected lengths agree. Prints a table, the load (``uptime``), and writes
+``bench/results/speculative-<time>.json``.
 """
 from __future__ import annotations
 
@@ -69,11 +71,11 @@ def build_smol():
 
 
 class Case:
-    def __init__(self, name, p, q, prompts, eos_ids, batch, new, n_prompts=8, **kw):
+    def __init__(self, name, p, q, prompts, eos_ids, batch, new, n_prompts=8, preset=None, **kw):
         from ramjax import sampler
 
         self.sample, self.name, self.batch = sampler.sample, name, batch
-        self.p, self.q = p, q
+        self.p, self.q, self.preset = p, q, preset
         # at least 8 prompts (batch 1: 8 calls of one row, one compile), so short responses average out
         self.prompts = prompts[:max(batch, n_prompts)]
         self.kw = dict(max_new_tokens=new, seed=0, batch_size=batch, **kw)
@@ -84,7 +86,7 @@ class Case:
 
     def run(self, record: bool = True):
         t, c = time.perf_counter(), time.process_time()
-        out = self.sample(self.p, self.q, self.prompts, **self.kw)
+        out = self.sample(self.p, self.q, self.prompts, self.preset, **self.kw)
         if record:
             self.times.append(time.perf_counter() - t)
             self.cpus.append(time.process_time() - c)
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eos", action="store_true",
                     help="default config: ignore EOS, so every row decodes --new tokens (steady-state decode speed)")
     ap.add_argument("--no-kl", action="store_true", help="KL monitor off (kl_threshold None) in every case")
+    ap.add_argument("--preset", default=None, help="a sampling preset (sampled, greedy) instead of the defaults")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
             return 2
         cases = []
         extra = dict(kl_threshold=None) if args.no_kl else {}
+        extra["preset"] = args.preset
         for b in batches:
             cases.append(Case("proposal", p, None, prompts, eos, b, new, args.prompts, mode="proposal", **extra))
             for mode in modes:

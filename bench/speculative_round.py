@@ -1,12 +1,16 @@
-"""Where a speculative round's time goes: the jitted pieces of one round timed alone, next to a token-level step.
+"""Where a speculative round's time goes: a round and its pieces timed *inside* a jitted loop, next to a token-level
+step, in process CPU time (on a shared machine much less disturbed by other jobs than wall time).
 
-    python bench/speculative_round.py [--run-dir runs/default] [--k 4] [--batch 1]
+    python bench/speculative_round.py [--run-dir runs/default] [--ks 2,4] [--batch 1] [--preset sampled]
 
 On the default run's warmed-up P_M (``<run-dir>/warmup/model``) and RAM aligner (``<run-dir>/ram/model``), mode
-``product`` with the released settings (KL monitor 0.1): a token-level step (``decode_loop._step``), a speculative
-round (``speculative._round``), one aligner forward, P_M forwards over 1 and k+1 tokens, the aligner's rule and
-draw, the product target at k+1 positions, and token-level ``choose``; each the best of 5 timings of many calls.
-Prints a table and the load, writes ``bench/results/speculative_round-<time>.json``.
+``product`` with the sampler's defaults (the released settings, KL monitor 0.1) or a named preset. Each piece runs
+as the body of a jitted ``fori_loop`` of 4 and of 12 iterations, and its cost is the difference / 8: what one more
+iteration costs inside the decode loop, without the per-call dispatch of the weights and state (~100 buffers), which
+a standalone call would add and the ``while_loop`` does not pay. Pieces: a token-level step
+(``decode_loop._step``), a speculative round (``speculative._round``) per k, one aligner forward (1 token), P_M
+forwards over 1 and k+1 tokens, the aligner's rule and draw (one draft), token-level ``choose``, and the target rule
+at k+1 positions. Prints a table with the load, writes ``bench/results/speculative_round-<time>.json``.
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", default="runs/default")
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--ks", default="2,4")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--preset", default=None, help="a sampling preset (sampled, greedy) instead of the defaults")
+    ap.add_argument("--calls", type=int, default=40, help="calls per timing (best of 3)")
     args = ap.parse_args(argv)
     import jax
     import jax.numpy as jnp
@@ -40,66 +45,97 @@ def main(argv=None) -> int:
     from ramjax import sampler as S
     from ramjax import speculative as SP
 
-    K, B, run = args.k, args.batch, args.run_dir
+    B, run = args.batch, args.run_dir
+    ks = [int(k) for k in args.ks.split(",")]
     p, q = api.load_model(f"{run}/warmup/model"), api.load_model(f"{run}/ram/model")
     with open(f"{run}/data/eval.jsonl", encoding="utf-8") as f:
         prompts = [json.loads(line)["prompt"] for line in f][:B]
-    params = S.SamplingParams(mode="product", max_new_tokens=64)
+    params = S.sp_lib.resolve(args.preset, dict(mode="product", max_new_tokens=64))
+    # EOS off: the timed rows never finish, so every iteration does a full step / round
     plan = S._plan(p, q, prompts, params, num_samples=1, seed=0, batch_size=B, eos_ids=[], example_offset=0,
                    rules=(), draft=True)
     st, batch, rowp = S._chunk_inputs(plan, [(i, 0) for i in range(len(prompts))])
+    rowp = jax.tree_util.tree_map(jnp.asarray, rowp)
+    tables = jax.tree_util.tree_map(jnp.asarray, plan.tables)
     pp, qp = plan.params_p, plan.params_q
-    rows = {}
+    V = st.vocab
+    rows: dict[str, float] = {}
 
-    def timeit(name, f, *a):
-        jax.block_until_ready(f(*a))
+    def cpu_per_call(f, x):
+        jax.block_until_ready(f(x))
         best = float("inf")
-        n = max(args.calls // 5, 1)
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(n):
-                out = f(*a)
+        for _ in range(3):
+            t = time.process_time()
+            for _ in range(args.calls):
+                out = f(x)
             jax.block_until_ready(out)
-            best = min(best, (time.perf_counter() - t) / n)
-        rows[name] = best
-        print(f"{name:<42} {best * 1e6:9.1f} us", flush=True)
+            best = min(best, (time.process_time() - t) / args.calls)
+        return best
+
+    def per_iteration(name, body, init):
+        def looped(n):
+            return jax.jit(lambda x: jax.lax.fori_loop(0, n, body, x))
+        cost = (cpu_per_call(looped(12), init) - cpu_per_call(looped(4), init)) / 8
+        rows[name] = cost
+        print(f"{name:<44} {cost * 1e6:8.1f} us", flush=True)
 
     seed = jax.random.key(0)
     s0 = jax.jit(functools.partial(D._prefill, st))(pp, qp, batch, seed, rowp)
-    timeit("token-level step (product, KL on)", jax.jit(functools.partial(D._step, st)), pp, qp, s0, plan.tables,
-           rowp, np.int32(64))
-    sp = SP._Spec(base=st, k=K)
-    ss = jax.jit(functools.partial(SP._prefill, sp))(pp, qp, batch, seed, rowp)
-    timeit(f"speculative round k={K}", jax.jit(functools.partial(SP._round, sp)), pp, qp, ss, plan.tables, rowp,
-           np.int32(64))
-    pos = jnp.full((B, 1), 20)
-    fq = jax.jit(lambda prm, t, c: M.decode_forward(st.cfg_q, prm, t, pos, jnp.ones_like(t), c)[0])
-    fp = jax.jit(lambda prm, t, c: M.decode_forward(st.cfg_p, prm, t, pos + jnp.arange(t.shape[1]),
-                                                    jnp.ones_like(t), c)[0])
-    timeit("aligner forward, 1 token", fq, qp, jnp.zeros((B, 1), jnp.int32), ss.cache_q)
-    timeit("P_M forward, 1 token", fp, pp, jnp.zeros((B, 1), jnp.int32), ss.cache_p)
-    timeit(f"P_M forward, {K + 1} tokens", fp, pp, jnp.zeros((B, K + 1), jnp.int32), ss.cache_p)
-    V = st.vocab
-    z = jax.random.normal(jax.random.key(1), (B, V)) * 3
+    per_iteration("token-level step", lambda i, s: D._step(st, pp, qp, s, tables, rowp, np.int32(64)), s0)
+    states = {}
+    for K in ks:
+        sp = SP._Spec(base=st, k=K)
+        states[K] = jax.jit(functools.partial(SP._prefill, sp))(pp, qp, batch, seed, rowp)
+        per_iteration(f"speculative round k={K}",
+                      lambda i, s, sp=sp: SP._round(sp, pp, qp, s, tables, rowp, np.int32(64)), states[K])
+
+    def forward(cfg, prm, T):
+        def body(i, carry):
+            cache, tok = carry
+            z, cache = M.decode_forward(cfg, prm, jnp.broadcast_to(tok, (B, T)), (10 + i + jnp.arange(T))[None, :],
+                                        jnp.ones((B, T), jnp.int32), cache, last_only=T == 1)
+            # the index stays put (the cache never fills); the next token depends on the logits (no hoisting)
+            return cache.replace(index=cache.index - T), jnp.argmax(z[:, -1, :V], -1)[:, None].astype(jnp.int32)
+        return body
+
+    s = states[ks[0]]
+    tok0 = jnp.zeros((B, 1), jnp.int32)
+    per_iteration("aligner forward, 1 token", forward(st.cfg_q, qp, 1), (s.cache_q, tok0))
+    per_iteration("P_M forward, 1 token", forward(st.cfg_p, pp, 1), (s.cache_p, tok0))
+    for K in ks:
+        per_iteration(f"P_M forward, {K + 1} tokens", forward(st.cfg_p, pp, K + 1), (s.cache_p, tok0))
+    z0 = jax.random.normal(jax.random.key(1), (B, V)) * 3
     seen = jnp.zeros((B, V), bool)
-    timeit("aligner rule + draw (one draft)",
-           jax.jit(lambda z, s, u: R.draw(u, R.target_logits("aligner", None, z, s, rowp).logits, rowp.greedy)),
-           z, seen, jnp.full((B,), 0.5))
-    rep = jax.tree_util.tree_map(lambda x: jnp.repeat(x, K + 1, axis=0), rowp)
-    timeit(f"product target at {K + 1} positions (KL on)",
-           jax.jit(lambda a, b, s: R.target_logits("product", a, b, s, rep, kl_monitor=True).logits),
-           jnp.tile(z, (K + 1, 1)), jnp.tile(z, (K + 1, 1)) * 0.5, jnp.tile(seen, (K + 1, 1)))
-    timeit("token-level choose (product, KL on)",
-           jax.jit(lambda a, b, s, u: R.choose("product", a, b, s, u, rowp, kl_monitor=True).token),
-           z, z * 0.5, seen, jnp.full((B, 2), 0.5))
+
+    def draft_rule(i, z):
+        d = R.draw(jnp.full((B,), 0.3), R.target_logits("aligner", None, z, seen, rowp).logits, rowp.greedy)
+        return z.at[:, 0].add(d.astype(jnp.float32) * 1e-6)
+
+    def choose(i, z):
+        ch = R.choose("product", z, z * 0.5, seen, jnp.full((B, 2), 0.3), rowp, kl_monitor=st.kl_monitor)
+        return z.at[:, 0].add(ch.token.astype(jnp.float32) * 1e-6)
+
+    per_iteration("aligner rule + draw (one draft)", draft_rule, z0)
+    per_iteration("token-level choose (product)", choose, z0)
+    for K in ks:
+        rep = jax.tree_util.tree_map(lambda x, K=K: jnp.repeat(x, K + 1, axis=0), rowp)
+
+        def target(i, z, rep=rep, K=K):
+            t = R.target_logits("product", z, z * 0.5, jnp.tile(seen, (K + 1, 1)), rep,
+                                kl_monitor=st.kl_monitor).logits
+            return z.at[:, 0].add(jnp.where(jnp.isfinite(t[:, 1]), t[:, 1], 0.0) * 1e-6)
+
+        per_iteration(f"product target at {K + 1} positions", target, jnp.tile(z0, (K + 1, 1)))
     load = os.popen("uptime").read().strip()
-    print(f"round = {rows[f'speculative round k={K}'] / rows['token-level step (product, KL on)']:.2f} token-level "
-          f"steps\nload: {load}")
+    for K in ks:
+        print(f"round k={K} = {rows[f'speculative round k={K}'] / rows['token-level step']:.2f} token-level steps "
+              f"(at most {K + 1} tokens per round)")
+    print(f"load: {load}")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"speculative_round-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(dict(args=vars(args), load=load, seconds=rows), f, indent=1)
+        json.dump(dict(args=vars(args), load=load, cpu_seconds_per_iteration=rows), f, indent=1)
     print(f"wrote {path}")
     return 0
 
