@@ -198,7 +198,8 @@ def test_heldout_quiz_family_with_the_default_recipe(tmp_path):
 def test_heldout_wordlist_family_with_the_default_recipe(tmp_path):
     """Acceptance on the second held-out family (ramjax.experiments.wordlist), the recipe unchanged: the product
     beats the warmed-up P_M by at least 30 points under both decodings and Q alone sampled. Greedy, the product
-    measured 0.75 points (3 questions) under Q alone (README): reported as an expected failure when it is below, never hidden."""
+    measured 0.75 points (3 questions) under Q alone (README): reported as an expected failure when it is below,
+    never hidden."""
     acc = _run_family(tmp_path, wordlist.write_wordlist_data)
     for dec, a in acc.items():
         assert a["P_M + RAM (product)"] - a["P_M (warmed up)"] >= 0.30, (dec, a)
