@@ -16,13 +16,15 @@ import os
 import shutil
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import readme_table as _block  # noqa: E402  (the README block mechanics, shared with the results table)
+
 BEGIN, END = "<!-- ablation-table:begin -->", "<!-- ablation-table:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOT = os.path.join("docs", "ablation_sampled.png")
 
 
-class StaleReadmeError(ValueError):
-    """README.md's ablation table differs from the run's, or has no table markers."""
+StaleReadmeError = _block.StaleReadmeError  # one error for both README tables
 
 
 def _params(n: int | None) -> str:
@@ -65,29 +67,17 @@ def readme_table(ablation: dict) -> str:
 
 
 def _split(readme: str) -> tuple[str, str, str]:
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
-        raise StaleReadmeError(f"README.md must hold exactly one {BEGIN} ... {END} block")
-    head, rest = readme.split(BEGIN)
-    body, tail = rest.split(END)
-    return head, body, tail
+    return _block._split(readme, BEGIN, END)
 
 
 def update(readme: str, table: str) -> str:
     """``readme`` with the ablation block replaced by ``table``."""
-    head, _, tail = _split(readme)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+    return _block.update(readme, table, BEGIN, END)
 
 
 def check(readme: str, table: str) -> None:
     """Raises ``StaleReadmeError`` naming the differing lines when the README's block is not ``table``."""
-    _, body, _ = _split(readme)
-    have, want = body.strip().splitlines(), table.strip().splitlines()
-    if have != want:
-        diff = [f"README: {h!r} vs run: {w!r}" for h, w in zip(have, want) if h != w]
-        diff += [f"only in the run: {w!r}" for w in want[len(have):]] + [f"only in README: {h!r}"
-                                                                            for h in have[len(want):]]
-        raise StaleReadmeError("README.md's ablation table is stale (regenerate it with python scripts/"
-                               "readme_ablation.py RUN_DIR): " + "; ".join(diff[:6]))
+    _block.check(readme, table, BEGIN, END, what="ablation table", script="readme_ablation.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,30 +66,31 @@ def readme_table(results: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _split(readme: str) -> tuple[str, str, str]:
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
-        raise StaleReadmeError(f"README.md must hold exactly one {BEGIN} ... {END} block")
-    head, rest = readme.split(BEGIN)
-    body, tail = rest.split(END)
+def _split(readme: str, begin: str = BEGIN, end: str = END) -> tuple[str, str, str]:
+    if readme.count(begin) != 1 or readme.count(end) != 1 or readme.index(begin) > readme.index(end):
+        raise StaleReadmeError(f"README.md must hold exactly one {begin} ... {end} block")
+    head, rest = readme.split(begin)
+    body, tail = rest.split(end)
     return head, body, tail
 
 
-def update(readme: str, table: str) -> str:
-    """``readme`` with the table block replaced by ``table``."""
-    head, _, tail = _split(readme)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+def update(readme: str, table: str, begin: str = BEGIN, end: str = END) -> str:
+    """``readme`` with the block between ``begin`` and ``end`` replaced by ``table``."""
+    head, _, tail = _split(readme, begin, end)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
 
 
-def check(readme: str, table: str) -> None:
+def check(readme: str, table: str, begin: str = BEGIN, end: str = END, what: str = "results table",
+          script: str = "readme_table.py") -> None:
     """Raises ``StaleReadmeError`` naming the differing rows when the README's block is not ``table``."""
-    _, body, _ = _split(readme)
+    _, body, _ = _split(readme, begin, end)
     have, want = body.strip().splitlines(), table.strip().splitlines()
     if have != want:
         diff = [f"README: {h!r} vs run: {w!r}" for h, w in zip(have, want) if h != w]
         diff += [f"only in the run: {w!r}" for w in want[len(have):]] + [f"only in README: {h!r}"
                                                                             for h in have[len(want):]]
-        raise StaleReadmeError("README.md's results table is stale (regenerate it with python scripts/"
-                               "readme_table.py RUN_DIR): " + "; ".join(diff[:6]))
+        raise StaleReadmeError(f"README.md's {what} is stale (regenerate it with python scripts/{script} RUN_DIR): "
+                               + "; ".join(diff[:6]))
 
 
 def main(argv: list[str] | None = None) -> int:
