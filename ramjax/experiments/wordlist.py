@@ -23,7 +23,6 @@ the question's content.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ramjax.experiments import quiz
 from ramjax.files import atomic_write_jsonl
 
 __all__ = ["KINDS", "solve", "mistakes", "is_eval_item", "write_wordlist_data", "main"]
@@ -96,9 +96,8 @@ def mistakes(kind: str, args: Sequence[str]) -> list[str]:
 
 
 def is_eval_item(kind: str, args: Sequence[str]) -> bool:
-    """Whether a question (its content, any phrasing) is on the held-out side (10%): a stable blake2b hash."""
-    key = f"{kind}:{','.join(args)}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % 10_000 < 1_000
+    """Whether a question (its content, any phrasing) is on the held-out side (10%): the quiz family's stable hash."""
+    return quiz.is_eval_item(kind, tuple(args))
 
 
 def _item(kind: str, rng: np.random.Generator, held_out: bool = False) -> tuple[tuple[str, ...], str, str]:
