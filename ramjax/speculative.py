@@ -126,7 +126,7 @@ class _Spec:
 
 def _probs(logits_bv: jax.Array, greedy_b: jax.Array) -> jax.Array:
     """``softmax(logits)``, or the one-hot of the argmax on greedy rows ``[B, V]``."""
-    onehot = jax.nn.one_hot(jnp.argmax(logits_bv, axis=-1), logits_bv.shape[-1], dtype=jnp.float32)
+    onehot = jax.nn.one_hot(rules_lib.argmax(logits_bv), logits_bv.shape[-1], dtype=jnp.float32)
     return jnp.where(greedy_b[:, None], onehot, jax.nn.softmax(logits_bv, axis=-1))
 
 
