@@ -174,39 +174,54 @@ def _run_family(tmp_path, write) -> dict[str, dict[str, float]]:
                   for n in ("P_M (warmed up)", "Q alone", "P_M + RAM (product)")} for dec in ("sampled", "greedy")}
 
 
+def _check_acceptance(acc: dict[str, dict[str, float]], *, greedy_margin_headroom_note: bool = False) -> None:
+    """Issue 11's acceptance at equal decoding: the product >= Q alone and >= the warmed-up P_M + 30 points, sampled
+    and greedy. With ``greedy_margin_headroom_note`` a greedy margin under 30 points is reported as an expected
+    failure (with the headroom the warmed-up P_M leaves), never hidden; every other shortfall fails."""
+    for dec, a in acc.items():
+        assert a["P_M + RAM (product)"] >= a["Q alone"], (dec, a)
+        assert a["P_M + RAM (product)"] > a["P_M (warmed up)"], (dec, a)
+    margins = {dec: a["P_M + RAM (product)"] - a["P_M (warmed up)"] for dec, a in acc.items()}
+    assert margins["sampled"] >= 0.30, margins
+    if margins["greedy"] < 0.30 and greedy_margin_headroom_note:
+        pytest.xfail(f"greedy: RAM product - warmed-up P_M = {margins['greedy']:.3f} < 0.30 (the headroom above "
+                     f"the warmed-up P_M is {1 - acc['greedy']['P_M (warmed up)']:.3f})")
+    assert margins["greedy"] >= 0.30, margins
+
+
+def test_acceptance_check_fails_on_each_shortfall():
+    """The slow family tests' check: it passes a table that meets every criterion and fails each single shortfall."""
+    ok = {"sampled": {"P_M (warmed up)": 0.30, "Q alone": 0.70, "P_M + RAM (product)": 0.75},
+          "greedy": {"P_M (warmed up)": 0.40, "Q alone": 0.72, "P_M + RAM (product)": 0.72}}
+    _check_acceptance(ok)
+    for dec, name, value in [("sampled", "Q alone", 0.76), ("greedy", "Q alone", 0.73),
+                             ("sampled", "P_M (warmed up)", 0.46), ("greedy", "P_M (warmed up)", 0.43)]:
+        bad = {d: dict(a) for d, a in ok.items()}
+        bad[dec][name] = value
+        with pytest.raises(AssertionError):
+            _check_acceptance(bad)
+    short = {d: dict(a) for d, a in ok.items()}
+    short["greedy"]["P_M (warmed up)"] = 0.43
+    with pytest.raises(pytest.xfail.Exception):
+        _check_acceptance(short, greedy_margin_headroom_note=True)
+
+
 @pytest.mark.slow
 def test_heldout_quiz_family_with_the_default_recipe(tmp_path):
     """Acceptance: the default recipe, unchanged, on a task family it was not tuned on (ramjax.experiments.quiz: 20k
     mixed-quality rows of D, 2k concise S, 2k pairs, 400 held-out questions), through the one command. RAM's
     product beats Q alone under both decodings and the warmed-up P_M by at least 30 points sampled (T=1).
 
-    Greedy: the warmed-up P_M already scores ~0.71 greedy (it learned D's content, so its modal answer is mostly
-    right), which leaves less than 30 points of headroom; the test asserts the product beats it and reports the
-    margin as an expected failure when it is under 30 points (see the README's table)."""
-    acc = _run_family(tmp_path, quiz.write_quiz_data)
-    for dec, a in acc.items():
-        assert a["P_M + RAM (product)"] >= a["Q alone"], (dec, a)
-        assert a["P_M + RAM (product)"] > a["P_M (warmed up)"], (dec, a)
-    margins = {dec: a["P_M + RAM (product)"] - a["P_M (warmed up)"] for dec, a in acc.items()}
-    assert margins["sampled"] >= 0.30, margins
-    if margins["greedy"] < 0.30:
-        pytest.xfail(f"greedy: RAM product - warmed-up P_M = {margins['greedy']:.3f} < 0.30 (the headroom above "
-                     f"the warmed-up P_M is {1 - acc['greedy']['P_M (warmed up)']:.3f})")
+    Greedy: this P_M learns D's content, so the warmed-up P_M's modal answer is mostly right and leaves little
+    headroom; a greedy margin under 30 points is reported as an expected failure (see the README's table)."""
+    _check_acceptance(_run_family(tmp_path, quiz.write_quiz_data), greedy_margin_headroom_note=True)
 
 
 @pytest.mark.slow
 def test_heldout_wordlist_family_with_the_default_recipe(tmp_path):
     """Acceptance on the second held-out family (ramjax.experiments.wordlist), the recipe unchanged: the product
-    beats the warmed-up P_M by at least 30 points under both decodings and Q alone sampled. Greedy, the product
-    measured 0.75 points (3 questions) under Q alone (README): reported as an expected failure when it is below,
-    never hidden."""
-    acc = _run_family(tmp_path, wordlist.write_wordlist_data)
-    for dec, a in acc.items():
-        assert a["P_M + RAM (product)"] - a["P_M (warmed up)"] >= 0.30, (dec, a)
-    assert acc["sampled"]["P_M + RAM (product)"] >= acc["sampled"]["Q alone"], acc
-    g = acc["greedy"]
-    if g["P_M + RAM (product)"] < g["Q alone"]:
-        pytest.xfail(f"greedy: product {g['P_M + RAM (product)']:.3f} < Q alone {g['Q alone']:.3f}")
+    beats Q alone and the warmed-up P_M by at least 30 points, under both decodings."""
+    _check_acceptance(_run_family(tmp_path, wordlist.write_wordlist_data))
 
 
 def test_tokenizer_command_sizes_the_vocabulary_from_the_corpus(tmp_path):
