@@ -35,12 +35,15 @@ Greedy rows (``greedy`` flag) take the argmax of the same target instead of a dr
 product's argmax over the nucleus (its n → ∞ limit). A temperature of 0 counts as 1 inside the formulas; the
 caller turns temperature 0 into the greedy flag.
 
-Costs. Sorting is avoided: XLA's CPU sort of ``[32, 8192]`` logits takes longer than the model step. The nucleus
-comes from a top-k fast path (``lax.top_k`` of 64, for peaked rows) or from a value bisection with an exact finish
-(``_mass_cut``; flat rows), never a sort; draws use two-level inverse-CDF sampling (one uniform per draw) instead of
-Gumbel noise over the whole vocabulary; greedy rows use a two-pass ``argmax`` (``jnp.argmax`` is a slow variadic
-reduction on CPU), only in steps that have one. Every fused pass over ``[8, 49152]`` costs ~0.1 ms on CPU, so the
-rule's cost is its number of passes: ~30 for a flat nucleus, a few for the fast path.
+Costs. Sorting is avoided: XLA's CPU sort of ``[32, 8192]`` logits takes longer than the model step. Every fused
+pass over ``[8, 49152]`` costs ~0.1 ms on CPU, so the rule's cost is its number of passes. ``choose`` mostly does
+not compute a top-p set at all: it draws ``N_CANDIDATES`` i.i.d. candidates from the untruncated softmax and keeps
+the first one inside the set, a one-pass test per candidate (``_rejection_token``; exact, with an exact fallback;
+~6 passes in all). Where the set is needed (``target_logits``, ``sparse``'s P_M nucleus, ``par``), it comes from a
+top-k fast path (``lax.top_k`` of 64, for peaked rows) or from a value bisection with an exact finish
+(``_mass_cut``; flat rows: ~16 passes), never a sort; draws use two-level inverse-CDF sampling (one uniform per
+draw) instead of Gumbel noise over the whole vocabulary; greedy rows use a two-pass ``argmax`` (``jnp.argmax`` is a
+slow variadic reduction on CPU), only in steps that have one.
 """
 from __future__ import annotations
 
@@ -139,7 +142,42 @@ FAST_K = 64  # candidates of the top-k fast path of ``nucleus_mask``
 
 
 BAND_STEPS = 12  # value-bisection steps of ``_mass_cut`` before the exact finish
-BAND_K = 256  # the finish sorts (``lax.top_k``) at most this many tokens left in the band
+BAND_K = 64  # the finish ranks at most this many tokens left in the band (more: further halvings, then the keys)
+BAND_EXTRA = 8  # further halvings ``_mass_cut`` may take while some row's band holds more than ``band_k`` tokens
+BAND_CHUNK = 64  # the finish gathers the band's tokens by chunks of this many ids
+
+
+def _band_tokens(z_bv, w_bv, band, k: int):
+    """The ``k`` largest logits of the band ``[B, k]`` (descending; ``-inf`` past the band's end) and their weights,
+    read from at most ``k`` chunks of ``BAND_CHUNK`` ids: the chunks that hold band tokens are found by a ``TopK`` of
+    the per-chunk band counts ``[B, V / 64]``, and only their ``k · 64`` logits are ranked. A ``TopK`` over the
+    whole row (``[B, V]``) costs ~15 fused passes at V = 49k on CPU; this costs ~2. Exact where every row's band
+    holds at most ``k`` tokens (then at most ``k`` chunks hold them); the caller checks that."""
+    B, V = z_bv.shape
+    C = min(BAND_CHUNK, V)
+    G = -(-V // C)
+    pad = G * C - V
+    if pad:
+        z_bv = jnp.pad(z_bv, ((0, 0), (0, pad)), constant_values=NEG_INF)
+        w_bv = jnp.pad(w_bv, ((0, 0), (0, pad)))
+        band = jnp.pad(band, ((0, 0), (0, pad)))
+    # float counts: XLA's CPU TopK kernel takes float32 (an int32 top_k became a sort, 5x slower here)
+    per_chunk = jnp.sum(band.reshape(B, G, C), axis=-1, dtype=jnp.float32)  # [B, G]
+    M = min(k, G)
+    if M == G:  # every chunk (a top_k of all G would lower to a sort)
+        chunks = jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32), (B, G))
+    else:  # the chunks with band tokens (all of them: at most k hold any)
+        chunks = jax.lax.top_k(per_chunk, M)[1]
+
+    def gather(x):
+        return jnp.take_along_axis(x.reshape(B, G, C), chunks[:, :, None], axis=1).reshape(B, M * C)
+
+    cz, cw, cb = gather(z_bv), gather(w_bv), gather(band)
+    K = min(k, M * C)
+    idx = jax.lax.top_k(jnp.where(cb, cz, NEG_INF), K)[1]  # the band's tokens, largest first
+    bv = jnp.where(jnp.take_along_axis(cb, idx, axis=-1), jnp.take_along_axis(cz, idx, axis=-1), NEG_INF)
+    bw = jnp.where(bv > NEG_INF, jnp.take_along_axis(cw, idx, axis=-1), 0.0)
+    return bv, bw
 
 
 def _mass_cut(z_bv, keys, w_bv, valid, target_b, band_k: int = BAND_K):
@@ -147,10 +185,11 @@ def _mass_cut(z_bv, keys, w_bv, valid, target_b, band_k: int = BAND_K):
 
     ``BAND_STEPS`` halvings of the *value* range ``[min, max]`` (each one fused pass) leave the answer inside a
     band ``[lo, hi)`` that holds few tokens when the logits spread over a range (a flat 49k-token distribution:
-    ~12 of them); the band's tokens are then ranked exactly (``lax.top_k`` of ``band_k``) and the answer read off
-    the cumulative mass ``Σ w[z >= hi] + cumsum(band)``. Where some row's band holds more than ``band_k`` tokens
-    the exact 32-step bisection over the keys (``_threshold``) runs instead. Either way the same token is found
-    (up to the summation order of float masses); ~15 passes over the vocabulary instead of ~35.
+    ~12-20 of them); while some row's band holds more than ``band_k`` tokens, up to ``BAND_EXTRA`` more halvings
+    follow. The band's tokens are then ranked exactly (``_band_tokens``) and the answer read off the cumulative
+    mass ``Σ w[z >= hi] + cumsum(band)``. Where some row's band still holds more than ``band_k`` tokens (e.g. ties
+    no halving splits) the exact 32-step bisection over the keys (``_threshold``) runs instead. Either way the same
+    token is found (up to the summation order of float masses); ~16 passes over the vocabulary instead of ~35.
     """
     if band_k == 0:
         return _threshold(keys, w_bv, target_b)
@@ -158,20 +197,27 @@ def _mass_cut(z_bv, keys, w_bv, valid, target_b, band_k: int = BAND_K):
     lo = jnp.min(jnp.where(valid, z_bv, big), axis=-1)
     hi = jnp.nextafter(jnp.max(jnp.where(valid, z_bv, -big), axis=-1), big)
 
-    def body(_, carry):
-        lo, hi = carry
+    def halve(lo, hi):
         mid = lo + (hi - lo) * 0.5
         ok = jnp.sum(jnp.where(z_bv >= mid[:, None], w_bv, 0.0), axis=-1) >= target_b
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    lo, hi = jax.lax.fori_loop(0, BAND_STEPS, body, (lo, hi))
-    band = valid & (z_bv >= lo[:, None]) & (z_bv < hi[:, None])
-    count = jnp.sum(band, axis=-1)
+    def in_band(lo, hi):
+        return valid & (z_bv >= lo[:, None]) & (z_bv < hi[:, None])
+
+    lo, hi = jax.lax.fori_loop(0, BAND_STEPS, lambda _, c: halve(*c), (lo, hi))
+    count = jnp.sum(in_band(lo, hi), axis=-1)
+
+    def more(carry):  # one more halving of every row's band (rows already small keep a valid, smaller band)
+        i, lo, hi, _ = carry
+        lo, hi = halve(lo, hi)
+        return i + 1, lo, hi, jnp.sum(in_band(lo, hi), axis=-1)
+
+    _, lo, hi, count = jax.lax.while_loop(lambda c: (c[0] < BAND_EXTRA) & jnp.any(c[3] > band_k), more,
+                                          (0, lo, hi, count))
     above = jnp.sum(jnp.where(z_bv >= hi[:, None], w_bv, 0.0), axis=-1)
-    K = min(band_k, z_bv.shape[-1])
-    idx = jax.lax.top_k(jnp.where(band, z_bv, NEG_INF), K)[1]  # the band's tokens, largest first
-    bv = jnp.take_along_axis(z_bv, idx, axis=-1)
-    bw = jnp.where(bv > NEG_INF, jnp.take_along_axis(w_bv, idx, axis=-1), 0.0)
+    bv, bw = _band_tokens(z_bv, w_bv, in_band(lo, hi), band_k)
+    K = bv.shape[-1]
     cum = above[:, None] + jnp.cumsum(bw, axis=-1)
     # the first band token at which the mass reaches the target (the last one if float rounding never gets there)
     first = jnp.minimum(jnp.sum(cum < target_b[:, None], axis=-1), jnp.maximum(count - 1, 0))
@@ -179,20 +225,33 @@ def _mass_cut(z_bv, keys, w_bv, valid, target_b, band_k: int = BAND_K):
     return jax.lax.cond(jnp.any(count > K), lambda: _threshold(keys, w_bv, target_b), lambda: cut)
 
 
-def _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k: int = BAND_K):
+def _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k: int = BAND_K, exp_z=None):
     """``nucleus_mask`` without the top-k fast path (any k, any nucleus size): top-k by the exact 32-step
-    bisection over the float order, top-p by ``_mass_cut``."""
+    bisection over the float order, top-p by ``_mass_cut``. ``exp_z``: ``(exp(z - max z), its row sums)`` when the
+    caller has them (the softmax below then costs no second ``exp`` pass)."""
     lowest = jnp.zeros(z_bv.shape[:1], jnp.uint32)
+    k_any = jnp.any(top_k_b > 0)
 
     def top_k(_):
         kth = _threshold(keys, valid.astype(jnp.int32), top_k_b)
         return jnp.where(top_k_b > 0, kth, lowest)
 
-    kth = jax.lax.cond(jnp.any(top_k_b > 0), top_k, lambda _: lowest, None)
+    kth = jax.lax.cond(k_any, top_k, lambda _: lowest, None)
     in_k = keys >= kth[:, None]
 
     def top_p(_):
-        probs = jax.nn.softmax(jnp.where(in_k, z_bv, NEG_INF), axis=-1)
+        if exp_z is None:
+            probs = jax.nn.softmax(jnp.where(in_k, z_bv, NEG_INF), axis=-1)
+        else:
+            # softmax(where(in_k, z, -inf)) exactly: top-k keeps the largest logit, so its max is max z, and
+            # exp(-inf - max) is 0. Without top-k in any row, in_k holds every id.
+            e, s = exp_z
+
+            def masked():
+                ek = jnp.where(in_k, e, 0.0)
+                return ek / jnp.sum(ek, axis=-1, keepdims=True)
+
+            probs = jax.lax.cond(k_any, masked, lambda: e / s[:, None])
         cut = _mass_cut(z_bv, keys, jnp.where(in_k, probs, 0.0), valid & in_k, top_p_b, band_k)
         return jnp.where(top_p_b < 1.0, cut, lowest)
 
@@ -213,19 +272,31 @@ def nucleus_mask(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, *, fas
     case for trained models). Otherwise ``_bisection_mask`` runs (``fast_k=0`` forces it; ``band_k`` sizes its
     top-p finish, 0 forces the 32-step key bisection). All paths give the same set.
     """
+    return _nucleus(z_bv, top_k_b, top_p_b, fast_k, band_k)[0]
+
+
+def _nucleus(z_bv, top_k_b, top_p_b, fast_k: int = FAST_K, band_k: int = BAND_K):
+    """``nucleus_mask`` and ``exp(z - max z)`` ``[B, V]``, which it computes anyway (the draw reuses it)."""
     B, V = z_bv.shape
     keys = order_keys(z_bv)
     valid = z_bv > -jnp.inf
     K = min(fast_k, V)
+    # One exp pass serves the gate, the fast path's normaliser, the bisection's softmax and the draw.
+    zmax = jnp.max(z_bv, axis=-1)
+    e = jnp.exp(z_bv - zmax[:, None])
+    s = jnp.sum(e, axis=-1)
     if K == 0:
-        return _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k)
+        return _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k, exp_z=(e, s)), e
     k_on = top_k_b > 0
     p_on = top_p_b < 1.0
-    lse_all = jax.nn.logsumexp(z_bv, axis=-1)
+    lse_all = jnp.log(s) + zmax  # jax.nn.logsumexp(z) where max z is finite
     # The K largest probabilities hold at most K · (the largest probability): where that is below top_p (flat rows,
     # e.g. random-weight models) the fast path cannot hold, and its TopK (as costly as ~10 fused passes over a
     # 49k vocabulary on CPU) is skipped. A gate only: both paths keep the same set.
-    could = jnp.where(k_on, top_k_b <= K, ~p_on | (K * jnp.exp(jnp.max(z_bv, axis=-1) - lse_all) >= top_p_b))
+    could = jnp.where(k_on, top_k_b <= K, ~p_on | (K * jnp.exp(zmax - lse_all) >= top_p_b))
+
+    def bisection():
+        return _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k, exp_z=(e, s))
 
     def fast():
         # The values are gathered through the indices: with the indices dead, XLA's CPU backend lowers top_k to a
@@ -245,17 +316,23 @@ def nucleus_mask(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, *, fas
         k_ok = ~k_on | ((top_k_b <= K) & ((top_v[:, -1] < kth) | (K == V)))
         p_ok = ~p_on | (cum[:, -1] >= top_p_b) | (K == V)
         fast_ok = jnp.all(k_ok & p_ok)
-        return jax.lax.cond(fast_ok, lambda: valid & (z_bv >= cut[:, None]),
-                            lambda: _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k))
+        return jax.lax.cond(fast_ok, lambda: valid & (z_bv >= cut[:, None]), bisection)
 
-    return jax.lax.cond(jnp.all(could | (K == V)), fast,
-                        lambda: _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k))
+    return jax.lax.cond(jnp.all(could | (K == V)), fast, bisection), e
 
 
 def filter_logits(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, *, fast_k: int = FAST_K,
                   band_k: int = BAND_K) -> jax.Array:
     """Tempered logits with everything outside top-k/top-p set to ``-inf``."""
-    return jnp.where(nucleus_mask(z_bv, top_k_b, top_p_b, fast_k=fast_k, band_k=band_k), z_bv, NEG_INF)
+    return _filtered(z_bv, top_k_b, top_p_b, fast_k=fast_k, band_k=band_k)[0]
+
+
+def _filtered(z_bv, top_k_b, top_p_b, **kw):
+    """``filter_logits`` and the draw's weights ``exp(filtered - max)`` ``[B, V]`` (bit for bit what ``draw``
+    computes from the filtered logits: top-k/top-p always keep the largest logit, and ``exp(-inf)`` is 0), from the
+    nucleus' own exp pass."""
+    mask, e = _nucleus(z_bv, top_k_b, top_p_b, **kw)
+    return jnp.where(mask, z_bv, NEG_INF), jnp.where(mask, e, 0.0)
 
 
 def kl_divergence(zp_bv: jax.Array, zq_bv: jax.Array) -> jax.Array:
@@ -281,14 +358,16 @@ def _chunk_size(vocab: int) -> int:
     return max(16, 1 << math.isqrt(max(vocab - 1, 1)).bit_length())
 
 
-def _inverse_cdf(logits_bv: jax.Array, u_bn: jax.Array) -> jax.Array:
+def _inverse_cdf(logits_bv: jax.Array, u_bn: jax.Array, weights_bv: jax.Array | None = None) -> jax.Array:
     """Token ids ``[B, n]`` for uniforms ``u`` in [0, 1): the first id whose cumulative probability exceeds
     ``u · total``, found in two levels (chunk of ~sqrt(V) ids, then the id inside it). A token of probability
-    zero (``-inf`` logit) is never returned."""
+    zero (``-inf`` logit) is never returned. ``weights_bv``: ``exp(logits - max logits)`` when the caller has it."""
     B, V = logits_bv.shape
     C = _chunk_size(V)
     G = -(-V // C)
-    probs = jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True))  # -inf -> exactly 0
+    probs = weights_bv
+    if probs is None:
+        probs = jnp.exp(logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True))  # -inf -> exactly 0
     probs = jnp.pad(probs, ((0, 0), (0, G * C - V))).reshape(B, G, C)
     chunk_mass = jnp.sum(probs, axis=-1)  # [B, G]
     chunk_cdf = _prefix_sums(chunk_mass)
@@ -315,23 +394,26 @@ def argmax(x_bv: jax.Array) -> jax.Array:
     return jnp.min(jnp.where((x_bv == m) | nan, idx, V), axis=-1).astype(jnp.int32)
 
 
-def draw(u_b: jax.Array, logits_bv: jax.Array, greedy_b: jax.Array) -> jax.Array:
+def draw(u_b: jax.Array, logits_bv: jax.Array, greedy_b: jax.Array, weights_bv: jax.Array | None = None
+         ) -> jax.Array:
     """One token per row ``[B]`` from ``softmax(logits)`` (``-inf`` = excluded) by the uniform ``u`` in [0, 1), or
-    its argmax where greedy (computed only in steps with a greedy row)."""
-    sampled = _inverse_cdf(logits_bv, u_b[:, None])[:, 0]
+    its argmax where greedy (computed only in steps with a greedy row). ``weights_bv``: ``exp(logits - max)`` when
+    the caller has it (``Target.weights``; saves an exp pass), else computed here."""
+    sampled = _inverse_cdf(logits_bv, u_b[:, None], weights_bv)[:, 0]
     return jax.lax.cond(jnp.any(greedy_b), lambda: jnp.where(greedy_b, argmax(logits_bv), sampled), lambda: sampled)
 
 
-def par_draw(u_cand_bn: jax.Array, u_pick_b: jax.Array, proposal_bv: jax.Array, weight_logits_bv: jax.Array
-             ) -> tuple[jax.Array, jax.Array]:
+def par_draw(u_cand_bn: jax.Array, u_pick_b: jax.Array, proposal_bv: jax.Array, weight_logits_bv: jax.Array,
+             proposal_weights_bv: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Proposing–Aligning–Reducing: n candidates from ``softmax(proposal)`` (with replacement; one uniform each),
     self-normalised weights ``softmax(weight_logits[c])`` over the candidates (duplicates count), one candidate
     drawn by weight (uniform ``u_pick``).
 
+    ``proposal_weights_bv``: ``exp(proposal - max)`` when the caller has it (saves an exp pass).
     Returns the token ``[B]`` and the effective sample size ``1/Σ w_i²`` ``[B]`` (in [1, n]).
     """
     n = u_cand_bn.shape[-1]
-    cand = _inverse_cdf(proposal_bv, u_cand_bn)  # [B, n]
+    cand = _inverse_cdf(proposal_bv, u_cand_bn, proposal_weights_bv)  # [B, n]
     logw = jnp.take_along_axis(weight_logits_bv, cand, axis=-1)
     w = jax.nn.softmax(logw, axis=-1)
     ess = 1.0 / jnp.sum(w * w, axis=-1)
@@ -343,8 +425,64 @@ def par_draw(u_cand_bn: jax.Array, u_pick_b: jax.Array, proposal_bv: jax.Array, 
 
 def num_uniforms(mode: str, n: int) -> int:
     """Uniforms ``choose`` consumes per row and step: the draw, the fallback draw, and for par the pick and the
-    n candidates."""
-    return 3 + n if mode == "par" else 2
+    n candidates, for every other mode the ``N_CANDIDATES`` candidates of the rejection draw."""
+    return 3 + n if mode == "par" else 2 + N_CANDIDATES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rejection draws: a token of a top-p target without finding the nucleus
+
+
+N_CANDIDATES = 4  # candidates per row and step of the rejection draw
+REJECTION_MIN_TOP_P = 0.5  # below this a row's candidates are rejected too often: the exact path runs instead
+
+
+def _in_top_p(x_bv: jax.Array, e_bv: jax.Array, s_b: jax.Array, top_p_b: jax.Array, t_b: jax.Array) -> jax.Array:
+    """Whether token ``t`` ``[B]`` lies in the top-p nucleus of ``softmax(x)`` (no top-k), in one fused pass: it
+    does iff the mass of the tokens strictly above it is below ``top_p`` (``nucleus_mask``'s set, HF's rule; the
+    ties of the last kept token are all kept). ``e = exp(x - max x)``, ``s`` its row sums."""
+    xt = jnp.take_along_axis(x_bv, t_b[:, None], axis=-1)
+    above = jnp.sum(jnp.where(x_bv > xt, e_bv, 0.0), axis=-1)
+    return (top_p_b >= 1.0) | (above < top_p_b * s_b)
+
+
+def _first_kept(cand_bn: jax.Array, keep, done_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row, the first candidate (``[B, n]``, in order) that ``keep`` (``[B]`` tokens -> ``[B]`` bool) accepts,
+    and whether one was; rows already ``done`` are skipped. Candidates are tested one at a time, for all rows
+    together, only while some row has none yet (each test is a pass over the vocabulary)."""
+    B, n = cand_bn.shape
+
+    def body(c):
+        i, tok, done = c
+        t = jax.lax.dynamic_index_in_dim(cand_bn, i, axis=1, keepdims=False)
+        ok = ~done & keep(t)
+        return i + 1, jnp.where(ok, t, tok), done | ok
+
+    _, tok, done = jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[2]), body,
+                                      (0, cand_bn[:, 0], done_b))
+    return tok, done
+
+
+def _rejection_token(u_b, u_cand_bn, x_bv, e_bv, keep, exact, greedy_b, greedy_token, use):
+    """One token per row from ``softmax(x)`` restricted to the set ``keep`` tests, exactly, without computing the
+    set: i.i.d. candidates from ``softmax(x)`` (weights ``e = exp(x - max x)``; one uniform each), the first one
+    ``keep`` accepts. A row whose ``N_CANDIDATES`` are all rejected (probability (1 - kept mass)^n) draws from
+    ``exact()`` (the target's logits and weights, as ``draw`` takes them) with ``u``; so does every row when
+    ``use`` (a traced bool) is False. The first accepted of i.i.d. proposals, or else an exact draw, is distributed
+    exactly as the target. Greedy rows take ``greedy_token()`` (computed only in steps with a greedy row)."""
+    no = jnp.zeros(x_bv.shape[:1], bool)
+
+    def exact_draw():
+        logits, weights = exact()
+        return draw(u_b, logits, no, weights)
+
+    def rejection():
+        cand = _inverse_cdf(x_bv, u_cand_bn, e_bv)
+        tok, done = _first_kept(cand, keep, greedy_b)
+        return jax.lax.cond(jnp.all(done), lambda: tok, lambda: jnp.where(done, tok, exact_draw()))
+
+    tok = jax.lax.cond(use, rejection, exact_draw)
+    return jax.lax.cond(jnp.any(greedy_b), lambda: jnp.where(greedy_b, greedy_token(), tok), lambda: tok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,19 +493,22 @@ def num_uniforms(mode: str, n: int) -> int:
 class Target:
     """The processed per-token target of a mode, per row: ``logits`` ``[B, V]`` (``-inf`` outside the support; the
     distribution is ``softmax(logits)``), whether the KL fallback rule replaced the mode's rule (``fired`` ``[B]``)
-    and ``KL(P_M ‖ Q_θ)`` (``kl`` ``[B]``, NaN when the monitor is off)."""
+    and ``KL(P_M ‖ Q_θ)`` (``kl`` ``[B]``, NaN when the monitor is off). ``weights``: ``exp(logits - max)``
+    ``[B, V]`` where the rule computed it on the way (``draw`` then skips its exp pass), else None."""
 
     logits: jax.Array
     fired: jax.Array
     kl: jax.Array
+    weights: jax.Array | None = None
 
 
-def _fallback_logits(zp_bv, zp_pen, params: RowParams, kl_fallback: str) -> jax.Array:
+def _fallback_logits(zp_bv, zp_pen, params: RowParams, kl_fallback: str) -> tuple[jax.Array, jax.Array]:
+    """The KL fallback's filtered logits and draw weights (``_filtered``)."""
     if kl_fallback == "proposal":
-        return filter_logits(zp_pen / safe_temperature(params.proposal_temperature), params.top_k,
-                             params.proposal_top_p)
-    return filter_logits(zp_pen / safe_temperature(params.aligner_temperature), jnp.zeros_like(params.top_k),
-                         params.aligner_top_p)
+        return _filtered(zp_pen / safe_temperature(params.proposal_temperature), params.top_k,
+                         params.proposal_top_p)
+    return _filtered(zp_pen / safe_temperature(params.aligner_temperature), jnp.zeros_like(params.top_k),
+                     params.aligner_top_p)
 
 
 def target_logits(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv: jax.Array,
@@ -389,20 +530,22 @@ def target_logits(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, s
     rp = params.repetition_penalty
     if mode == "aligner":
         zq = repetition_penalty(zq_bv, seen_bv, rp) / safe_temperature(params.aligner_temperature)
-        return Target(filter_logits(zq, params.top_k, params.aligner_top_p), no, nan)
+        logits, weights = _filtered(zq, params.top_k, params.aligner_top_p)
+        return Target(logits, no, nan, weights)
 
     # P_M processed with its own settings; its support is the nucleus.
     zp_pen = repetition_penalty(zp_bv, seen_bv, rp)
     t_p = safe_temperature(params.proposal_temperature)
     zp_t = zp_pen / t_p
     if mode in ("proposal", "inra"):  # InRa: zp already holds the λ-mixed logits of its two streams
-        return Target(filter_logits(zp_t, params.top_k, params.proposal_top_p), no, nan)
+        logits, weights = _filtered(zp_t, params.top_k, params.proposal_top_p)
+        return Target(logits, no, nan, weights)
 
     t_q = safe_temperature(params.aligner_temperature)
     if mode == "product" and product_support not in SUPPORTS:
         raise ValueError(f"unknown product_support {product_support!r}; expected one of {SUPPORTS}")
 
-    def main() -> jax.Array:
+    def main() -> tuple[jax.Array, jax.Array | None]:  # the logits, and the draw weights where computed anyway
         if mode == "sparse":
             # The released rule: P_M's nucleus from its raw (unpenalised) logits at T_M; the penalty applies to the
             # aligner's logits only (their ParKlLogitsWarper filters the base logits, then the aligner-side
@@ -410,22 +553,95 @@ def target_logits(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, s
             nucleus = nucleus_mask(zp_bv / t_p, params.top_k, params.proposal_top_p)
             zq_pen_t = repetition_penalty(zq_bv, seen_bv, rp) / t_q
             restricted = jnp.where(nucleus, zq_pen_t, NEG_INF)
-            return filter_logits(restricted, jnp.zeros_like(params.top_k), params.aligner_top_p)
+            return _filtered(restricted, jnp.zeros_like(params.top_k), params.aligner_top_p)
         logits = zp_t + zq_bv / t_q  # product
         if product_support == "nucleus":
             logits = jnp.where(nucleus_mask(zp_t, params.top_k, params.proposal_top_p), logits, NEG_INF)
-        return logits
+        return logits, None
 
     if not kl_monitor:
-        return Target(main(), no, nan)
+        logits, weights = main()
+        return Target(logits, no, nan, weights)
     if kl_fallback not in FALLBACKS:
         raise ValueError(f"unknown kl_fallback {kl_fallback!r}; expected one of {FALLBACKS}")
     kl = kl_divergence(zp_bv, zq_bv)
     fired = kl > params.kl_threshold
     # Each rule runs only in steps where some row needs it (the KL is known first): the mode's rule where no row
     # fired, the fallback's where every row did, both (selected per row) otherwise.
-    logits = _by_rows(fired, lambda: _fallback_logits(zp_bv, zp_pen, params, kl_fallback), main)
-    return Target(logits, fired, kl)
+    if mode == "product":  # its rule has no weights on the way: the fallback's are dropped too (same structure)
+        logits = _by_rows(fired, lambda: _fallback_logits(zp_bv, zp_pen, params, kl_fallback)[0],
+                          lambda: main()[0])
+        return Target(logits, fired, kl)
+    logits, weights = _by_rows(fired, lambda: _fallback_logits(zp_bv, zp_pen, params, kl_fallback), main)
+    return Target(logits, fired, kl, weights)
+
+
+def _top_p_token(x_bv, top_k_b, top_p_b, u_b, u_cand_bn, greedy_b) -> jax.Array:
+    """A token of ``filter_logits(x, top_k, top_p)``'s distribution per row ``[B]`` (its argmax where greedy): by
+    rejection from ``softmax(x)`` (``_rejection_token``) where no row has top-k and every sampled row's top-p is
+    ``>= REJECTION_MIN_TOP_P``, else by ``draw`` from the filtered logits."""
+    e = jnp.exp(x_bv - jnp.max(x_bv, axis=-1, keepdims=True))
+    s = jnp.sum(e, axis=-1)
+    use = jnp.all(top_k_b == 0) & jnp.all((top_p_b >= REJECTION_MIN_TOP_P) | greedy_b)
+    return _rejection_token(u_b, u_cand_bn, x_bv, e, lambda t: _in_top_p(x_bv, e, s, top_p_b, t),
+                            lambda: _filtered(x_bv, top_k_b, top_p_b), greedy_b, lambda: argmax(x_bv), use)
+
+
+def _mode_token(mode: str, zp_bv, zq_bv, seen_bv, params: RowParams, u_b, u_cand_bn, product_support: str
+                ) -> jax.Array:
+    """A token per row ``[B]`` of the mode's own rule (``target_logits`` without the KL monitor; not par), drawn
+    without computing the support where the rule allows: ``aligner``/``proposal``/``inra`` and ``sparse``'s
+    aligner-side top-p by rejection against their top-p set, ``product`` by rejection against P_M's nucleus
+    (``_rejection_token``). The same distribution as ``draw`` from ``target_logits`` (tested), other tokens."""
+    greedy = params.greedy
+    rp = params.repetition_penalty
+    zero_k = jnp.zeros_like(params.top_k)
+    if mode == "aligner":
+        zq = repetition_penalty(zq_bv, seen_bv, rp) / safe_temperature(params.aligner_temperature)
+        return _top_p_token(zq, params.top_k, params.aligner_top_p, u_b, u_cand_bn, greedy)
+    t_p = safe_temperature(params.proposal_temperature)
+    if mode in ("proposal", "inra"):
+        zp_t = repetition_penalty(zp_bv, seen_bv, rp) / t_p
+        return _top_p_token(zp_t, params.top_k, params.proposal_top_p, u_b, u_cand_bn, greedy)
+    t_q = safe_temperature(params.aligner_temperature)
+    if mode == "sparse":  # P_M's nucleus exactly (raw logits), then the aligner-side top-p by rejection
+        nucleus = nucleus_mask(zp_bv / t_p, params.top_k, params.proposal_top_p)
+        restricted = jnp.where(nucleus, repetition_penalty(zq_bv, seen_bv, rp) / t_q, NEG_INF)
+        return _top_p_token(restricted, zero_k, params.aligner_top_p, u_b, u_cand_bn, greedy)
+    if mode != "product":
+        raise ValueError(f"mode {mode!r} has no closed-form target")
+    zp_t = repetition_penalty(zp_bv, seen_bv, rp) / t_p
+    y = zp_t + zq_bv / t_q
+    e_y = jnp.exp(y - jnp.max(y, axis=-1, keepdims=True))
+    if product_support == "full":
+        return draw(u_b, y, greedy, e_y)
+    # Candidates from the product over the whole vocabulary, kept where they lie in P_M's nucleus. Greedy rows
+    # need the nucleus' argmax: a step with one takes the exact path.
+    e_p = jnp.exp(zp_t - jnp.max(zp_t, axis=-1, keepdims=True))
+    s_p = jnp.sum(e_p, axis=-1)
+    use = (jnp.all(params.top_k == 0) & jnp.all(params.proposal_top_p >= REJECTION_MIN_TOP_P)
+           & ~jnp.any(greedy))
+
+    def exact():
+        return jnp.where(nucleus_mask(zp_t, params.top_k, params.proposal_top_p), y, NEG_INF), None
+
+    def greedy_token():
+        return argmax(exact()[0])
+
+    no = jnp.zeros_like(greedy)
+    tok = _rejection_token(u_b, u_cand_bn, y, e_y, lambda t: _in_top_p(zp_t, e_p, s_p, params.proposal_top_p, t),
+                           exact, no, greedy_token, use)
+    return jax.lax.cond(jnp.any(greedy), lambda: jnp.where(greedy, greedy_token(), tok), lambda: tok)
+
+
+def _fallback_token(zp_bv, seen_bv, params: RowParams, kl_fallback: str, u_b, u_cand_bn) -> jax.Array:
+    """A token per row of the KL fallback rule (``_fallback_logits``' distribution), by ``_top_p_token``."""
+    zp_pen = repetition_penalty(zp_bv, seen_bv, params.repetition_penalty)
+    if kl_fallback == "proposal":
+        return _top_p_token(zp_pen / safe_temperature(params.proposal_temperature), params.top_k,
+                            params.proposal_top_p, u_b, u_cand_bn, params.greedy)
+    return _top_p_token(zp_pen / safe_temperature(params.aligner_temperature), jnp.zeros_like(params.top_k),
+                        params.aligner_top_p, u_b, u_cand_bn, params.greedy)
 
 
 def _by_rows(fired_b: jax.Array, on_fired, on_rest):
@@ -442,8 +658,9 @@ def _by_rows(fired_b: jax.Array, on_fired, on_rest):
 def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv: jax.Array, u_bm: jax.Array,
            params: RowParams, *, kl_fallback: str = "proposal", product_support: str = "nucleus",
            kl_monitor: bool = True) -> TokenChoice:
-    """Draws the next token of every row: from ``target_logits`` in every mode but ``par``, which draws
-    candidates and weights (and, where the KL fallback fires, from the fallback rule).
+    """Draws the next token of every row: from ``target_logits``' distribution in every mode but ``par`` (by
+    rejection where the rule allows, ``_mode_token``), which draws candidates and weights (and, where the KL
+    fallback fires, from the fallback rule).
 
     zp_bv, zq_bv: float32 logits ``[B, V]`` of P_M and Q_θ (None where the mode does not use the model).
     seen_bv:      bool ``[B, V]``, tokens already in the row (prompt and generated) for the repetition penalty.
@@ -457,18 +674,34 @@ def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv:
     u_main, u_fallback = u_bm[:, 0], u_bm[:, 1]
     greedy = params.greedy
     if mode != "par":
-        t = target_logits(mode, zp_bv, zq_bv, seen_bv, params, kl_fallback=kl_fallback,
-                          product_support=product_support, kl_monitor=kl_monitor)
-        return TokenChoice(draw(u_main, t.logits, greedy), t.fired, nan, t.kl)
+        # The distribution of ``target_logits`` (which defines it), drawn by ``_mode_token``/``_fallback_token``.
+        if mode == "product" and product_support not in SUPPORTS:
+            raise ValueError(f"unknown product_support {product_support!r}; expected one of {SUPPORTS}")
+        u_cand = u_bm[:, 2:]
+
+        def main_token():
+            return _mode_token(mode, zp_bv, zq_bv, seen_bv, params, u_main, u_cand, product_support)
+
+        no = jnp.zeros((B,), bool)
+        if not kl_monitor or mode in ("proposal", "aligner", "inra"):
+            return TokenChoice(main_token(), no, nan, nan)
+        if kl_fallback not in FALLBACKS:
+            raise ValueError(f"unknown kl_fallback {kl_fallback!r}; expected one of {FALLBACKS}")
+        kl = kl_divergence(zp_bv, zq_bv)
+        fired = kl > params.kl_threshold
+        # Each rule runs only in steps where some row needs it (a row uses one rule: they share the candidates).
+        tok = _by_rows(fired, lambda: _fallback_token(zp_bv, seen_bv, params, kl_fallback, u_fallback, u_cand),
+                       main_token)
+        return TokenChoice(tok, fired, nan, kl)
 
     zp_pen = repetition_penalty(zp_bv, seen_bv, params.repetition_penalty)
 
     def par_token() -> tuple[jax.Array, jax.Array]:
         zp_t = zp_pen / safe_temperature(params.proposal_temperature)
-        nucleus = nucleus_mask(zp_t, params.top_k, params.proposal_top_p)
+        proposal, weights = _filtered(zp_t, params.top_k, params.proposal_top_p)
         zq_t = zq_bv / safe_temperature(params.aligner_temperature)
-        product = jnp.where(nucleus, zp_t + zq_t, NEG_INF)
-        tok, ess = par_draw(u_bm[:, 3:], u_bm[:, 2], jnp.where(nucleus, zp_t, NEG_INF), zq_t)
+        product = jnp.where(proposal > NEG_INF, zp_t + zq_t, NEG_INF)
+        tok, ess = par_draw(u_bm[:, 3:], u_bm[:, 2], proposal, zq_t, weights)
         tok = jax.lax.cond(jnp.any(greedy), lambda: jnp.where(greedy, argmax(product), tok), lambda: tok)
         return tok, ess
 
@@ -479,6 +712,9 @@ def choose(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, seen_bv:
         raise ValueError(f"unknown kl_fallback {kl_fallback!r}; expected one of {FALLBACKS}")
     kl = kl_divergence(zp_bv, zq_bv)
     fired = kl > params.kl_threshold
-    tok, ess = _by_rows(fired, lambda: (draw(u_fallback, _fallback_logits(zp_bv, zp_pen, params, kl_fallback),
-                                             greedy), nan), par_token)
+    def fallback_token() -> tuple[jax.Array, jax.Array]:
+        logits, weights = _fallback_logits(zp_bv, zp_pen, params, kl_fallback)
+        return draw(u_fallback, logits, greedy, weights), nan
+
+    tok, ess = _by_rows(fired, fallback_token, par_token)
     return TokenChoice(tok, fired, jnp.where(fired, jnp.nan, ess), kl)
