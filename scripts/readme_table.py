@@ -2,8 +2,10 @@
 
     python scripts/readme_table.py runs/default            # rewrite the table in README.md from the run
     python scripts/readme_table.py runs/default --check    # exit 1 (naming the rows) if README.md is stale
+    python scripts/readme_table.py runs/wordlist --table=wordlist [--check]   # a held-out family's table
 
-The table lives in README.md between ``<!-- results-table:begin -->`` and ``<!-- results-table:end -->``; it is
+The table lives in README.md between ``<!-- results-table:begin -->`` and ``<!-- results-table:end -->`` (with
+``--table=NAME``, between ``<!-- NAME-table:begin -->`` and ``<!-- NAME-table:end -->``); it is
 nothing but the run's strict accuracy (with its 95% interval) per system, sampled and greedy, so a README figure
 can only come from a run's own output. The labels below name the pipeline's systems for readers.
 """
@@ -13,6 +15,11 @@ import os
 import sys
 
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
+
+
+def markers(name: str = "results") -> tuple[str, str]:
+    """The README's begin/end comments around the table called ``name``."""
+    return f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
 
 # pipeline system name -> README label (systems not listed keep their name)
 LABELS = {
@@ -100,26 +107,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     run_dir = argv[0]
     readme_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    name = "results"
     for a in argv[1:]:
         if a.startswith("--readme="):
             readme_path = a.split("=", 1)[1]
+        elif a.startswith("--table="):
+            name = a.split("=", 1)[1]
+    begin, end = markers(name)
     try:
         with open(os.path.join(run_dir, "results_table.md"), encoding="utf-8") as f:
             table = readme_table(parse_results_table(f.read()))
         with open(readme_path, encoding="utf-8") as f:
             readme = f.read()
         if "--check" in argv:
-            check(readme, table)
-            print(f"{readme_path}: the results table matches {run_dir}")
+            check(readme, table, begin, end, what=f"{name} table")
+            print(f"{readme_path}: the {name} table matches {run_dir}")
             return 0
-        new = update(readme, table)
+        new = update(readme, table, begin, end)
     except (ValueError, OSError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1 if isinstance(e, StaleReadmeError) else 2
     from ramjax import files
 
     files.atomic_write(readme_path, new)
-    print(f"{readme_path}: results table written from {run_dir}")
+    print(f"{readme_path}: {name} table written from {run_dir}")
     return 0
 
 

@@ -46,6 +46,20 @@ def test_check_detects_a_stale_readme_and_update_fixes_it(tmp_path, capsys):
     assert rt.main([str(run), "--check", f"--readme={readme}"]) == 0
 
 
+def test_a_named_table_has_its_own_markers(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results_table.md").write_text(RESULTS)
+    readme = tmp_path / "README.md"
+    begin, end = rt.markers("wordlist")
+    readme.write_text(f"{rt.BEGIN}\nmain\n{rt.END}\n{begin}\nold\n{end}\n")
+    assert rt.main([str(run), "--table=wordlist", "--check", f"--readme={readme}"]) == 1
+    assert rt.main([str(run), "--table=wordlist", f"--readme={readme}"]) == 0
+    assert readme.read_text() == f"{rt.BEGIN}\nmain\n{rt.END}\n{begin}\n{WANT}\n{end}\n"  # the main table kept
+    assert rt.main([str(run), "--table=wordlist", "--check", f"--readme={readme}"]) == 0
+    assert rt.main([str(run), "--check", f"--readme={readme}"]) == 1  # the main table is still the stale one
+
+
 def test_readme_block_is_the_scripts_format():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         _, body, _ = rt._split(f.read())
