@@ -10,6 +10,11 @@ draws from the same distributions by other means (then the share of rows whose t
 The trees are timed round-robin, best of ``--reps``
 rounds of 20 calls, in wall and process CPU time (on a shared machine the CPU time is the steadier of the two).
 
+``--forward``: also times, in the same process, the jitted single-token decode step (CPU time) of random-weight
+models of SmolLM2-135M's shape and of ``bench/sample.py``'s ¼-compute aligner at ``--batch`` (vocabulary
+``--vocab``), and prints each rule's share of the models' forward (P_M + Q_θ; P_M alone for proposal, Q_θ alone
+for aligner): issue 13's "rule <= 10% of the forward" without ``bench/sample.py``'s whole-call runs.
+
 Prints a table and writes ``bench/results/rules-<time>.json``.
 """
 from __future__ import annotations
@@ -40,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--forward", action="store_true",
+                    help="also time the SmolLM2-135M-shaped P_M and the 1/4 aligner decode steps; print shares")
     ap.add_argument("--other-tokens", action="store_true",
                     help="time trees that draw different tokens (a change of draw algorithm; tested elsewhere)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -86,23 +93,63 @@ def main(argv=None) -> int:
             out.block_until_ready()
             times[k].append(((time.perf_counter() - t) / calls, (time.process_time() - c) / calls))
     load = os.getloadavg()
+    forward = forward_cpu_s(B, V, args.reps) if args.forward else None
     rows = []
     same = "tokens not compared (--other-tokens)" if args.other_tokens else "same tokens in both trees"
     print(f"rule alone, B={B}, V={V}, best of {args.reps} x {calls} calls; {same}; load {load}")
-    print("| rule | before wall (ms) | after wall (ms) | before CPU (ms) | after CPU (ms) | CPU speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| rule | before wall (ms) | after wall (ms) | before CPU (ms) | after CPU (ms) | CPU speed-up |"
+          + (" forward CPU (ms) | share before | share after |" if forward else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|---|" if forward else ""))
     for name in dict.fromkeys(k[0] for k in fns):
         bw, bc = (min(x[i] for x in times[(name, "before")]) for i in (0, 1))
         aw, ac = (min(x[i] for x in times[(name, "after")]) for i in (0, 1))
         rows.append(dict(rule=name, before_s=bw, after_s=aw, before_cpu_s=bc, after_cpu_s=ac))
-        print(f"| {name} | {bw * 1e3:.2f} | {aw * 1e3:.2f} | {bc * 1e3:.2f} | {ac * 1e3:.2f} | {bc / ac:.1f}x |")
+        extra = ""
+        if forward:
+            f = forward["Q"] if name == "aligner" else forward["P"] + (0.0 if name == "proposal" else forward["Q"])
+            rows[-1].update(forward_cpu_s=f, share_before=bc / f, share_after=ac / f)
+            extra = f" {f * 1e3:.1f} | {bc / f:.1%} | {ac / f:.1%} |"
+        print(f"| {name} | {bw * 1e3:.2f} | {aw * 1e3:.2f} | {bc * 1e3:.2f} | {ac * 1e3:.2f} | {bc / ac:.1f}x |"
+              + extra)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"rules-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump(dict(batch=B, vocab=V, load=load, same_tokens=not args.other_tokens,
+        json.dump(dict(batch=B, vocab=V, load=load, load_after=os.getloadavg(), forward_cpu_s=forward,
+                       same_tokens=not args.other_tokens,
                        before=os.path.abspath(args.before), rows=rows), f, indent=1)
     print(f"wrote {path}")
     return 0
+
+
+def forward_cpu_s(batch: int, vocab: int, reps: int, shapes: dict | None = None) -> dict:
+    """Best process-CPU time of the jitted decode step of random-weight P_M (SmolLM2-135M's shape) and Q_θ (the
+    ¼-compute aligner of ``bench/sample.py``), ``{"P": s, "Q": s}``, as ``bench/sample.py`` times them."""
+    import jax
+
+    from ramjax import model as model_lib
+
+    spec = importlib.util.spec_from_file_location("bench_sample", os.path.join(os.path.dirname(__file__), "sample.py"))
+    sample = importlib.util.module_from_spec(spec)  # bench/sample.py (the repository root has a sample.py too)
+    spec.loader.exec_module(sample)
+
+    class M:  # what forward_step_s reads
+        def __init__(self, shape, seed):
+            self.config = model_lib.ModelConfig(vocab_size=vocab, num_layers=shape["num_hidden_layers"],
+                                                hidden_size=shape["hidden_size"],
+                                                intermediate_size=shape["intermediate_size"],
+                                                num_heads=shape["num_attention_heads"],
+                                                num_kv_heads=shape["num_key_value_heads"], head_dim=64,
+                                                tie_word_embeddings=True)
+            self.params = model_lib.init_params(self.config, jax.random.key(seed))
+
+    sh = sample.SHAPES["smollm2-135m"]
+    shapes = shapes or {"P": sh["proposal"], "Q": sh["aligners"]["1/4"]}
+    out = {}
+    for name, seed in (("P", 0), ("Q", 1)):
+        shape = shapes[name]
+        out[name] = sample.forward_step_s(M(shape, seed), batch, reps * 3, cpu=True)[1]
+        print(f"forward step {name} B={batch}: {out[name] * 1e3:.1f} ms CPU", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -386,6 +386,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tree", default=None, help="import ramjax from this checkout instead (before/after runs)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="batch 8 only, 2 reps, no 256-token corrector run")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="ramjax only: skip HF generate, the torch loops of the authors' design, the corrector and "
+                         "the long-prompt first tokens (for rule shares and mode ratios on a busy machine)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     smol = args.shape != "mission"
@@ -455,7 +458,8 @@ def main(argv=None) -> int:
                     except Exception as e:  # noqa: BLE001 - an older tree has no decode dtype
                         print(f"  forward {name} B={b} {dt}: {e}")
                 print(f"  forward step B={b} {dt or 'f32'}: " + ", ".join(
-                    f"{k[0]} {v * 1e3:.1f} ms" for k, v in fwd.items() if k[1] == b and k[2] == dt), flush=True)
+                    f"{k[0]} {v * 1e3:.1f} ms wall, {fwd_cpu[k] * 1e3:.1f} ms CPU" for k, v in fwd.items()
+                    if k[1] == b and k[2] == dt), flush=True)
         results["forward_step_s"] = {f"{k[0]}|{k[1]}|{k[2] or 'model'}": v for k, v in fwd.items()}
         results["forward_step_cpu_s"] = {f"{k[0]}|{k[1]}|{k[2] or 'model'}": v for k, v in fwd_cpu.items()}
         results["rule_s"], results["rule_cpu_s"] = {}, {}
@@ -473,7 +477,7 @@ def main(argv=None) -> int:
         for mode in modes:
             for name in ([None] if mode == "proposal" else aligner_names):
                 # smollm2: the stream's first token (its own compiles) only where the targets need it
-                with_first = not smol or (batch == 1 and mode in ("proposal", "sparse"))
+                with_first = not args.no_baselines and (not smol or (batch == 1 and mode in ("proposal", "sparse")))
                 mb = ModeBench(sampler, proposal, aligners[name] if name else None, MODES[mode], batch,
                                with_first=with_first)
                 mb.compile()
@@ -488,13 +492,14 @@ def main(argv=None) -> int:
             r.update(mode=mode, aligner=name)
             results["modes"].append(r)
             rows.append(r)
-            print(f"  {mode:9s} Q={name or '-':4s} B={batch:3d}: {r['tokens_per_s']:8.1f} tok/s, first token "
+            print(f"  {mode:9s} Q={name or '-':4s} B={batch:3d}: {r['tokens_per_s']:8.1f} tok/s, "
+                  f"{r['tokens_per_cpu_s']:8.1f} tok per CPU-s, first token "
                   f"{r['first_token_s'] * 1e3:7.1f} ms, compile {r['compile_s']:5.1f}s", flush=True)
-    for b in sorted({1, 8} & set(batches)) or [batches[0]]:
+    for b in [] if args.no_baselines else (sorted({1, 8} & set(batches)) or [batches[0]]):
         r = bench_hf_generate(hf_p, b, args.reps)
         results["hf_generate"].append(r)
         print(f"  transformers generate B={b}: {r['tokens_per_s']:.1f} tok/s", flush=True)
-    if aligner_names and not smol:
+    if aligner_names and not smol and not args.no_baselines:
         results["torch_par_loop"] = bench_torch_par_loop(hf_p, hf_q[aligner_names[0]], args.reps)
         print(f"  torch par loop (authors' design) B=1: {results['torch_par_loop']['tokens_per_s']:.1f} tok/s",
               flush=True)
@@ -542,18 +547,21 @@ def main(argv=None) -> int:
                      rule_share=rw / f if f and rw else None, rule_share_cpu=rc / fc if fc and rc else None,
                      whole_vs_forward_rule=step / (f + rw) if f and rw else None,
                      whole_vs_forward_rule_cpu=step_cpu / (fc + rc) if fc and rc else None)
+    if smol and not args.no_baselines:
         results["torch_sparse_loop"] = bench_torch_sparse_loop(hf_p, hf_q[aligner_names[0]], args.reps)
         print(f"  torch sparse loop (authors' design) B=1: {results['torch_sparse_loop']['tokens_per_s']:.1f} tok/s, "
               f"first token {results['torch_sparse_loop']['first_token_s'] * 1e3:.1f} ms", flush=True)
         results["first_token_512_s"] = first_token_long_prompt_s(sampler, proposal, 512, args.reps)
         results["first_token_17_s"] = first_token_long_prompt_s(sampler, proposal, 17, args.reps)
+    if smol:
         from ramjax.decode_loop import bucket_length
 
         # a prompt is padded to its bucket, prefilled by both models and attended over by every step
         results["prompt_bucket"] = {n: bucket_length(n, fine=True) for n in (16, 17, 24, 25, 512)}
         print(f"  prompt buckets (positions paid per prompt length): {results['prompt_bucket']}", flush=True)
-        print(f"  first token, 512-token prompt: {results['first_token_512_s'] * 1e3:.1f} ms; 17-token: "
-              f"{results['first_token_17_s'] * 1e3:.1f} ms", flush=True)
+        if "first_token_512_s" in results:
+            print(f"  first token, 512-token prompt: {results['first_token_512_s'] * 1e3:.1f} ms; 17-token: "
+                  f"{results['first_token_17_s'] * 1e3:.1f} ms", flush=True)
         results["forward_floor_share"] = {}
         for b in batches:
             for dt in [None] + ([args.decode_dtype] if args.decode_dtype else []):
