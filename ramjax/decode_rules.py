@@ -516,8 +516,9 @@ def target_logits(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, s
                   kl_monitor: bool = True) -> Target:
     """The exact per-token distribution of every mode with a closed form (all but ``par``), KL monitor included.
 
-    This one function defines the target both of the token-level sampler (``choose`` draws from it) and of
-    speculative decoding (``ramjax.speculative`` accepts drafts against it), so the two cannot drift apart.
+    This one function defines the target both of the token-level sampler (``choose`` draws from its distribution:
+    by rejection against the same top-p sets where it can, ``_mode_token``, else from these logits; the rule tests
+    compare the two) and of speculative decoding (``ramjax.speculative`` accepts drafts against it).
     zp_bv, zq_bv: float32 logits ``[B, V]`` (None where the mode does not use the model); seen_bv: bool ``[B, V]``
     the repetition-penalty set as of this position. Greedy rows are not special here (their token is the argmax).
     """
