@@ -375,6 +375,8 @@ def _write_slots(buf: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
     row at the same offset; ``[batch]``: each row at its own)."""
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice_in_dim(buf, x, index, axis=1)
+    if index.shape[0] == 1:  # one row: the plain in-place update (vmap batches the update into a scatter)
+        return jax.lax.dynamic_update_slice_in_dim(buf, x, index[0], axis=1)
     return jax.vmap(lambda b, r, i: jax.lax.dynamic_update_slice_in_dim(b, r, i, axis=0))(buf, x, index)
 
 

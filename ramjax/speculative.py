@@ -125,9 +125,15 @@ class _Spec:
 
 
 def _probs(logits_bv: jax.Array, greedy_b: jax.Array) -> jax.Array:
-    """``softmax(logits)``, or the one-hot of the argmax on greedy rows ``[B, V]``."""
-    onehot = jax.nn.one_hot(rules_lib.argmax(logits_bv), logits_bv.shape[-1], dtype=jnp.float32)
-    return jnp.where(greedy_b[:, None], onehot, jax.nn.softmax(logits_bv, axis=-1))
+    """``softmax(logits)``, or the one-hot of the argmax on greedy rows ``[B, V]`` (the argmax and one-hot are
+    computed only in rounds that have a greedy row)."""
+    probs = jax.nn.softmax(logits_bv, axis=-1)
+
+    def with_greedy():
+        onehot = jax.nn.one_hot(rules_lib.argmax(logits_bv), logits_bv.shape[-1], dtype=jnp.float32)
+        return jnp.where(greedy_b[:, None], onehot, probs)
+
+    return jax.lax.cond(jnp.any(greedy_b), with_greedy, lambda: probs)
 
 
 def accept_drafts(u_bk: jax.Array, q_x: jax.Array, p_x: jax.Array) -> jax.Array:

@@ -253,6 +253,32 @@ def test_caches_after_rollback_equal_a_forward_over_the_committed_tokens(models)
             assert np.all(cache.segment_ids[r, start:start + n] == 1)
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_per_row_cache_write_puts_each_rows_chunk_at_its_own_slot_and_nothing_else(T):
+    """``model._write_slots`` with a per-row index (the speculative caches' write: ``vmap(dynamic_update_slice)``,
+    or for one row a plain ``dynamic_update_slice`` at ``index[0]``): row b's chunk lands at slots index[b] ..
+    index[b] + T - 1 and every other slot keeps its value, for K/V buffers ``[B, S, K, Dh]`` and segment ids
+    ``[B, S]``, with 4 rows and with 1; the scalar index writes every row at the same slot."""
+    rng = np.random.default_rng(0)
+    S = 9
+    for index, shape in itertools.product(
+            [np.array([0, 2, S - T, 5], np.int32), np.array([4], np.int32)],  # first slot, middle, last fit; one row
+            [(S, 2, 3), (S,)]):
+        B = len(index)
+        shape = (B,) + shape
+        buf = rng.normal(size=shape).astype(np.float32)
+        x = rng.normal(size=(B, T) + shape[2:]).astype(np.float32)
+        want = buf.copy()
+        for b in range(B):
+            want[b, index[b]:index[b] + T] = x[b]
+        got = np.asarray(jax.jit(model_lib._write_slots)(jnp.asarray(buf), jnp.asarray(x), jnp.asarray(index)))
+        np.testing.assert_array_equal(got, want)
+        got = np.asarray(model_lib._write_slots(jnp.asarray(buf), jnp.asarray(x), jnp.asarray(np.int32(3))))
+        want = buf.copy()
+        want[:, 3:3 + T] = x
+        np.testing.assert_array_equal(got, want)
+
+
 def test_refusals(models):
     p, q = models
     with pytest.raises(SP.SpeculativeError, match="par.*no closed-form"):
