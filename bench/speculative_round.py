@@ -7,10 +7,13 @@ On the default run's warmed-up P_M (``<run-dir>/warmup/model``) and RAM aligner 
 ``product`` with the sampler's defaults (the released settings, KL monitor 0.1) or a named preset. Each piece runs
 as the body of a jitted ``fori_loop`` of 4 and of 12 iterations, and its cost is the difference / 8: what one more
 iteration costs inside the decode loop, without the per-call dispatch of the weights and state (~100 buffers), which
-a standalone call would add and the ``while_loop`` does not pay. Pieces: a token-level step
-(``decode_loop._step``), a speculative round (``speculative._round``) per k, one aligner forward (1 token), P_M
-forwards over 1 and k+1 tokens, the aligner's rule and draw (one draft), token-level ``choose``, and the target rule
-at k+1 positions. Prints a table with the load, writes ``bench/results/speculative_round-<time>.json``.
+a standalone call would add and the ``while_loop`` does not pay; the fastest of ``--best-of`` timings counts.
+Pieces: a token-level step (``decode_loop._step``), a speculative round (``speculative._round``) per k, the
+forwards of each alone, chained as in the loop (a step's: P_M and the aligner over 1 token; a round's: k + 1
+aligner steps and P_M over k + 1 tokens), so that step − forwards and round − forwards are what the rules and the
+bookkeeping cost in context; then one aligner forward (1 token), P_M forwards over 1 and k+1 tokens, the aligner's
+rule and draw (one draft), token-level ``choose``, and the target rule at k+1 positions, each alone. Prints a table
+with the load, writes ``bench/results/speculative_round-<time>.json``.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", default="2,4")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--preset", default=None, help="a sampling preset (sampled, greedy) instead of the defaults")
-    ap.add_argument("--calls", type=int, default=40, help="calls per timing (best of 3)")
+    ap.add_argument("--calls", type=int, default=40, help="calls per timing")
+    ap.add_argument("--best-of", type=int, default=5, help="timings per piece; the fastest counts")
     args = ap.parse_args(argv)
     import jax
     import jax.numpy as jnp
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     def cpu_per_call(f, x):
         jax.block_until_ready(f(x))
         best = float("inf")
-        for _ in range(3):
+        for _ in range(args.best_of):
             t = time.process_time()
             for _ in range(args.calls):
                 out = f(x)
@@ -100,6 +104,30 @@ def main(argv=None) -> int:
 
     s = states[ks[0]]
     tok0 = jnp.zeros((B, 1), jnp.int32)
+
+    def forwards(K):
+        """A round's forwards alone, chained as in the round: K + 1 aligner steps, each fed the argmax of the one
+        before, then P_M over the K + 1 fed tokens (K = 0: a token-level step's two forwards)."""
+        def body(i, carry):
+            cache_q, cache_p, tok = carry
+            fed = []
+            for j in range(K + 1):
+                fed.append(tok)
+                z, cache_q = M.decode_forward(st.cfg_q, qp, tok, jnp.full((B, 1), 10 + j, jnp.int32),
+                                              jnp.ones((B, 1), jnp.int32), cache_q, last_only=True)
+                tok = R.argmax(z[:, -1, :V])[:, None]
+            chunk = jnp.concatenate(fed, axis=1)
+            z, cache_p = M.decode_forward(st.cfg_p, pp, chunk, jnp.broadcast_to(10 + jnp.arange(K + 1), (B, K + 1)),
+                                          jnp.ones((B, K + 1), jnp.int32), cache_p, last_only=K == 0)
+            tok = R.argmax(z[:, -1, :V] + z[:, 0, :V])[:, None]
+            return (cache_q.replace(index=cache_q.index - (K + 1)), cache_p.replace(index=cache_p.index - (K + 1)),
+                    tok)
+        return body
+
+    per_iteration("step's forwards (P_M + aligner, 1 token)", forwards(0), (s.cache_q, s.cache_p, tok0))
+    for K in ks:
+        per_iteration(f"round's forwards k={K} ({K + 1} aligner + P_M over {K + 1})", forwards(K),
+                      (s.cache_q, s.cache_p, tok0))
     per_iteration("aligner forward, 1 token", forward(st.cfg_q, qp, 1), (s.cache_q, tok0))
     per_iteration("P_M forward, 1 token", forward(st.cfg_p, pp, 1), (s.cache_p, tok0))
     for K in ks:
@@ -127,9 +155,14 @@ def main(argv=None) -> int:
 
         per_iteration(f"product target at {K + 1} positions", target, jnp.tile(z0, (K + 1, 1)))
     load = os.popen("uptime").read().strip()
+    step = rows["token-level step"]
+    step_rest = step - rows["step's forwards (P_M + aligner, 1 token)"]
+    print(f"token-level step: forwards {step - step_rest:.0f} us, rule and bookkeeping {step_rest:.0f} us")
     for K in ks:
-        print(f"round k={K} = {rows[f'speculative round k={K}'] / rows['token-level step']:.2f} token-level steps "
-              f"(at most {K + 1} tokens per round)")
+        rnd = rows[f"speculative round k={K}"]
+        fw = rows[f"round's forwards k={K} ({K + 1} aligner + P_M over {K + 1})"]
+        print(f"round k={K} = {rnd / step:.2f} token-level steps (at most {K + 1} tokens per round): forwards "
+              f"{fw / step:.2f} steps, rules and bookkeeping {(rnd - fw) / step:.2f} steps")
     print(f"load: {load}")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out, exist_ok=True)
