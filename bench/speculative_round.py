@@ -140,7 +140,8 @@ def main(argv=None) -> int:
         return z.at[:, 0].add(d.astype(jnp.float32) * 1e-6)
 
     def choose(i, z):
-        ch = R.choose("product", z, z * 0.5, seen, jnp.full((B, 2), 0.3), rowp, kl_monitor=st.kl_monitor)
+        u = jnp.full((B, R.num_uniforms("product", 1)), 0.3)  # as many uniforms as the rule takes (6 since 830f2ed)
+        ch = R.choose("product", z, z * 0.5, seen, u, rowp, kl_monitor=st.kl_monitor)
         return z.at[:, 0].add(ch.token.astype(jnp.float32) * 1e-6)
 
     per_iteration("aligner rule + draw (one draft)", draft_rule, z0)
