@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     load = os.popen("uptime").read().strip()
     step = rows["token-level step"]
     step_rest = step - rows["step's forwards (P_M + aligner, 1 token)"]
-    print(f"token-level step: forwards {step - step_rest:.0f} us, rule and bookkeeping {step_rest:.0f} us")
+    print(f"token-level step: forwards {(step - step_rest) * 1e6:.0f} us, "
+          f"rule and bookkeeping {step_rest * 1e6:.0f} us")
     for K in ks:
         rnd = rows[f"speculative round k={K}"]
         fw = rows[f"round's forwards k={K} ({K + 1} aligner + P_M over {K + 1})"]
