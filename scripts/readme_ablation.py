@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import readme_table as _block  # noqa: E402  (the README block mechanics, shared with the results table)
 
-BEGIN, END = "<!-- ablation-table:begin -->", "<!-- ablation-table:end -->"
+BEGIN, END = _block.markers("ablation")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOT = os.path.join("docs", "ablation_sampled.png")
 

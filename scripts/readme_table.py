@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import sys
 
-BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
-
 
 def markers(name: str = "results") -> tuple[str, str]:
     """The README's begin/end comments around the table called ``name``."""
     return f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
+
+
+BEGIN, END = markers()
 
 # pipeline system name -> README label (systems not listed keep their name)
 LABELS = {
