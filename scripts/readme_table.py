@@ -3,6 +3,7 @@
     python scripts/readme_table.py runs/default            # rewrite the table in README.md from the run
     python scripts/readme_table.py runs/default --check    # exit 1 (naming the rows) if README.md is stale
     python scripts/readme_table.py runs/wordlist --table=wordlist [--check]   # a held-out family's table
+    python scripts/readme_table.py runs/lexicon --table=lexicon [--check]     # (tables: quiz, wordlist, lexicon)
 
 The table lives in README.md between ``<!-- results-table:begin -->`` and ``<!-- results-table:end -->`` (with
 ``--table=NAME``, between ``<!-- NAME-table:begin -->`` and ``<!-- NAME-table:end -->``); it is

@@ -60,6 +60,25 @@ def test_a_named_table_has_its_own_markers(tmp_path):
     assert rt.main([str(run), "--check", f"--readme={readme}"]) == 1  # the main table is still the stale one
 
 
+def test_the_readme_holds_one_block_per_held_out_family_and_the_script_fills_the_lexicon_one(tmp_path):
+    """Each held-out family's table (quiz, wordlist, lexicon) has exactly one marker pair in README.md; the script
+    writes the lexicon family's table into a copy of the README and changes nothing outside that block."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    for name in ("quiz", "wordlist", "lexicon"):
+        rt._split(text, *rt.markers(name))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results_table.md").write_text(RESULTS)
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    assert rt.main([str(run), "--table=lexicon", f"--readme={readme}"]) == 0
+    head, body, tail = rt._split(readme.read_text(), *rt.markers("lexicon"))
+    assert body.strip() == WANT
+    assert (head, tail) == rt._split(text, *rt.markers("lexicon"))[::2]
+    assert rt.main([str(run), "--table=lexicon", "--check", f"--readme={readme}"]) == 0
+
+
 def test_readme_block_is_the_scripts_format():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         _, body, _ = rt._split(f.read())
