@@ -139,6 +139,10 @@ class DataConfig:
     max_prompt_len: prompts are cut from the left to this many tokens (BOS kept); responses are cut to fit
                  ``max_len``; an example left without a response token is skipped and counted.
     packing:     pack several examples per row (segment ids) instead of one right-padded example per row.
+    padding:     how long unpacked rows are: ``max_len`` (every row ``max_len`` tokens) or ``longest`` (as long as
+                 the longest example of the data set, rounded up to a multiple of 8 and at most ``max_len``: TRL's
+                 ``longest`` padding, but per data set, so every step has one shape and compiles once). Packed
+                 rows are always ``max_len`` long.
     batch_size:  global rows per step, over all hosts (each host gets batch_size / process_count).
     field_map:   renames source fields before parsing, e.g. ``{instruction: prompt, output: response}``.
     source:      ``jsonl``, ``hf`` (Hugging Face ``datasets``: local parquet/JSON/JSONL/CSV ``train_files`` and
@@ -154,6 +158,7 @@ class DataConfig:
     max_len: int = 512
     max_prompt_len: int = 256
     packing: bool = False
+    padding: Literal["max_len", "longest"] = "max_len"
     batch_size: int = 64
     shuffle: bool = True
     field_map: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -170,6 +175,9 @@ class DataConfig:
                f"data.max_prompt_len={self.max_prompt_len} must be in [1, data.max_len={self.max_len}] (examples "
                f"whose prompt leaves no room for a response token are skipped and counted)")
         _check(self.batch_size > 0, f"data.batch_size={self.batch_size} must be positive")
+        _check(not (self.packing and self.padding == "longest"),
+               "data.padding=longest sizes unpacked rows to the data, but data.packing=true fills rows of "
+               "data.max_len; set data.packing=false or data.padding=max_len")
         if self.source == "tfds":
             _check(bool(self.tfds_name), "data.source=tfds needs data.tfds_name (e.g. data.tfds_name=my_dataset)")
         if self.source == "hf":

@@ -361,6 +361,9 @@ class _Tokenizer:
         return full[len(prompt):last]
 
 
+_ROW_MULTIPLE = 8  # padding="longest" rounds rows up to this: fewer distinct shapes, aligned for TPU tiles
+
+
 def stage_kind(stage: str) -> Literal["single", "pair"]:
     """``pair`` for the stages that compare two responses per prompt (dpo, ram), else ``single``."""
     return "pair" if stage in ("dpo", "ram") else "single"
@@ -369,12 +372,15 @@ def stage_kind(stage: str) -> Literal["single", "pair"]:
 def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, kind: Literal["single", "pair"] = "single",
                      template: str = "plain", max_len: int = 512, max_prompt_len: int = 256,
                      negatives: Literal["proposal", "rejected"] = "rejected",
-                     train_on_prompt: bool = False) -> TokenizedData:
+                     train_on_prompt: bool = False, padding: Literal["max_len", "longest"] = "max_len"
+                     ) -> TokenizedData:
     """Tokenizes, masks and truncates records (see the module docstring); examples left empty are skipped.
 
     kind="pair" builds (chosen, rejected) pairs: with ``negatives="rejected"`` from preference records, with
     ``negatives="proposal"`` (data response, proposal sample) from sample.py files. ``train_on_prompt`` puts every
-    token in the loss (pretraining on prompt/response records).
+    token in the loss (pretraining on prompt/response records). ``padding="longest"`` makes the rows (the returned
+    ``max_len``) as long as the longest kept sequence rounded up to a multiple of 8, at most ``max_len``: right
+    padding past it is computed and thrown away.
     """
     if kind not in ("single", "pair"):
         raise DataError(f"unknown kind {kind!r}; expected 'single' or 'pair'")
@@ -405,7 +411,14 @@ def tokenize_records(records: Sequence[Record], tokenizer: TokenizerLike, *, kin
     if not examples:
         raise DataError(f"no usable examples: all {st.read} records were empty after truncation to max_len={max_len} "
                         f"(max_prompt_len={max_prompt_len}); raise data.max_len")
-    return TokenizedData(kind, examples, where, st, max_len, int(pad))
+    row_len = max_len
+    if padding == "longest":
+        longest = max(len(s) for s in seqs)
+        row_len = min(max_len, -(-longest // _ROW_MULTIPLE) * _ROW_MULTIPLE)
+        log.info("data: rows of %d tokens (the longest sequence has %d; data.max_len=%d)", row_len, longest, max_len)
+    elif padding != "max_len":
+        raise DataError(f"unknown padding {padding!r}; expected 'max_len' or 'longest'")
+    return TokenizedData(kind, examples, where, st, row_len, int(pad))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -604,7 +617,7 @@ def load_data(cfg: Any, tokenizer: TokenizerLike, *, split: Literal["train", "ev
     negatives = cfg.ram.negatives if cfg.stage == "ram" else "rejected"
     return tokenize_records(records, tokenizer, kind=stage_kind(cfg.stage), template=d.template, max_len=d.max_len,
                             max_prompt_len=d.max_prompt_len, negatives=negatives,
-                            train_on_prompt=cfg.stage == "pretrain")
+                            train_on_prompt=cfg.stage == "pretrain", padding=d.padding)
 
 
 def train_iterator(cfg: Any, tokenizer: TokenizerLike, *, process_index: int | None = None,

@@ -210,8 +210,8 @@ def _check_batch(cfg: TrainConfig, mesh: Mesh, rules) -> None:
 def _total_steps(cfg: TrainConfig, iterator: data_lib.BatchIterator) -> int:
     if cfg.steps > 0:
         return int(cfg.steps)
-    if cfg.tokens > 0:  # rows of max_len tokens per step (packed rows are nearly full)
-        return max(1, int(math.ceil(cfg.tokens / (cfg.data.batch_size * cfg.data.max_len))))
+    if cfg.tokens > 0:  # rows of the data's row length per step (packed rows are nearly full)
+        return max(1, int(math.ceil(cfg.tokens / (cfg.data.batch_size * iterator.data.max_len))))
     return max(1, int(math.ceil(cfg.epochs * iterator.batches_per_epoch(0))))
 
 
@@ -554,6 +554,7 @@ def _train_once(cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | N
             "mesh": dict(plan.mesh.shape), "stage": cfg.stage, "num_params": num_params,
             "model": ckpt_lib.config_to_dict(plan.model_cfg), "total_steps": plan.total_steps,
             "warmup_steps": plan.warmup_steps, "batches_per_epoch": plan.iterator.batches_per_epoch(0),
+            "row_len": plan.iterator.data.max_len,
             "data": plan.iterator.stats.as_dict(), "compiled_memory": mem,
             "resumed_from": resumed if plan.resume_step is not None else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

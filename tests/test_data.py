@@ -428,6 +428,26 @@ def test_with_real_tokenizers(tmp_path):
     assert llama.decode(seq.tokens[seq.target].tolist(), skip_special_tokens=False) == "the answer<|eot_id|>"
 
 
+def test_padding_longest_rows_follow_the_data(tmp_path):
+    rows = [{"prompt": "p", "chosen": "g" * n, "rejected": "bad"} for n in (1, 4, 9)]
+    full = tokenize(tmp_path, rows, kind="pair", negatives="rejected", max_len=64, max_prompt_len=8)
+    short = tokenize(tmp_path, rows, kind="pair", negatives="rejected", max_len=64, max_prompt_len=8,
+                     padding="longest")
+    longest = len([1] + ids("Q:pA:") + ids("g" * 9) + [2])  # 16 tokens
+    assert full.max_len == 64 and short.max_len == 16 == longest
+    a, b = one_batch(full, batch_size=3), one_batch(short, batch_size=3)
+    for k in b:  # the same rows, without the 48 columns of padding
+        assert np.array_equal(a[k][:, :16] if a[k].ndim == 2 else a[k], b[k]), k
+        if a[k].ndim == 2 and k.endswith(("loss_mask", "segment_ids")):
+            assert not a[k][:, 16:].any(), k
+    rows[2]["chosen"] = "g" * 10  # 17 tokens: rounded up to the next multiple of 8, at most max_len
+    for max_len, row_len in ((64, 24), (20, 20)):
+        assert tokenize(tmp_path, rows, kind="pair", negatives="rejected", max_len=max_len, max_prompt_len=8,
+                        padding="longest").max_len == row_len
+    with pytest.raises(Exception, match="data.padding=longest .* set data.packing=false"):
+        load_config(TrainConfig, None, ["tokenizer=t", "data.packing=true", "data.padding=longest"])
+
+
 def test_iterators_from_train_config(tmp_path):
     tok = CharTok()
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": f"p{i}", "response": "yes", "proposal": "no"}

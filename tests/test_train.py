@@ -346,6 +346,16 @@ def test_dpo_reference_and_trl_metrics(fx, tmp_path):
     assert table.shape == (48, 2) and np.all(table < 0)
     assert recs[1]["train/loss"] < np.log(2.0)
     assert r.model_dir and ckpt_lib.read_model_config(r.model_dir).vocab_size == 640
+    meta = json.load(open(os.path.join(run_dir, "meta.json")))
+    assert meta["row_len"] == 24 and meta["data"]["truncated_responses"] == 0  # no pair reaches 24 tokens
+    # rows only as long as the longest pair (rounded up to 8) train exactly as rows of max_len: padding is masked
+    run_dir2 = str(tmp_path / "run2")
+    train_lib.train(_cfg([f"run_dir={run_dir2}", "data.max_len=64", "data.padding=longest"] + over[1:]))
+    meta2 = json.load(open(os.path.join(run_dir2, "meta.json")))
+    assert meta2["row_len"] <= 24 and meta2["row_len"] % 8 == 0
+    for a, b in zip(recs, metrics_lib.read_metrics(run_dir2)):
+        for k in ("train/loss", "train/logps/chosen", "train/rewards/margins", "train/grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
 
 
 def test_dry_run_writes_nothing(fx, tmp_path):

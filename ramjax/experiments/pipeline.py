@@ -469,10 +469,11 @@ def _run_pipeline(run: DefaultRunConfig, *, on_stage: Callable[[str, str, float 
             raise KeyboardInterrupt(f"stage {name} interrupted at step {res.step}; rerun to resume")
         meta = _read_json(os.path.join(cfg.run_dir, "meta.json")) or {}
         dstats = meta.get("data") or {}
-        # tokens: rows x length per step (an upper bound with padding, close with packing); RAM/DPO see 2 sequences
+        # tokens: rows x row length per step (an upper bound with padding, close with packing); RAM/DPO see 2
+        # sequences; the row length is the data's with data.padding=longest
         seqs = 2 if cfg.stage in ("ram", "dpo") else 1
         costs[name] = {"params": res.num_params, "steps": res.step, "seconds": time.time() - t0,
-                       "tokens": res.step * cfg.data.batch_size * cfg.data.max_len * seqs,
+                       "tokens": res.step * cfg.data.batch_size * meta.get("row_len", cfg.data.max_len) * seqs,
                        "epochs": (res.step / meta["batches_per_epoch"]) if meta.get("batches_per_epoch") else None,
                        "data": dstats}
         cut = int(dstats.get("truncated_prompts", 0))
