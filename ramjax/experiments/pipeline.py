@@ -146,7 +146,7 @@ class PipelineConfig:
     data_dir: str | None = None
     proposal: str | None = None
     aligner_init: str = "pretrained"
-    n_corpus: int = 20000
+    n_corpus: int = 18000
     n_align: int = 2000
     n_pref: int = 2000
     n_eval: int = 300
