@@ -196,6 +196,7 @@ def test_greedy_speculative_equals_greedy_token_level(models, mode, monitor):
         assert all(s[0].tokens_per_call > 1.0 for s in spec if s[0].acceptance_rate > 0)
 
 
+@pytest.mark.slow  # the fast suite keeps test_eos_and_max_new_tokens_inside_an_accepted_block[vectorised-commit]
 def test_eos_and_max_new_tokens_stop_exactly_as_token_by_token(models):
     p, q = models
     base = S.sample(p, q, RAGGED, mode="product", kl_threshold=None, **GREEDY)
@@ -426,7 +427,9 @@ def test_stop_strings_spanning_tokens_inside_an_accepted_block_cut_as_token_by_t
         _assert_same_rows(ref, spec)
 
 
-@pytest.mark.parametrize("stops", [[], NEVER], ids=["vectorised-commit", "stop-window-commit"])
+# the stop-window commit path also runs in the fast test_stop_strings_spanning_tokens_inside_an_accepted_block...
+@pytest.mark.parametrize("stops", [[], pytest.param(NEVER, marks=pytest.mark.slow)],
+                         ids=["vectorised-commit", "stop-window-commit"])
 def test_eos_and_max_new_tokens_inside_an_accepted_block(text_pair, stops):
     """Greedy: an EOS id first generated strictly inside an accepted block, and a ``max_new_tokens`` that ends a
     row strictly inside one, stop every row exactly where token-level decoding stops it (both commit paths: the
