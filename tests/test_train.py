@@ -481,19 +481,26 @@ def test_dpo_rpo_alpha_adds_token_mean_nll_of_chosen():
 
 
 def test_stage_length_in_steps_tokens_or_epochs():
-    """steps wins; else tokens / (rows x max_len) steps, rounded up; else epochs x batches per epoch."""
+    """steps wins; else tokens / (rows x row length) steps, rounded up; else epochs x batches per epoch. The row
+    length is the data's (``data.max_len``, or shorter with ``data.padding=longest``)."""
+    from types import SimpleNamespace
+
     from ramjax import train_lib
     from ramjax.config import TrainConfig, load_config
 
     class It:
+        def __init__(self, row_len):
+            self.data = SimpleNamespace(max_len=row_len)
+
         def batches_per_epoch(self, epoch):
             return 37
 
-    def total(*ov):
+    def total(*ov, row_len=10):
         cfg = load_config(TrainConfig, None, ["tokenizer=t", "data.batch_size=4", "data.max_len=10",
                                               "data.max_prompt_len=5", *ov])
-        return train_lib._total_steps(cfg, It())
+        return train_lib._total_steps(cfg, It(row_len))
 
     assert total("steps=5", "tokens=1000", "epochs=3") == 5
     assert total("tokens=1000", "epochs=3") == 25 and total("tokens=1001") == 26
+    assert total("tokens=1000", row_len=8) == 32  # rows of 8 tokens: ceil(1000 / 32)
     assert total("epochs=2.5") == 93  # ceil(2.5 * 37)
