@@ -40,10 +40,11 @@ pass over ``[8, 49152]`` costs ~0.1 ms on CPU, so the rule's cost is its number 
 not compute a top-p set at all: it draws ``N_CANDIDATES`` i.i.d. candidates from the untruncated softmax and keeps
 the first one inside the set, a one-pass test per candidate (``_rejection_token``; exact, with an exact fallback;
 ~6 passes in all). Where the set is needed (``target_logits``, ``sparse``'s P_M nucleus, ``par``), it comes from a
-top-k fast path (``lax.top_k`` of 64, for peaked rows) or from a value bisection with an exact finish
-(``_mass_cut``; flat rows: ~16 passes), never a sort; draws use two-level inverse-CDF sampling (one uniform per
-draw) instead of Gumbel noise over the whole vocabulary; greedy rows use a two-pass ``argmax`` (``jnp.argmax`` is a
-slow variadic reduction on CPU), only in steps that have one.
+top-k fast path (``lax.top_k`` of 64, for peaked rows) or from a one-pass histogram of the mass (CPU; elsewhere
+value halvings) with an exact finish (``_mass_cut``; flat rows: ~6 passes, ~16 with the halvings), never a sort;
+draws use two-level inverse-CDF sampling (one uniform per draw) instead of Gumbel noise over the whole vocabulary;
+greedy rows use a two-pass ``argmax`` (``jnp.argmax`` is a slow variadic reduction on CPU), only in steps that have
+one.
 """
 from __future__ import annotations
 
@@ -141,10 +142,15 @@ def _threshold(keys_bv: jax.Array, weights_bv: jax.Array, target_b: jax.Array) -
 FAST_K = 64  # candidates of the top-k fast path of ``nucleus_mask``
 
 
-BAND_STEPS = 12  # value-bisection steps of ``_mass_cut`` before the exact finish
+BAND_STEPS = 12  # ``_mass_cut``: value-range halvings, or log2 of its histogram's bins, before the exact finish
 BAND_K = 64  # the finish ranks at most this many tokens left in the band (more: further halvings, then the keys)
 BAND_EXTRA = 8  # further halvings ``_mass_cut`` may take while some row's band holds more than ``band_k`` tokens
 BAND_CHUNK = 64  # the finish gathers the band's tokens by chunks of this many ids
+# ``_mass_cut`` by one histogram pass instead of the halvings, on CPU (``_histogram_cut``): the same set up to float
+# rounding (nearer a float64 reference than the halvings), ~1.2 ms less per flat [8, 49152] nucleus. Where a token's
+# mass from the top lies within float32 rounding of top-p (~1% of flat 49k-token rows) it can keep another boundary
+# token than the halvings, and a seed then draws other tokens than before it (landed in session 7).
+HISTOGRAM_CUT = True
 
 
 def _band_tokens(z_bv, w_bv, band, k: int):
@@ -152,7 +158,8 @@ def _band_tokens(z_bv, w_bv, band, k: int):
     read from at most ``k`` chunks of ``BAND_CHUNK`` ids: the chunks that hold band tokens are found by a ``TopK`` of
     the per-chunk band counts ``[B, V / 64]``, and only their ``k · 64`` logits are ranked. A ``TopK`` over the
     whole row (``[B, V]``) costs ~15 fused passes at V = 49k on CPU; this costs ~2. Exact where every row's band
-    holds at most ``k`` tokens (then at most ``k`` chunks hold them); the caller checks that."""
+    holds at most ``k`` tokens (then at most ``k`` chunks hold them); the caller checks that with the third
+    result, the band's size ``[B]`` (int32, from the per-chunk counts: no pass of its own)."""
     B, V = z_bv.shape
     C = min(BAND_CHUNK, V)
     G = -(-V // C)
@@ -177,26 +184,77 @@ def _band_tokens(z_bv, w_bv, band, k: int):
     idx = jax.lax.top_k(jnp.where(cb, cz, NEG_INF), K)[1]  # the band's tokens, largest first
     bv = jnp.where(jnp.take_along_axis(cb, idx, axis=-1), jnp.take_along_axis(cz, idx, axis=-1), NEG_INF)
     bw = jnp.where(bv > NEG_INF, jnp.take_along_axis(cw, idx, axis=-1), 0.0)
-    return bv, bw
+    return bv, bw, jnp.sum(per_chunk, axis=-1).astype(jnp.int32)
 
 
-def _mass_cut(z_bv, keys, w_bv, valid, target_b, band_k: int = BAND_K):
-    """The key ``[B]`` of the largest logit ``v`` with ``Σ w[z >= v] >= target`` (exact), found in few passes.
+def _mass_cut(z_bv, e_bv, s_b, top_p_b, band_k: int = BAND_K, *, valid=None, zmax=None,
+              histogram: bool | None = None):
+    """The key ``[B]`` of the largest logit ``v`` with ``Σ p[z >= v] >= top_p`` (exact), ``p = e / s`` the
+    probabilities (``e`` ``[B, V]``: ``exp(z - max z)``, 0 outside the support; ``s`` ``[B]`` its row sums), found
+    in few passes. Rows with ``top_p >= 1`` get some key (the caller keeps every token there). ``zmax``: the rows'
+    largest logits where the caller has them (saves a pass). ``valid`` ``[B, V]``: the candidate tokens (default:
+    the finite logits; top-k passes its set).
 
-    ``BAND_STEPS`` halvings of the *value* range ``[min, max]`` (each one fused pass) leave the answer inside a
-    band ``[lo, hi)`` that holds few tokens when the logits spread over a range (a flat 49k-token distribution:
-    ~12-20 of them); while some row's band holds more than ``band_k`` tokens, up to ``BAND_EXTRA`` more halvings
-    follow. The band's tokens are then ranked exactly (``_band_tokens``) and the answer read off the cumulative
-    mass ``Σ w[z >= hi] + cumsum(band)``. Where some row's band still holds more than ``band_k`` tokens (e.g. ties
-    no halving splits) the exact 32-step bisection over the keys (``_threshold``) runs instead. Either way the same
-    token is found (up to the summation order of float masses); ~16 passes over the vocabulary instead of ~35.
+    Two ways to a *band* of tokens that holds the answer, then an exact finish (the band's tokens are ranked and the
+    answer read off the masses around them):
+
+    * ``histogram`` (CPU, ``HISTOGRAM_CUT``; ``_histogram_cut``): ``2 ** BAND_STEPS`` equal bins of the logits'
+      range and one scatter-add of each bin's mass (XLA's CPU scatter-add is sequential, so its sums are
+      deterministic; on GPU it would use atomics, hence the halvings there). On CPU at ``[8, 49152]`` this costs
+      about a third of the halvings' 12 passes. Where its band fails a check (more than ``band_k`` tokens, or a
+      float-rounding edge) the exact 32-step bisection over the keys (``_threshold``) runs;
+    * halvings (``_halving_cut``): ``BAND_STEPS`` halvings of the value range ``[min, max]`` (each one fused pass),
+      then up to ``BAND_EXTRA`` more while some row's band holds more than ``band_k`` tokens; where a band still
+      holds more (e.g. ties no halving splits) the exact 32-step bisection over the keys (``_threshold``) runs.
+
+    On a flat 49k-token distribution either band holds ~12-25 tokens. Every path keeps the same set, up to the
+    summation order of float masses (a token whose mass from the top lies within float rounding of ``top_p``).
     """
-    if band_k == 0:
-        return _threshold(keys, w_bv, target_b)
-    big = jnp.finfo(jnp.float32).max
-    lo = jnp.min(jnp.where(valid, z_bv, big), axis=-1)
-    hi = jnp.nextafter(jnp.max(jnp.where(valid, z_bv, -big), axis=-1), big)
+    def probs():
+        return e_bv / s_b[:, None]
 
+    if band_k == 0:
+        return _threshold(order_keys(z_bv), probs(), top_p_b)
+    if histogram is None:
+        histogram = HISTOGRAM_CUT and jax.default_backend() == "cpu"
+    big = jnp.finfo(jnp.float32).max
+    if valid is None:  # built where used, not passed into the branches (a cond operand is written out)
+        def get_valid():
+            return z_bv > -jnp.inf
+    else:
+        def get_valid():
+            return valid
+    if zmax is None:
+        zmax = jnp.max(jnp.where(get_valid(), z_bv, -big), axis=-1)
+    hi = jnp.nextafter(jnp.maximum(zmax, -big), big)
+
+    if not histogram:
+        lo = jnp.min(jnp.where(get_valid(), z_bv, big), axis=-1)
+        return _halving_cut(z_bv, probs(), get_valid(), top_p_b, band_k, lo, hi)
+    cut, ok = _histogram_cut(z_bv, e_bv, s_b, get_valid(), top_p_b, band_k, zmax, hi)
+    # The fallback is rare (a band of more than band_k tokens, e.g. ties; a rounding edge), and one path in the
+    # program instead of two keeps it small: on CPU each execution costs time in proportion to the program's size,
+    # branches not taken included (~0.1 ms per 10k HLO instructions, as much as the rule at batch 1).
+    return jax.lax.cond(jnp.all(ok), lambda: cut, lambda: _threshold(order_keys(z_bv), probs(), top_p_b))
+
+
+def _band_finish(z_bv, w_bv, band, above, target_b, band_k: int):
+    """The exact cut from a band (``[B, V]`` bool): the tokens of ``band`` lie below every token of mass ``above``
+    ``[B]`` and above every other one. Returns the key ``[B]`` of the first band token, largest first, at which
+    ``above`` plus the band's cumulative mass reaches the target (the last band token if float rounding never gets
+    there), whether the band held at most ``band_k`` tokens (exact only then) and whether its whole mass reached
+    the target (``[B]`` bools)."""
+    bv, bw, count = _band_tokens(z_bv, w_bv, band, band_k)
+    K = bv.shape[-1]
+    cum = above[:, None] + jnp.cumsum(bw, axis=-1)
+    first = jnp.minimum(jnp.sum(cum < target_b[:, None], axis=-1), jnp.maximum(count - 1, 0))
+    cut = order_keys(jnp.take_along_axis(bv, jnp.minimum(first, K - 1)[:, None], axis=-1)[:, 0])
+    return cut, count <= K, cum[:, -1] >= target_b
+
+
+def _halving_cut(z_bv, w_bv, valid, target_b, band_k: int, lo, hi):
+    """``_mass_cut`` by halvings of the value range ``[lo, hi)`` (``[B]``; ``w`` the probabilities), then the band
+    finish, or the keys' 32-step bisection where some row's band stays larger than ``band_k``."""
     def halve(lo, hi):
         mid = lo + (hi - lo) * 0.5
         ok = jnp.sum(jnp.where(z_bv >= mid[:, None], w_bv, 0.0), axis=-1) >= target_b
@@ -216,47 +274,114 @@ def _mass_cut(z_bv, keys, w_bv, valid, target_b, band_k: int = BAND_K):
     _, lo, hi, count = jax.lax.while_loop(lambda c: (c[0] < BAND_EXTRA) & jnp.any(c[3] > band_k), more,
                                           (0, lo, hi, count))
     above = jnp.sum(jnp.where(z_bv >= hi[:, None], w_bv, 0.0), axis=-1)
-    bv, bw = _band_tokens(z_bv, w_bv, in_band(lo, hi), band_k)
+    cut, small, _ = _band_finish(z_bv, w_bv, in_band(lo, hi), above, target_b, band_k)
+    return jax.lax.cond(jnp.all(small), lambda: cut, lambda: _threshold(order_keys(z_bv), w_bv, target_b))
+
+
+def _prefix_sums_2level(x_bn: jax.Array) -> jax.Array:
+    """``out[:, j] = Σ_{i < j} x[:, i]`` (exclusive) for ``[B, n]``, ``n`` a square of a power of two, in two
+    levels of triangular matmuls (XLA's CPU cumsum of ``[8, 4096]`` costs as much as two passes over a 49k
+    vocabulary)."""
+    B, n = x_bn.shape
+    c = math.isqrt(n)
+    strict = jnp.triu(jnp.ones((c, c), x_bn.dtype), k=1)  # x @ strict: the sum over i < j
+    hp = jax.lax.Precision.HIGHEST
+    chunks = x_bn.reshape(B, c, c)
+    inner = jnp.einsum("bgi,ij->bgj", chunks, strict, precision=hp)
+    before = jnp.einsum("bi,ij->bj", jnp.sum(chunks, axis=-1), strict, precision=hp)  # the chunks below
+    return (inner + before[:, :, None]).reshape(B, n)
+
+
+def _histogram_cut(z_bv, e_bv, s_b, valid, top_p_b, band_k: int, zmax, hi):
+    """``_mass_cut`` from one histogram of the mass ``e`` over ``2 ** BAND_STEPS`` equal bins of ``[lo, hi)``,
+    then an exact finish on the bin that holds the answer. Returns the key ``[B]`` and whether it is exact ``[B]``
+    (rows with ``top_p >= 1`` count as exact: the caller ignores them).
+
+    The test is on the *tail*: a logit ``v`` keeps enough mass iff the mass strictly below it is at most
+    ``T = (1 - top_p) · S`` (``S`` the total), the same condition as ``Σ p[z >= v] >= top_p``; a small sum rounds
+    by a small amount, so this is nearer the exact set than sums of ~95% of the mass (against a float64
+    reference on flat 49k-token rows it disagrees less often than the halvings did).
+
+    ``lo = max z + log((1 - top_p) · s / V)`` needs no pass: every token below it has ``e < (1 - top_p) · s / V``,
+    so together less than the tail, and the answer lies in ``[lo, hi)`` (tokens below ``lo`` share the lowest
+    bin). A logit's bin, ``floor((z - lo) · 2^BAND_STEPS / (hi - lo))`` clipped to the bins, comes from monotone
+    float operations, so a higher bin holds only larger logits. The band is the bin ``b`` with
+    ``below(b) <= T < below(b + 1)`` (``below``: the mass of the bins under it); its tokens are ranked and the
+    answer is the first, largest first, whose mass strictly below (``below(b)`` plus the band tokens after it) is
+    at most ``T`` (ties: the last of them, so all are kept). Checked: the band holds at most ``band_k`` tokens,
+    its lowest token qualifies and the token above its highest does not (the band's own sum rounds differently
+    from its bin's).
+    """
+    B, V = z_bv.shape
+    nb = 1 << BAND_STEPS
+    p_on = top_p_b < 1.0
+    lo = zmax + jnp.log(jnp.where(p_on, (1.0 - top_p_b) * s_b / V, 1.0))
+    lo = jnp.where(p_on, jnp.minimum(lo, zmax), zmax - 1.0)  # rows that keep everything: any finite range
+    inv = nb / (hi - lo)
+    finite = jnp.isfinite(inv) & jnp.isfinite(lo)
+    inv = jnp.where(finite, inv, 0.0)
+    scaled = jnp.where(valid, (z_bv - jnp.where(finite, lo, 0.0)[:, None]) * inv[:, None], 0.0)
+    bins = jnp.clip(jnp.floor(scaled), 0, nb - 1).astype(jnp.int32)
+    flat = bins + (jnp.arange(B, dtype=jnp.int32) * nb)[:, None]
+    hist = jax.ops.segment_sum(e_bv.reshape(-1), flat.reshape(-1), num_segments=B * nb).reshape(B, nb)
+    below = _prefix_sums_2level(hist)  # [B, nb]: the mass of the bins under bin j
+    tail = (1.0 - top_p_b) * (below[:, -1] + hist[:, -1])
+    b = jnp.sum(below <= tail[:, None], axis=-1) - 1  # below[:, 0] = 0: b >= 0
+    under = jnp.take_along_axis(below, b[:, None], axis=-1)[:, 0]
+    bv, bw, count = _band_tokens(z_bv, e_bv, valid & (bins == b[:, None]), band_k)
     K = bv.shape[-1]
-    cum = above[:, None] + jnp.cumsum(bw, axis=-1)
-    # the first band token at which the mass reaches the target (the last one if float rounding never gets there)
-    first = jnp.minimum(jnp.sum(cum < target_b[:, None], axis=-1), jnp.maximum(count - 1, 0))
-    cut = order_keys(jnp.take_along_axis(bv, jnp.minimum(first, K - 1)[:, None], axis=-1)[:, 0])
-    return jax.lax.cond(jnp.any(count > K), lambda: _threshold(keys, w_bv, target_b), lambda: cut)
+    incl = jnp.flip(jnp.cumsum(jnp.flip(bw, -1), axis=-1), -1)  # [B, K]: band mass at and after each token
+    after = jnp.pad(incl[:, 1:], ((0, 0), (0, 1)))  # strictly after (smaller, or tied and later)
+    real = jnp.arange(K)[None, :] < count[:, None]
+    fails = real & (under[:, None] + after > tail[:, None])  # true on a prefix of the real band tokens
+    first = jnp.minimum(jnp.sum(fails, axis=-1), jnp.maximum(count - 1, 0))
+    cut = order_keys(jnp.take_along_axis(bv, first[:, None], axis=-1)[:, 0])
+    ok = (count <= K) & (under + incl[:, 0] > tail) & ~jnp.any(fails & (jnp.arange(K)[None, :] == count[:, None] - 1),
+                                                                axis=-1)
+    return cut, ~p_on | (ok & finite & (count > 0))
 
 
-def _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k: int = BAND_K, exp_z=None):
-    """``nucleus_mask`` without the top-k fast path (any k, any nucleus size): top-k by the exact 32-step
-    bisection over the float order, top-p by ``_mass_cut``. ``exp_z``: ``(exp(z - max z), its row sums)`` when the
-    caller has them (the softmax below then costs no second ``exp`` pass)."""
+def _bisection_cut(z_bv, top_k_b, top_p_b, band_k: int, e, s, zmax):
+    """``_nucleus``'s cut without the top-k fast path (any k, any nucleus size): top-k by the exact 32-step
+    bisection over the float order, top-p by ``_mass_cut`` on the top-k renormalised mass. ``e``, ``s``,
+    ``zmax``: ``exp(z - max z)``, its row sums and ``max z``. The key threshold ``[B]`` of ``_nucleus``."""
     lowest = jnp.zeros(z_bv.shape[:1], jnp.uint32)
-    k_any = jnp.any(top_k_b > 0)
+    p_any = jnp.any(top_p_b < 1.0)
 
-    def top_k(_):
-        kth = _threshold(keys, valid.astype(jnp.int32), top_k_b)
-        return jnp.where(top_k_b > 0, kth, lowest)
+    def with_top_k():
+        keys = order_keys(z_bv)
+        valid = z_bv > -jnp.inf
+        kth = jnp.where(top_k_b > 0, _threshold(keys, valid.astype(jnp.int32), top_k_b), lowest)
+        in_k = keys >= kth[:, None]
 
-    kth = jax.lax.cond(k_any, top_k, lambda _: lowest, None)
-    in_k = keys >= kth[:, None]
-
-    def top_p(_):
-        if exp_z is None:
-            probs = jax.nn.softmax(jnp.where(in_k, z_bv, NEG_INF), axis=-1)
-        else:
+        def top_p():
             # softmax(where(in_k, z, -inf)) exactly: top-k keeps the largest logit, so its max is max z, and
-            # exp(-inf - max) is 0. Without top-k in any row, in_k holds every id.
-            e, s = exp_z
+            # exp(-inf - max) is 0.
+            ek = jnp.where(in_k, e, 0.0)
+            cut = _mass_cut(z_bv, ek, jnp.sum(ek, axis=-1), top_p_b, band_k, valid=valid & in_k, zmax=zmax)
+            return jnp.where(top_p_b < 1.0, cut, lowest)
 
-            def masked():
-                ek = jnp.where(in_k, e, 0.0)
-                return ek / jnp.sum(ek, axis=-1, keepdims=True)
+        return jnp.maximum(kth, jax.lax.cond(p_any, top_p, lambda: lowest))  # in top-k and in top-p
 
-            probs = jax.lax.cond(k_any, masked, lambda: e / s[:, None])
-        cut = _mass_cut(z_bv, keys, jnp.where(in_k, probs, 0.0), valid & in_k, top_p_b, band_k)
-        return jnp.where(top_p_b < 1.0, cut, lowest)
+    def top_p_only():  # no row has top-k (the usual case): no key array, no top-k mask
+        def top_p():
+            return jnp.where(top_p_b < 1.0, _mass_cut(z_bv, e, s, top_p_b, band_k, zmax=zmax), lowest)
 
-    cut = jax.lax.cond(jnp.any(top_p_b < 1.0), top_p, lambda _: lowest, None)
-    return in_k & (keys >= cut[:, None]) & valid
+        return jax.lax.cond(p_any, top_p, lambda: lowest)
+
+    return jax.lax.cond(jnp.any(top_k_b > 0), with_top_k, top_p_only)
+
+
+def _key_at_least(v_b: jax.Array) -> jax.Array:
+    """The smallest key ``[B]`` whose logit is ``>= v`` as floats: ``order_keys(v)``, except that both zeros give
+    the key of ``-0.0`` (``-0.0 >= 0.0`` holds as floats, not as keys)."""
+    return order_keys(jnp.where(v_b == 0, jnp.float32(-0.0), v_b))
+
+
+def _in_nucleus(z_bv: jax.Array, cut_b: jax.Array) -> jax.Array:
+    """The nucleus ``[B, V]`` of ``_nucleus``' key threshold ``[B]``: the valid ids whose key is at least the cut.
+    Elementwise, so XLA fuses it into whatever uses the set."""
+    return (z_bv > -jnp.inf) & (order_keys(z_bv) >= cut_b[:, None])
 
 
 def nucleus_mask(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, *, fast_k: int = FAST_K,
@@ -269,24 +394,24 @@ def nucleus_mask(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, *, fas
 
     Fast path: the ``fast_k`` largest logits (``lax.top_k``) decide both filters whenever, in every row, top-k is
     off or ``<= fast_k`` and those candidates already hold ``top_p`` of the mass (peaked distributions, the usual
-    case for trained models). Otherwise ``_bisection_mask`` runs (``fast_k=0`` forces it; ``band_k`` sizes its
+    case for trained models). Otherwise ``_bisection_cut`` runs (``fast_k=0`` forces it; ``band_k`` sizes its
     top-p finish, 0 forces the 32-step key bisection). All paths give the same set.
     """
-    return _nucleus(z_bv, top_k_b, top_p_b, fast_k, band_k)[0]
+    return _in_nucleus(z_bv, _nucleus(z_bv, top_k_b, top_p_b, fast_k, band_k)[0])
 
 
 def _nucleus(z_bv, top_k_b, top_p_b, fast_k: int = FAST_K, band_k: int = BAND_K):
-    """``nucleus_mask`` and ``exp(z - max z)`` ``[B, V]``, which it computes anyway (the draw reuses it)."""
+    """``nucleus_mask`` as a per-row key threshold ``[B]`` (the set is ``_in_nucleus(z, cut)``: a threshold, not a
+    ``[B, V]`` mask, leaves the branches so that no mask is written out), and ``exp(z - max z)`` ``[B, V]``, which
+    it computes anyway (the draw reuses it)."""
     B, V = z_bv.shape
-    keys = order_keys(z_bv)
-    valid = z_bv > -jnp.inf
     K = min(fast_k, V)
     # One exp pass serves the gate, the fast path's normaliser, the bisection's softmax and the draw.
     zmax = jnp.max(z_bv, axis=-1)
     e = jnp.exp(z_bv - zmax[:, None])
     s = jnp.sum(e, axis=-1)
     if K == 0:
-        return _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k, exp_z=(e, s)), e
+        return _bisection_cut(z_bv, top_k_b, top_p_b, band_k, e, s, zmax), e
     k_on = top_k_b > 0
     p_on = top_p_b < 1.0
     lse_all = jnp.log(s) + zmax  # jax.nn.logsumexp(z) where max z is finite
@@ -296,7 +421,7 @@ def _nucleus(z_bv, top_k_b, top_p_b, fast_k: int = FAST_K, band_k: int = BAND_K)
     could = jnp.where(k_on, top_k_b <= K, ~p_on | (K * jnp.exp(zmax - lse_all) >= top_p_b))
 
     def bisection():
-        return _bisection_mask(z_bv, keys, valid, top_k_b, top_p_b, band_k, exp_z=(e, s))
+        return _bisection_cut(z_bv, top_k_b, top_p_b, band_k, e, s, zmax)
 
     def fast():
         # The values are gathered through the indices: with the indices dead, XLA's CPU backend lowers top_k to a
@@ -315,10 +440,12 @@ def _nucleus(z_bv, top_k_b, top_p_b, fast_k: int = FAST_K, band_k: int = BAND_K)
         cut = jnp.where(p_on, jnp.take_along_axis(top_v, (n_keep - 1)[:, None], axis=-1)[:, 0], kth)
         k_ok = ~k_on | ((top_k_b <= K) & ((top_v[:, -1] < kth) | (K == V)))
         p_ok = ~p_on | (cum[:, -1] >= top_p_b) | (K == V)
-        fast_ok = jnp.all(k_ok & p_ok)
-        return jax.lax.cond(fast_ok, lambda: valid & (z_bv >= cut[:, None]), bisection)
+        # the set {valid, z >= cut} as floats, as a key threshold
+        return _key_at_least(cut), jnp.all(k_ok & p_ok)
 
-    return jax.lax.cond(jnp.all(could | (K == V)), fast, bisection), e
+    # The bisection appears once in the program (a smaller program runs faster on CPU, see _mass_cut).
+    cut, fast_ok = jax.lax.cond(jnp.all(could | (K == V)), fast, lambda: (jnp.zeros((B,), jnp.uint32), False))
+    return jax.lax.cond(fast_ok, lambda: cut, bisection), e
 
 
 def filter_logits(z_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, *, fast_k: int = FAST_K,
@@ -331,7 +458,8 @@ def _filtered(z_bv, top_k_b, top_p_b, **kw):
     """``filter_logits`` and the draw's weights ``exp(filtered - max)`` ``[B, V]`` (bit for bit what ``draw``
     computes from the filtered logits: top-k/top-p always keep the largest logit, and ``exp(-inf)`` is 0), from the
     nucleus' own exp pass."""
-    mask, e = _nucleus(z_bv, top_k_b, top_p_b, **kw)
+    cut, e = _nucleus(z_bv, top_k_b, top_p_b, **kw)
+    mask = _in_nucleus(z_bv, cut)
     return jnp.where(mask, z_bv, NEG_INF), jnp.where(mask, e, 0.0)
 
 
@@ -551,7 +679,8 @@ def target_logits(mode: str, zp_bv: jax.Array | None, zq_bv: jax.Array | None, s
             # The released rule: P_M's nucleus from its raw (unpenalised) logits at T_M; the penalty applies to the
             # aligner's logits only (their ParKlLogitsWarper filters the base logits, then the aligner-side
             # processors run: temperature, repetition penalty, top-p).
-            nucleus = nucleus_mask(zp_bv / t_p, params.top_k, params.proposal_top_p)
+            zp_raw_t = zp_bv / t_p
+            nucleus = _in_nucleus(zp_raw_t, _nucleus(zp_raw_t, params.top_k, params.proposal_top_p)[0])
             zq_pen_t = repetition_penalty(zq_bv, seen_bv, rp) / t_q
             restricted = jnp.where(nucleus, zq_pen_t, NEG_INF)
             return _filtered(restricted, jnp.zeros_like(params.top_k), params.aligner_top_p)
@@ -606,7 +735,8 @@ def _mode_token(mode: str, zp_bv, zq_bv, seen_bv, params: RowParams, u_b, u_cand
         return _top_p_token(zp_t, params.top_k, params.proposal_top_p, u_b, u_cand_bn, greedy)
     t_q = safe_temperature(params.aligner_temperature)
     if mode == "sparse":  # P_M's nucleus exactly (raw logits), then the aligner-side top-p by rejection
-        nucleus = nucleus_mask(zp_bv / t_p, params.top_k, params.proposal_top_p)
+        zp_raw_t = zp_bv / t_p
+        nucleus = _in_nucleus(zp_raw_t, _nucleus(zp_raw_t, params.top_k, params.proposal_top_p)[0])
         restricted = jnp.where(nucleus, repetition_penalty(zq_bv, seen_bv, rp) / t_q, NEG_INF)
         return _top_p_token(restricted, zero_k, params.aligner_top_p, u_b, u_cand_bn, greedy)
     if mode != "product":

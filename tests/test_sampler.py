@@ -129,9 +129,12 @@ def test_filters_match_hugging_face(fast_k, band_k):
             np.testing.assert_allclose(ours[b][np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-6)
 
 
-def test_band_finish_equals_key_bisection_on_flat_large_vocabularies():
+@pytest.mark.parametrize("histogram", [True, False])
+def test_band_finish_equals_key_bisection_on_flat_large_vocabularies(monkeypatch, histogram):
     """Flat distributions over a large vocabulary (random-weight models: no top-k fast path) are where top-p runs
-    the value bisection + band finish; it keeps exactly the set of the 32-step key bisection."""
+    the histogram (CPU) or the value halvings, then the band finish; it keeps exactly the set of the 32-step key
+    bisection, with excluded ids, ties, top-k and rows that keep everything in the batch."""
+    monkeypatch.setattr(R, "HISTOGRAM_CUT", histogram)
     rng = np.random.default_rng(7)
     z = jnp.asarray((0.5 * rng.standard_normal((8, 8192))).astype(np.float32))
     z = z.at[0, :4000].set(-jnp.inf).at[1, 100:200].set(z[1, 7])  # excluded ids; many ties
@@ -141,6 +144,27 @@ def test_band_finish_equals_key_bisection_on_flat_large_vocabularies():
     exact = R.nucleus_mask(z, k, p, fast_k=0, band_k=0)
     np.testing.assert_array_equal(band, exact)
     assert 0 < int(band.sum()) < int((z > -jnp.inf).sum())
+    # the same without top-k and with a row that keeps everything (the usual random-weight step)
+    p = p.at[5].set(1.0)
+    np.testing.assert_array_equal(R.nucleus_mask(z, jnp.zeros(8, jnp.int32), p, fast_k=0),
+                                  R.nucleus_mask(z, jnp.zeros(8, jnp.int32), p, fast_k=0, band_k=0))
+
+
+def test_histogram_cut_decides_flat_rows_itself():
+    """The histogram's own band (not its fallback) decides typical flat rows at V = 49152: its checks pass and its
+    cut is the key bisection's; the band it ranks stays small."""
+    rng = np.random.default_rng(3)
+    B, V = 8, 49152
+    z = jnp.asarray((0.5 * rng.standard_normal((B, V))).astype(np.float32))
+    p = jnp.asarray([0.95, 0.9, 0.99, 0.8, 0.95, 0.6, 0.95, 1.0], jnp.float32)
+    zmax = jnp.max(z, axis=-1)
+    e = jnp.exp(z - zmax[:, None])
+    s = jnp.sum(e, axis=-1)
+    hi = jnp.nextafter(zmax, jnp.inf)
+    cut, ok = R._histogram_cut(z, e, s, z > -jnp.inf, p, R.BAND_K, zmax, hi)
+    assert bool(jnp.all(ok))
+    exact = R._threshold(R.order_keys(z), e / s[:, None], p)
+    np.testing.assert_array_equal(np.asarray(cut)[:7], np.asarray(exact)[:7])
 
 
 def test_nucleus_fast_path_compiles_to_a_top_k_not_a_sort():
