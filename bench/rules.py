@@ -33,10 +33,25 @@ CASES = [("proposal", 1, False), ("aligner", 1, False), ("par", 8, False), ("spa
 
 
 def load_rules(tree: str):
-    spec = importlib.util.spec_from_file_location("before_rules", os.path.join(tree, "ramjax", "decode_rules.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The other tree's ``decode_rules``, with its own ``ramjax.nucleus`` where it has one (split out of
+    decode_rules in session 7): that module is swapped into ``sys.modules`` while the rules import it."""
+    def load(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    nucleus_path = os.path.join(tree, "ramjax", "nucleus.py")
+    if not os.path.exists(nucleus_path):
+        return load("before_rules", os.path.join(tree, "ramjax", "decode_rules.py"))
+    import ramjax.nucleus  # noqa: F401  (this tree's, restored below)
+
+    ours = sys.modules["ramjax.nucleus"]
+    sys.modules["ramjax.nucleus"] = load("before_nucleus", nucleus_path)
+    try:
+        return load("before_rules", os.path.join(tree, "ramjax", "decode_rules.py"))
+    finally:
+        sys.modules["ramjax.nucleus"] = ours
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ from sampling_fixtures import chi2_pvalue
 
 from ramjax import decode_rules as R
 from ramjax import model as model_lib
+from ramjax import nucleus as NU
 from ramjax import sampler as S
 from ramjax.api import Model
 
@@ -104,7 +105,7 @@ def hf_process(z: np.ndarray, *, temperature=1.0, top_k=0, top_p=1.0, penalty=1.
     return scores[0].numpy()
 
 
-@pytest.mark.parametrize("fast_k,band_k", [(0, R.BAND_K), (4, R.BAND_K), (0, 2), (0, 0)])
+@pytest.mark.parametrize("fast_k,band_k", [(0, NU.BAND_K), (4, NU.BAND_K), (0, 2), (0, 0)])
 def test_filters_match_hugging_face(fast_k, band_k):
     """Penalty, temperature, top-k, top-p per row equal transformers' processors (kept set and values), without
     the top-k fast path (fast_k=0: top-p by the value bisection with its exact band finish, or where the band holds
@@ -134,7 +135,7 @@ def test_band_finish_equals_key_bisection_on_flat_large_vocabularies(monkeypatch
     """Flat distributions over a large vocabulary (random-weight models: no top-k fast path) are where top-p runs
     the histogram (CPU) or the value halvings, then the band finish; it keeps exactly the set of the 32-step key
     bisection, with excluded ids, ties, top-k and rows that keep everything in the batch."""
-    monkeypatch.setattr(R, "HISTOGRAM_CUT", histogram)
+    monkeypatch.setattr(NU, "HISTOGRAM_CUT", histogram)
     rng = np.random.default_rng(7)
     z = jnp.asarray((0.5 * rng.standard_normal((8, 8192))).astype(np.float32))
     z = z.at[0, :4000].set(-jnp.inf).at[1, 100:200].set(z[1, 7])  # excluded ids; many ties
@@ -161,9 +162,9 @@ def test_histogram_cut_decides_flat_rows_itself():
     e = jnp.exp(z - zmax[:, None])
     s = jnp.sum(e, axis=-1)
     hi = jnp.nextafter(zmax, jnp.inf)
-    cut, ok = R._histogram_cut(z, e, s, z > -jnp.inf, p, R.BAND_K, zmax, hi)
+    cut, ok = NU._histogram_cut(z, e, s, z > -jnp.inf, p, NU.BAND_K, zmax, hi)
     assert bool(jnp.all(ok))
-    exact = R._threshold(R.order_keys(z), e / s[:, None], p)
+    exact = NU._threshold(NU.order_keys(z), e / s[:, None], p)
     np.testing.assert_array_equal(np.asarray(cut)[:7], np.asarray(exact)[:7])
 
 
