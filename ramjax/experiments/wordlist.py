@@ -24,14 +24,11 @@ the question's content.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from ramjax.experiments import quiz
-from ramjax.files import atomic_write_jsonl
+from ramjax.experiments import family, quiz
 
 __all__ = ["KINDS", "solve", "mistakes", "is_eval_item", "write_wordlist_data", "main"]
 
@@ -50,8 +47,6 @@ _PHRASINGS = {
     "capital": ("Capitalise: {w}", "Title-case the words: {w}", "Make each word start uppercase: {w}"),
 }
 KINDS: tuple[str, ...] = tuple(_PHRASINGS)
-_QUALITIES = ("concise_correct", "wrong", "verbose_correct")
-_PROPORTIONS = (0.15, 0.45, 0.40)
 
 
 def _args(kind: str, rng: np.random.Generator) -> tuple[str, ...]:
@@ -107,71 +102,17 @@ def _item(kind: str, rng: np.random.Generator, held_out: bool = False) -> tuple[
             return a, _PHRASINGS[kind][int(rng.integers(3))].format(w=" ".join(a)), solve(kind, a)
 
 
-def _kinds(n: int, rng: np.random.Generator) -> list[str]:
-    return [KINDS[i % len(KINDS)] for i in rng.permutation(n)]
-
-
-def _chatter(answer: str, rng: np.random.Generator) -> str:
-    return _CHATTER[int(rng.integers(len(_CHATTER)))].format(a=answer)
-
-
-def _records(seed: int, n_corpus: int, n_align: int, n_pref: int, n_eval: int) -> dict[str, list[dict[str, Any]]]:
-    rng = np.random.default_rng([int(seed), 7])
-    counts = np.floor(np.asarray(_PROPORTIONS) * n_corpus).astype(int)
-    counts[0] += n_corpus - counts.sum()
-    quals = [q for q, c in zip(_QUALITIES, counts) for _ in range(c)]
-    quals = [quals[i] for i in rng.permutation(n_corpus)]
-    corpus = []
-    for kind, q in zip(_kinds(n_corpus, rng), quals):
-        a, prompt, answer = _item(kind, rng)
-        if q == "concise_correct":
-            resp = answer
-        elif q == "wrong":
-            resp = str(rng.choice(mistakes(kind, a)))
-        else:
-            resp = _chatter(answer, rng)
-        corpus.append({"prompt": prompt, "response": resp, "family": kind})
-    align = []
-    for kind in _kinds(n_align, rng):
-        _, prompt, answer = _item(kind, rng)
-        align.append({"prompt": prompt, "response": answer, "family": kind})
-    prefs = []
-    for kind in _kinds(n_pref, rng):
-        a, prompt, answer = _item(kind, rng)
-        bad = _chatter(answer, rng) if rng.random() < 1 / 3 else str(rng.choice(mistakes(kind, a)))
-        prefs.append({"prompt": prompt, "chosen": answer, "rejected": bad, "family": kind})
-    seen: set[tuple[str, tuple[str, ...]]] = set()
-    evals = []
-    for kind in _kinds(n_eval, rng):
-        for _ in range(100_000):
-            a, prompt, answer = _item(kind, rng, held_out=True)
-            if (kind, a) not in seen:
-                break
-        else:
-            raise RuntimeError(f"ran out of distinct held-out {kind!r} questions; ask for fewer than {n_eval}")
-        seen.add((kind, a))
-        evals.append({"prompt": prompt, "answer": answer, "family": kind})
-    return {"corpus": corpus, "align": align, "prefs": prefs, "eval": evals}
-
-
 def write_wordlist_data(out_dir: str | os.PathLike, *, n_corpus: int = 20_000, n_align: int = 2_000,
                         n_pref: int = 2_000, n_eval: int = 400, seed: int = 0) -> dict[str, str]:
     """Writes corpus.jsonl (D), align.jsonl (S), prefs.jsonl and eval.jsonl under out_dir; returns their paths."""
-    d = os.fspath(out_dir)
-    recs = _records(seed, n_corpus, n_align, n_pref, n_eval)
-    return {name: atomic_write_jsonl(os.path.join(d, f"{name}.jsonl"), rows) for name, rows in recs.items()}
+    recs = family.records(kinds=KINDS, item=_item, mistakes=mistakes, chatter=_CHATTER, salt=7, seed=seed,
+                          n_corpus=n_corpus, n_align=n_align, n_pref=n_pref, n_eval=n_eval)
+    return family.write_data(out_dir, recs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ramjax.experiments.wordlist DIR [n_corpus n_align n_pref n_eval [seed]]``"""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(main.__doc__)
-        return 0 if argv else 2
-    keys = ("n_corpus", "n_align", "n_pref", "n_eval", "seed")
-    paths = write_wordlist_data(argv[0], **dict(zip(keys, (int(x) for x in argv[1:]))))
-    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-    return 0
+    return family.main(write_wordlist_data, main.__doc__, argv)
 
 
 if __name__ == "__main__":
