@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Callable  # noqa: F401 -- used in annotations
 
+from ramjax import hostmem
+
 TRAINING_FLAG = "--training-data"
 
 TRAIN_USAGE = """Train a model: ``python train.py (or ramjax-train) [CONFIG.yaml] [key=value ...] [--dry-run]``.
@@ -187,6 +189,8 @@ def _run_pipeline(path: str, overrides: list[str], dry: bool, force_restart: boo
 
 def train_main(argv: list[str] | None = None) -> int:
     """``ramjax-train`` / ``python train.py``: see ``TRAIN_USAGE``; returns the exit status."""
+    if argv is None:  # run as a program (not called in-process): see ramjax.hostmem
+        hostmem.maybe_reexec()
     argv = list(sys.argv[1:] if argv is None else argv)
     default_config = _default_config()
     if any(a in ("-h", "--help") for a in argv):
@@ -292,6 +296,8 @@ def _sampling_key(arg: str) -> str:
 
 def sample_main(argv: list[str] | None = None) -> int:
     """``ramjax-sample`` / ``python sample.py``: see ``SAMPLE_USAGE``; returns the exit status."""
+    if argv is None:  # run as a program (not called in-process): see ramjax.hostmem
+        hostmem.maybe_reexec()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(SAMPLE_USAGE)
@@ -373,6 +379,8 @@ def sample_main(argv: list[str] | None = None) -> int:
 def eval_main(argv: list[str] | None = None) -> int:
     """``ramjax-eval`` / ``python -m ramjax.evaluate [CONFIG.yaml] [key=value ...]``: judges systems
     (``ramjax.evaluate.main``) with ``--help`` and named errors as in the other commands."""
+    if argv is None:  # run as a program (not called in-process): see ramjax.hostmem
+        hostmem.maybe_reexec()
     argv = list(sys.argv[1:] if argv is None else argv)
     from ramjax import evaluate
 
@@ -385,6 +393,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 def ablate_main(argv: list[str] | None = None) -> int:
     """``python -m ramjax.experiments.ablate [CONFIG.yaml] [key=value ...]``: the α × aligner-size sweep, with
     ``--help`` and named errors as in the other commands."""
+    if argv is None:  # run as a program (not called in-process): see ramjax.hostmem
+        hostmem.maybe_reexec()
     from ramjax.experiments import ablate
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -396,6 +406,8 @@ def ablate_main(argv: list[str] | None = None) -> int:
 
 def sweep_main(argv: list[str] | None = None) -> int:
     """``python -m ramjax.experiments.realign_sweep [CONFIG.yaml] [key=value ...]`` with ``--help`` and named errors."""
+    if argv is None:  # run as a program (not called in-process): see ramjax.hostmem
+        hostmem.maybe_reexec()
     from ramjax.experiments import realign_sweep
 
     argv = list(sys.argv[1:] if argv is None else argv)
