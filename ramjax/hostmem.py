@@ -16,6 +16,7 @@ re-executes itself with the variable set (``maybe_reexec``) before importing any
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
@@ -56,4 +57,9 @@ def maybe_reexec(orig_argv: Sequence[str] | None = None) -> None:
     args = list(sys.orig_argv if orig_argv is None else orig_argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *args[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *args[1:]], env)
+    except OSError as e:  # e.g. a user who may run this interpreter but not look it up again: carry on as started
+        logging.getLogger(__name__).warning("could not re-execute %s with GLIBC_TUNABLES=%s (%s); running with "
+                                            "glibc's default allocator settings", sys.executable,
+                                            env["GLIBC_TUNABLES"], e)

@@ -83,3 +83,14 @@ def test_in_process_calls_never_reexecute(monkeypatch, capsys):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert cli.train_main(["--help"]) == 0
     assert "python train.py" in capsys.readouterr().out
+
+
+def test_a_failed_reexec_carries_on_as_started(glibc, monkeypatch, caplog):
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "execve", denied)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(hostmem.OPT_OUT, raising=False)
+    hostmem.maybe_reexec(["python", "train.py"])  # returns instead of raising
+    assert "could not re-execute" in caplog.text and "Permission denied" in caplog.text
