@@ -265,10 +265,15 @@ def forward_step_s(model, batch: int, reps: int, cache_len: int = PROMPT_LEN + N
     pos = jnp.full((batch, 1), PROMPT_LEN, jnp.int32)
     seg = jnp.ones((batch, 1), jnp.int32)
     if hasattr(model_lib, "decode_forward"):
-        if dtype is not None:
-            cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-            params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-        params = jax.jit(model_lib.unstack_layers)(params)
+        try:  # the sampler's own decode weights (per-layer views, a decode dtype, a tied model's transposed head)
+            from ramjax.decode_loop import _decode_weights
+
+            cfg, params = _decode_weights(model, None, (), dtype)
+        except ImportError:  # an older tree
+            if dtype is not None:
+                cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+                params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+            params = jax.jit(model_lib.unstack_layers)(params)
         cache = model_lib.init_layer_cache(cfg, batch, cache_len)
         fwd = jax.jit(lambda p, c: model_lib.decode_forward(cfg, p, tok, pos, seg, c), donate_argnums=(1,))
     else:
@@ -434,7 +439,8 @@ def main(argv=None) -> int:
                                    jax=jax.__version__, device=str(jax.devices()[0]), proposal_params=n_p,
                                    aligner_params=sizes, prompt_len=PROMPT_LEN, new_tokens=NEW, settings=SETTINGS),
                          modes=[], hf_generate=[], torch_par_loop=None, corrector=[])
-    results["meta"].update(shape=args.shape, tree=args.tree or ".", ramjax_file=ramjax.__file__)
+    results["meta"].update(shape=args.shape, tree=args.tree or ".", ramjax_file=ramjax.__file__,
+                           glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
     fwd: dict = {}
     fwd_cpu: dict = {}
     rule_wall: dict = {}

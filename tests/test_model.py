@@ -1,5 +1,7 @@
 """The decoder against itself: KV-cache decoding, left-padded ragged prompts, packed segments, padding isolation,
 bf16 compute, rematerialisation, and positions_from_segments. (Parity with transformers is in test_hf.py.)"""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,6 +169,36 @@ def test_positions_from_segments():
     got = model_lib.positions_from_segments(seg)
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, want)
+
+
+def test_transposed_tied_head_gives_the_tied_logits():
+    """A tied model decoded with ``head_t`` (its embedding transposed, held by the sampler on CPU for a faster LM
+    head) gives the scanned forward's tied logits, prefill and a step; ``with_transposed_head`` leaves an untied
+    model's weights alone and the sampler's CPU decode weights of a tied model hold the copy."""
+    from ramjax import decode_loop
+
+    cfg = CFG.replace(tie_word_embeddings=True)
+    params = jax.tree_util.tree_map(jnp.asarray, random_params(cfg, seed=1))
+    assert "lm_head" not in params
+    assert model_lib.with_transposed_head(CFG, {"embed": 1}) == {"embed": 1}
+    pu = model_lib.with_transposed_head(cfg, model_lib.unstack_layers(params))
+    np.testing.assert_array_equal(pu["head_t"], np.asarray(params["embed"]).T)
+    tokens = jnp.asarray(random_tokens(2, 2, 6, cfg.vocab_size))
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    seg = jnp.ones((2, 6), jnp.int32)
+    dec = jax.jit(model_lib.decode_forward, static_argnums=0)
+    ref, c_ref = forward(cfg, params, tokens, pos, seg, model_lib.init_cache(cfg, 2, 8), last_only=True)
+    got, c_got = dec(cfg, pu, tokens, pos, seg, model_lib.init_layer_cache(cfg, 2, 8))
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+    t, p, one = tokens[:, :1], jnp.full((2, 1), 6, jnp.int32), jnp.ones((2, 1), jnp.int32)
+    ref, _ = forward(cfg, params, t, p, one, c_ref, last_only=True)
+    got, _ = dec(cfg, pu, t, p, one, c_got)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+    assert float(jnp.abs(ref).max()) > 0.1  # the head is not trivially zero
+
+    model = types.SimpleNamespace(config=cfg, params=params)  # what _decode_weights reads of a loaded model
+    _, dw = decode_loop._decode_weights(model, None, (), None)
+    assert jax.devices()[0].platform != "cpu" or "head_t" in dw
 
 
 def test_per_layer_decode_equals_scanned_forward(params):
