@@ -16,30 +16,29 @@ if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags
 
-import contextlib  # noqa: E402
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# JAX's persistent compilation cache for the whole session, every program cached however fast it compiled: the
+# tests build the same tiny models' programs again and again in fresh jit closures (each test's sampler, train
+# step, eval) and the in-memory caches are cleared between modules (below), so a repeat costs a disk read instead
+# of an XLA compile. The key is the program text, compile options and devices, so a hit runs the same machine code
+# a fresh compile would. A fresh directory per process, removed at exit: nothing carries over between runs.
+_CACHE_DIR = tempfile.mkdtemp(prefix="ramjax-test-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test, excluded from the fast suite")
-
-
-@contextlib.contextmanager
-def _persistent_compile_cache(directory):
-    """JAX's persistent compilation cache in ``directory`` (every compile cached), restored afterwards: tests that
-    compile the same step several times (straight, interrupted and resumed runs; rounds) turn repeats into hits."""
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_compilation_cache_dir", old[0])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,17 +49,3 @@ def _fresh_compile_caches():
     jax.clear_caches()
     yield
     jax.clear_caches()
-
-
-@pytest.fixture(scope="module")
-def module_compile_cache(tmp_path_factory):
-    """A persistent compilation cache for a whole test module (``pytestmark = usefixtures(...)``)."""
-    with _persistent_compile_cache(tmp_path_factory.mktemp("jax_cache")):
-        yield
-
-
-@pytest.fixture()
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for one test."""
-    with _persistent_compile_cache(tmp_path_factory.mktemp("jax_cache")):
-        yield

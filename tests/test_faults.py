@@ -39,10 +39,6 @@ def snapshot(d):
     return out
 
 
-# the loop tests compile the same train step several times (straight, interrupted, resumed runs)
-pytestmark = pytest.mark.usefixtures("module_compile_cache")
-
-
 def overrides(fx, run_dir, *extra):
     """The tiny RAM run of test_train (6 steps, checkpoints at 3 and 6), with a checkpoint every step."""
     return ram_overrides(fx, run_dir, "checkpoint.keep=5", "checkpoint.every=1", *extra)

@@ -542,7 +542,7 @@ def test_trra_precomputed_topk_teacher(train_fx, tmp_path):
 
 
 @pytest.mark.slow
-def test_iterated_trra_rounds(train_fx, tmp_path, compile_cache):
+def test_iterated_trra_rounds(train_fx, tmp_path):
     import json
 
     from ramjax import config as config_lib

@@ -190,10 +190,6 @@ def make_fixture(root):
     return root
 
 
-# the loop tests compile the same train step several times (straight, interrupted, resumed runs)
-pytestmark = pytest.mark.usefixtures("module_compile_cache")
-
-
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
     return make_fixture(str(tmp_path_factory.mktemp("fx")))
