@@ -41,6 +41,36 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test, excluded from the fast suite")
 
 
+# Two workers unless told otherwise (`-n N`; `-n 0` or `-p no:xdist` for one process): most of the suite's time is
+# XLA compiles and Python, one core each, so a 2-core machine runs two test files at once. Whole files go to one
+# worker (--dist loadfile) so a module's expensive fixtures (trained runs, models) are built once. Without
+# pytest-xdist installed (requirements-test.txt pins it) the suite runs in one process as before.
+WORKERS = 2
+# The costliest files (CI logs' --durations), dealt out first so that neither worker is left running a long
+# file alone at the end; the others follow in their usual order. (xdist's own order, most tests first, would deal
+# the few-test, long-running end-to-end files last.)
+COSTLY_FIRST = ("test_user_data.py", "test_pipeline.py", "test_speculative.py", "test_multihost.py",
+                "test_sampler.py", "test_realign.py", "test_evaluate.py", "test_train.py", "test_faults.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    if (not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput")
+            or config.getoption("numprocesses", None) is not None or config.getoption("collectonly")
+            or config.getoption("usepdb")):
+        return
+    config.option.numprocesses = WORKERS
+    if config.getoption("dist") == "no":
+        config.option.dist = "loadfile"
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    if "PYTEST_XDIST_WORKER" in os.environ:  # every worker sorts alike: xdist deals the files in this order
+        rank = {name: i for i, name in enumerate(COSTLY_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_compile_caches():
     """Every test module starts and ends with JAX's in-memory compile caches cleared: one full-suite process
