@@ -501,23 +501,18 @@ class Decoder(nn.Module):
         x_btd, (k, v) = self.layers(x_btd, (cache.k, cache.v), sin, cos, mask, cache.index)
         return x_btd, KVCache(k=k, v=v, segment_ids=kv_seg, index=cache.index + T)
 
-    def head(self, x_btd: jax.Array) -> jax.Array:
-        """Final norm and LM head: float32 logits ``[batch, seq, vocab_size]``."""
+    def head(self, x_btd: jax.Array, w_dv: jax.Array | None = None) -> jax.Array:
+        """Final norm and LM head: float32 logits ``[batch, seq, vocab_size]``. ``w_dv`` ``[embed, vocab]``, when
+        given, is the output projection instead of the model's own: a tied model's embedding transposed, which
+        ``decode_loop`` holds on CPU, where XLA multiplies by a ``[vocab, embed]`` matrix contracted on its minor
+        axis 1.3-2x slower (same logits up to float rounding: the sums run in another order)."""
         h = self.final_norm(x_btd)
         cd = self.cfg.compute_dtype
-        if self.cfg.tie_word_embeddings:
+        if w_dv is None and self.cfg.tie_word_embeddings:
             logits = jnp.einsum("btd,vd->btv", h, self.embed.astype(cd), preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("btd,dv->btv", h, self.lm_head.astype(cd), preferred_element_type=jnp.float32)
-        return shd.constrain(logits, ("act_batch", "act_seq", "act_vocab"), self.mesh, self.rules)
-
-    def head_dv(self, x_btd: jax.Array, w_dv: jax.Array) -> jax.Array:
-        """``head`` with the output projection given as ``w_dv`` ``[embed, vocab]``: a tied model's embedding
-        transposed (``decode_loop`` holds that copy on CPU, where XLA multiplies by a ``[vocab, embed]`` matrix
-        transposed 1.3-2x slower than by a ``[embed, vocab]`` one). Same function as ``head`` up to float
-        rounding (the sums run in another order)."""
-        h = self.final_norm(x_btd)
-        logits = jnp.einsum("btd,dv->btv", h, w_dv.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32)
+            w = self.lm_head if w_dv is None else w_dv
+            logits = jnp.einsum("btd,dv->btv", h, w.astype(cd), preferred_element_type=jnp.float32)
         return shd.constrain(logits, ("act_batch", "act_seq", "act_vocab"), self.mesh, self.rules)
 
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt, cache: KVCache | None = None,
@@ -683,8 +678,6 @@ def decode_forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions:
         vs.append(v)
     if last_only:
         x = x[:, -1:, :]
-    if "head_t" in params:  # a tied head held transposed, [embed, vocab] (decode_loop._decode_weights, CPU)
-        logits = dec.apply(top, x, params["head_t"], method=Decoder.head_dv)
-    else:
-        logits = dec.apply(top, x, method=Decoder.head)
+    # head_t: a tied head held transposed, [embed, vocab] (decode_loop._decode_weights, CPU); None otherwise
+    logits = dec.apply(top, x, params.get("head_t"), method=Decoder.head)
     return logits, LayerKVCache(k=tuple(ks), v=tuple(vs), segment_ids=kv_seg, index=cache.index + T)

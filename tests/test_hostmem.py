@@ -94,3 +94,18 @@ def test_a_failed_reexec_carries_on_as_started(glibc, monkeypatch, caplog):
     monkeypatch.delenv(hostmem.OPT_OUT, raising=False)
     hostmem.maybe_reexec(["python", "train.py"])  # returns instead of raising
     assert "could not re-execute" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_the_lazy_package_exports_every_public_name_and_nothing_else():
+    """``ramjax/__init__`` lists its public names three times (``__all__`` for tools, ``_EXPORTS`` for the lazy
+    import, the TYPE_CHECKING imports for type checkers): the first two must agree and every name must resolve to
+    the object of the module it is said to come from."""
+    import importlib
+
+    import ramjax
+
+    assert sorted(ramjax.__all__) == sorted(ramjax._EXPORTS)
+    for name, module in ramjax._EXPORTS.items():
+        assert getattr(ramjax, name) is getattr(importlib.import_module(module), name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ramjax.nope  # noqa: B018
